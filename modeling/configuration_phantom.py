@@ -1,0 +1,180 @@
+"""Configuration of Phantom vision-language models (Phantom of Latent, PHANTOM_SPEC sections 1-5).
+
+Hub remote code: this file is uploaded next to the weights and imports only torch, transformers and
+its sibling files.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import AutoConfig, PretrainedConfig
+
+# Decoders whose attention `PhantomAttention` knows how to wrap: q/k/v from `q_proj`/`k_proj`/`v_proj`
+# (optionally followed by per-head `q_norm`/`k_norm`) or from one packed `qkv_proj`, rotary applied by
+# the module-level `apply_rotary_pos_emb` of the backbone's modeling file. InternLM2 is loaded as Llama.
+SUPPORTED_TEXT_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+PHANTOM_MIXINGS = ("weighted", "sum", "mean")
+PHANTOM_EXPANSIONS = ("mhca", "repeat")
+PHANTOM_CACHE_MODES = ("expanded", "compact")
+PROJECTOR_TYPES = ("phantom",)
+VISION_FEATURE_SELECT_STRATEGIES = ("default", "full")
+# FlashAttention kernels support head sizes up to 256; Phantom attention runs at 2 * head_dim.
+FLASH_ATTENTION_MAX_HEAD_DIM = 256
+
+# Written into config.json so that the Auto classes find the remote code next to the weights.
+# AutoModel maps to the generation model (as InternVL's and Phantom's published remote code do), so
+# `AutoModel.from_pretrained(..., trust_remote_code=True)` returns a model with logits and `generate`.
+AUTO_MAP = {
+    "AutoConfig": "configuration_phantom.PhantomConfig",
+    "AutoModel": "modeling_phantom.PhantomForConditionalGeneration",
+    "AutoModelForCausalLM": "modeling_phantom.PhantomForConditionalGeneration",
+    "AutoModelForImageTextToText": "modeling_phantom.PhantomForConditionalGeneration",
+}
+
+
+def _as_config(value: Any, default_model_type: str, field: str) -> PretrainedConfig:
+    """Turn a sub-config given as a dict (with or without `model_type`) or config object into a config."""
+    if value is None:
+        return AutoConfig.for_model(default_model_type)
+    if isinstance(value, PretrainedConfig):
+        return value
+    if isinstance(value, dict):
+        value = dict(value)
+        model_type = value.pop("model_type", default_model_type)
+        return AutoConfig.for_model(model_type, **value)
+    raise TypeError(f"PhantomConfig.{field} must be a dict or a PretrainedConfig, got {type(value).__name__}")
+
+
+def _pair(value: int | list[int] | tuple[int, int]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+class PhantomConfig(PretrainedConfig):
+    r"""Configuration of a Phantom model: a vision tower, a projector and a decoder-only LLM whose attention
+    layers carry Phantom Dimension.
+
+    Args:
+        vision_config: config (or dict) of the vision tower; default InternViT-300M-448px
+            (`InternVLVisionConfig`).
+        text_config: config (or dict) of a Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, Phi-3); default
+            Qwen2.
+        image_token_id: id of `<IMG_CONTEXT>`, the placeholder replaced by vision tokens.
+        downsample_ratio: pixel-shuffle ratio of the "phantom" projector (0.5: 1024 patches -> 256 tokens).
+        projector_type: "phantom" (pixel shuffle + LayerNorm + 2-layer GELU MLP, spec section 4).
+        projector_hidden_act: activation between the two projector linears.
+        vision_feature_layer: which hidden state of the vision tower feeds the projector (-1: last).
+        vision_feature_select_strategy: "default" drops the CLS token, "full" keeps it.
+        phantom_dimension: add Phantom Dimension to every attention layer; False gives the plain baseline.
+        phantom_eta: scale of the expansions (q* = eta*MHCA, v* = v + eta*MHCA); must be > 0.
+        phantom_mixing: how the two halves of the attention output are folded: "weighted" (Eq. 3), "sum", "mean".
+        phantom_expansion: "mhca" (the paper) or "repeat" (Appendix E: q*, k*, v* are copies of q, k, v).
+        phantom_anchor_token_id: token whose first occurrence is the anchor; None means the first attended token.
+        phantom_cache_mode: "expanded" caches [k, k*] and [v, v*] (O(1) extra work per decode step, twice the
+            memory of a plain cache); "compact" caches plain k, v and recomputes the expansions every step.
+    """
+
+    model_type = "phantom"
+    sub_configs = {"text_config": AutoConfig, "vision_config": AutoConfig}
+
+    def __init__(
+        self,
+        vision_config: dict | PretrainedConfig | None = None,
+        text_config: dict | PretrainedConfig | None = None,
+        image_token_id: int | None = None,
+        downsample_ratio: float = 0.5,
+        projector_type: str = "phantom",
+        projector_hidden_act: str = "gelu",
+        vision_feature_layer: int = -1,
+        vision_feature_select_strategy: str = "default",
+        phantom_dimension: bool = True,
+        phantom_eta: float = 1e-4,
+        phantom_mixing: str = "weighted",
+        phantom_expansion: str = "mhca",
+        phantom_anchor_token_id: int | None = None,
+        phantom_cache_mode: str = "expanded",
+        **kwargs: Any,
+    ) -> None:
+        self.vision_config = _as_config(vision_config, "internvl_vision", "vision_config")
+        self.text_config = _as_config(text_config, "qwen2", "text_config")
+        self.image_token_id = image_token_id
+        self.downsample_ratio = downsample_ratio
+        self.projector_type = projector_type
+        self.projector_hidden_act = projector_hidden_act
+        self.vision_feature_layer = vision_feature_layer
+        self.vision_feature_select_strategy = vision_feature_select_strategy
+        self.phantom_dimension = phantom_dimension
+        self.phantom_eta = phantom_eta
+        self.phantom_mixing = phantom_mixing
+        self.phantom_expansion = phantom_expansion
+        self.phantom_anchor_token_id = phantom_anchor_token_id
+        self.phantom_cache_mode = phantom_cache_mode
+        kwargs.setdefault("auto_map", dict(AUTO_MAP))
+        kwargs.setdefault("tie_word_embeddings", getattr(self.text_config, "tie_word_embeddings", False))
+        super().__init__(**kwargs)
+        self.validate_phantom()
+
+    @property
+    def phantom_head_dim(self) -> int:
+        """Head size D of the decoder's attention (Phantom attention runs at 2*D)."""
+        text = self.text_config
+        return getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+
+    @property
+    def image_seq_length(self) -> int:
+        """Vision tokens per image tile after the projector (256 for InternViT-448 with pixel shuffle 0.5)."""
+        image_h, image_w = _pair(self.vision_config.image_size)
+        patch_h, patch_w = _pair(self.vision_config.patch_size)
+        patches = (image_h // patch_h) * (image_w // patch_w)
+        if self.vision_feature_select_strategy == "full":
+            patches += 1
+        return int(patches * self.downsample_ratio**2)
+
+    def validate_phantom(self) -> None:
+        """Raise `ValueError` naming the field when a Phantom setting is invalid."""
+        if self.phantom_mixing not in PHANTOM_MIXINGS:
+            raise ValueError(f"phantom_mixing must be one of {PHANTOM_MIXINGS}, got {self.phantom_mixing!r}")
+        if self.phantom_expansion not in PHANTOM_EXPANSIONS:
+            raise ValueError(f"phantom_expansion must be one of {PHANTOM_EXPANSIONS}, got {self.phantom_expansion!r}")
+        if self.phantom_cache_mode not in PHANTOM_CACHE_MODES:
+            raise ValueError(
+                f"phantom_cache_mode must be one of {PHANTOM_CACHE_MODES}, got {self.phantom_cache_mode!r}"
+            )
+        if isinstance(self.phantom_eta, bool) or not isinstance(self.phantom_eta, (int, float)) or self.phantom_eta <= 0:
+            raise ValueError(f"phantom_eta must be a number > 0, got {self.phantom_eta!r}")
+        if self.phantom_anchor_token_id is not None and not isinstance(self.phantom_anchor_token_id, int):
+            raise ValueError(f"phantom_anchor_token_id must be an int or None, got {self.phantom_anchor_token_id!r}")
+        if self.projector_type not in PROJECTOR_TYPES:
+            raise ValueError(f"projector_type must be one of {PROJECTOR_TYPES}, got {self.projector_type!r}")
+        if self.vision_feature_select_strategy not in VISION_FEATURE_SELECT_STRATEGIES:
+            raise ValueError(
+                "vision_feature_select_strategy must be one of "
+                f"{VISION_FEATURE_SELECT_STRATEGIES}, got {self.vision_feature_select_strategy!r}"
+            )
+        if self.downsample_ratio <= 0 or abs(1 / self.downsample_ratio - round(1 / self.downsample_ratio)) > 1e-6:
+            raise ValueError(f"downsample_ratio must be 1/k for an integer k, got {self.downsample_ratio!r}")
+        if self.phantom_dimension:
+            model_type = self.text_config.model_type
+            if model_type not in SUPPORTED_TEXT_MODEL_TYPES:
+                raise ValueError(
+                    f"text_config.model_type {model_type!r} has an attention Phantom Dimension cannot wrap; "
+                    f"supported: {SUPPORTED_TEXT_MODEL_TYPES} (or set phantom_dimension=False)"
+                )
+            self.validate_attn_implementation(getattr(self.text_config, "_attn_implementation", None))
+
+    def validate_attn_implementation(self, attn_implementation: str | None) -> None:
+        """FlashAttention handles head sizes up to 256; Phantom attention needs 2*head_dim of them."""
+        if (
+            self.phantom_dimension
+            and attn_implementation is not None
+            and "flash" in attn_implementation
+            and 2 * self.phantom_head_dim > FLASH_ATTENTION_MAX_HEAD_DIM
+        ):
+            raise ValueError(
+                f"attn_implementation={attn_implementation!r}: Phantom attention runs at 2*head_dim = "
+                f"{2 * self.phantom_head_dim} > {FLASH_ATTENTION_MAX_HEAD_DIM}, the largest head size FlashAttention "
+                "supports; use 'sdpa' or 'eager'"
+            )
+
+
+__all__ = ["PhantomConfig"]

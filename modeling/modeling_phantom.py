@@ -1,0 +1,647 @@
+"""Phantom vision-language models: Phantom Dimension attention, vision tower, projector and LLM.
+
+Implements PHANTOM_SPEC sections 1-4. Hub remote code: imports only torch, transformers and the
+sibling files of this folder.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, DynamicCache, GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.internvl.modeling_internvl import InternVLModel, InternVLMultiModalProjector
+
+from .cache_phantom import PhantomCache
+from .configuration_phantom import AUTO_MAP, PhantomConfig
+
+# ---------------------------------------------------------------------------------------------------
+# Phantom Dimension (spec section 1)
+# ---------------------------------------------------------------------------------------------------
+
+
+class PhantomCrossAttention(nn.Module):
+    """Multi-head cross-attention over heads (MHCA) from every head of every token to the anchor's heads.
+
+    For x of shape (B, H, N, D) and anchor a of shape (B, H_a, D):
+    y = gelu(Lo(softmax(gelu(Lq(x)) @ gelu(Lk(a))^T / sqrt(D)) @ gelu(Lv(a)))), with exact (erf) GELU.
+    The anchor-side products gelu(Lk(a)), gelu(Lv(a)) depend on the anchor only: `anchor_states`
+    computes them once per sequence, so that decoding does not recompute them per step.
+    """
+
+    def __init__(self, head_dim: int) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.linear_q = nn.Linear(head_dim, head_dim, bias=False)
+        self.linear_k = nn.Linear(head_dim, head_dim, bias=False)
+        self.linear_v = nn.Linear(head_dim, head_dim, bias=False)
+        self.linear_o = nn.Linear(head_dim, head_dim, bias=False)
+
+    def anchor_states(self, anchor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gelu(Lk(a)), gelu(Lv(a))) for anchor features a of shape (B, H_a, D)."""
+        return F.gelu(self.linear_k(anchor)), F.gelu(self.linear_v(anchor))
+
+    def forward(self, states: torch.Tensor, anchor_key: torch.Tensor, anchor_value: torch.Tensor) -> torch.Tensor:
+        batch, heads, tokens, dim = states.shape
+        query = F.gelu(self.linear_q(states)).reshape(batch, heads * tokens, dim)
+        scores = torch.matmul(query, anchor_key.transpose(-1, -2)) * dim**-0.5
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        mixed = torch.matmul(probs, anchor_value).reshape(batch, heads, tokens, dim)
+        return F.gelu(self.linear_o(mixed))
+
+
+_MHCA_NAMES = {"q": "xattn_query_phantom", "k": "xattn_key_phantom", "v": "xattn_value_phantom"}
+
+
+class PhantomAttentionMixin:
+    """Phantom Dimension on top of a backbone attention module (spec section 1, steps 1-6).
+
+    `add_phantom_dimension` turns each decoder layer's attention into a subclass of its own class with
+    this mixin first: the backbone's projections, q/k norms, rotary embedding, o_proj, GQA, sliding
+    window, mask and attention interface (eager, sdpa, flash_attention_2) are reused as they are; this
+    forward only adds the expansions to 2*head_dim, runs attention at the backbone's scale 1/sqrt(D),
+    and folds the output back to head_dim.
+    """
+
+    _phantom_rotary: Callable
+    _phantom_eager: Callable
+
+    def init_phantom(self, config: PhantomConfig) -> None:
+        """Add the Phantom modules (published names) and settings to this attention module."""
+        head_dim = self.head_dim
+        text = self.config
+        self.phantom_num_heads = text.num_attention_heads
+        self.phantom_num_kv_heads = text.num_key_value_heads
+        self.phantom_eta = float(config.phantom_eta)
+        self.phantom_mixing = config.phantom_mixing
+        self.phantom_expansion = config.phantom_expansion
+        if self.phantom_expansion == "mhca":
+            self.xattn_query_phantom = PhantomCrossAttention(head_dim)
+            self.xattn_key_phantom = PhantomCrossAttention(head_dim)
+            self.xattn_value_phantom = PhantomCrossAttention(head_dim)
+        if self.phantom_mixing == "weighted":
+            self.gating_phantom_1 = nn.Linear(head_dim, 1)
+            self.gating_phantom_2 = nn.Linear(head_dim, 1)
+
+    def _phantom_project(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The backbone's q, k, v of shape (B, H, N, D), before rotary."""
+        hidden_shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+        if hasattr(self, "qkv_proj"):
+            q_size = self.phantom_num_heads * self.head_dim
+            kv_size = self.phantom_num_kv_heads * self.head_dim
+            query, key, value = self.qkv_proj(hidden_states).split([q_size, kv_size, kv_size], dim=-1)
+        else:
+            query, key, value = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+        query, key, value = query.view(hidden_shape), key.view(hidden_shape), value.view(hidden_shape)
+        if hasattr(self, "q_norm"):
+            query, key = self.q_norm(query), self.k_norm(key)
+        return query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+
+    def _phantom_anchors(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, anchor_index: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
+        """Anchor features of each row (rotary applied) and the anchor-side products of the three MHCAs."""
+        if anchor_index is None:
+            raise ValueError(
+                "Phantom attention needs the anchor position of each row (`phantom_anchor_index`); call "
+                "PhantomModel or PhantomForConditionalGeneration rather than the bare language model."
+            )
+        rows = torch.arange(query.shape[0], device=query.device)
+        anchor_index = anchor_index.to(query.device)
+        anchors = {"q": query[rows, :, anchor_index], "k": key[rows, :, anchor_index], "v": value[rows, :, anchor_index]}
+        if self.phantom_expansion == "mhca":
+            for path, name in _MHCA_NAMES.items():
+                anchors[f"{path}_key"], anchors[f"{path}_value"] = getattr(self, name).anchor_states(anchors[path])
+        return anchors
+
+    def _phantom_expand(self, path: str, states: torch.Tensor, anchors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[x, x*] along the head dimension, x* = eta*MHCA(x, anchor) (+ x on the value path)."""
+        if self.phantom_expansion == "repeat":
+            return torch.cat([states, states], dim=-1)
+        mhca = getattr(self, _MHCA_NAMES[path])
+        expansion = self.phantom_eta * mhca(states, anchors[f"{path}_key"], anchors[f"{path}_value"])
+        if path == "v":
+            expansion = states + expansion
+        return torch.cat([states, expansion], dim=-1)
+
+    def _phantom_fold(self, output: torch.Tensor) -> torch.Tensor:
+        """Fold the (B, N, H, 2D) attention output back to (B, N, H, D) (Eq. 3 or an ablation)."""
+        first, second = output[..., : self.head_dim], output[..., self.head_dim :]
+        if self.phantom_mixing == "sum":
+            return first + second
+        if self.phantom_mixing == "mean":
+            return (first + second) / 2
+        # sigmoid(f - g) == e^f / (e^f + e^g), in its numerically stable form
+        weight = torch.sigmoid(self.gating_phantom_1(first) - self.gating_phantom_2(second))
+        return weight * first + (1 - weight) * second
+
+    def _phantom_attention_interface(self) -> Callable:
+        implementation = self.config._attn_implementation
+        if implementation in (None, "eager"):
+            return self._phantom_eager
+        if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):
+            return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, self._phantom_eager)
+        return ALL_ATTENTION_FUNCTIONS[implementation]
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        past_key_values: Cache | None = None,
+        phantom_anchor_index: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        input_shape = hidden_states.shape[:-1]
+        query, key, value = self._phantom_project(hidden_states)
+        cos, sin = position_embeddings
+        query, key = self._phantom_rotary(query, key, cos, sin)
+
+        cache = past_key_values if isinstance(past_key_values, PhantomCache) else None
+        anchors = cache.get_anchors(self.layer_idx) if cache is not None else None
+        if anchors is None:
+            anchors = self._phantom_anchors(query, key, value, phantom_anchor_index)
+            if cache is not None:
+                cache.set_anchors(self.layer_idx, anchors)
+
+        if cache is not None and cache.mode == "compact":
+            key, value = cache.update(key, value, self.layer_idx)
+            key, value = self._phantom_expand("k", key, anchors), self._phantom_expand("v", value, anchors)
+        else:
+            key, value = self._phantom_expand("k", key, anchors), self._phantom_expand("v", value, anchors)
+            if past_key_values is not None:
+                key, value = past_key_values.update(key, value, self.layer_idx)
+        query = self._phantom_expand("q", query, anchors)
+
+        sliding_window = getattr(self, "sliding_window", getattr(self.config, "sliding_window", None))
+        attn_output, attn_weights = self._phantom_attention_interface()(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,  # 1/sqrt(D) of the backbone, not 1/sqrt(2D): Eq. 2 with lambda = sqrt(2)
+            sliding_window=sliding_window,
+            **kwargs,
+        )
+        attn_output = self._phantom_fold(attn_output).reshape(*input_shape, -1).contiguous()
+        return self.o_proj(attn_output), attn_weights
+
+
+_PHANTOM_ATTENTION_CLASSES: dict[type, type] = {}
+
+
+def phantom_attention_class(base_class: type) -> type:
+    """`Phantom<Base>`: the backbone attention class with `PhantomAttentionMixin` in front (cached)."""
+    if base_class in _PHANTOM_ATTENTION_CLASSES:
+        return _PHANTOM_ATTENTION_CLASSES[base_class]
+    backbone_module = sys.modules[base_class.__module__]
+    rotary = getattr(backbone_module, "apply_rotary_pos_emb", None)
+    eager = getattr(backbone_module, "eager_attention_forward", None)
+    if rotary is None or eager is None:
+        raise ValueError(
+            f"cannot wrap {base_class.__name__}: its module {base_class.__module__} has no "
+            "apply_rotary_pos_emb/eager_attention_forward"
+        )
+    name = f"Phantom{base_class.__name__}"
+    phantom_class = type(
+        name,
+        (PhantomAttentionMixin, base_class),
+        {"_phantom_rotary": staticmethod(rotary), "_phantom_eager": staticmethod(eager), "__module__": __name__},
+    )
+    globals()[name] = phantom_class  # importable by name, so models stay picklable
+    _PHANTOM_ATTENTION_CLASSES[base_class] = phantom_class
+    return phantom_class
+
+
+def add_phantom_dimension(language_model: nn.Module, config: PhantomConfig) -> list[nn.Module]:
+    """Give every decoder layer of `language_model` (a `…Model` decoder stack) Phantom Dimension, in place.
+
+    The backbone's parameters are kept as they are; the new modules are created on the device and dtype
+    of each layer's o_proj. Returns the attention modules that were converted.
+    """
+    converted = []
+    for index, layer in enumerate(language_model.layers):
+        attention = getattr(layer, "self_attn", None)
+        if attention is None:
+            raise ValueError(f"decoder layer {index} ({type(layer).__name__}) has no `self_attn` to wrap")
+        if isinstance(attention, PhantomAttentionMixin):
+            raise ValueError(f"decoder layer {index} already has Phantom Dimension")
+        attention.__class__ = phantom_attention_class(type(attention))
+        reference = attention.o_proj.weight
+        attention.init_phantom(config)
+        for name, child in attention.named_children():
+            if "phantom" in name:
+                child.to(device=reference.device, dtype=reference.dtype)
+        converted.append(attention)
+    return converted
+
+
+# ---------------------------------------------------------------------------------------------------
+# Vision side (spec section 4)
+# ---------------------------------------------------------------------------------------------------
+
+
+class PhantomProjector(InternVLMultiModalProjector):
+    """Pixel shuffle (ratio `downsample_ratio`) + LayerNorm + Linear + GELU + Linear, as InternVL's."""
+
+    def __init__(self, config: PhantomConfig) -> None:
+        super().__init__(config)
+        self.downsample_ratio = config.downsample_ratio
+
+    def forward(self, vision_features: torch.Tensor) -> torch.Tensor:
+        tiles, tokens, _ = vision_features.shape
+        side = int(round(tokens**0.5))
+        if side * side != tokens:
+            raise ValueError(f"pixel shuffle needs a square grid of vision tokens, got {tokens} per tile")
+        grid = vision_features.reshape(tiles, side, side, -1)
+        shuffled = InternVLModel.pixel_shuffle(self, grid, scale_factor=self.downsample_ratio)
+        return super().forward(shuffled.reshape(tiles, -1, shuffled.shape[-1]))
+
+
+PROJECTOR_CLASSES = {"phantom": PhantomProjector}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PhantomModelOutputWithPast(BaseModelOutputWithPast):
+    """Decoder outputs, plus the projected vision tokens of this call's images (num_tiles, tokens, hidden)."""
+
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+@dataclass
+class PhantomCausalLMOutputWithPast(ModelOutput):
+    """Language-modelling outputs of `PhantomForConditionalGeneration`."""
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+MODELING_FILES = ("configuration_phantom.py", "cache_phantom.py", "modeling_phantom.py", "processing_phantom.py")
+
+
+class PhantomPreTrainedModel(PreTrainedModel):
+    config_class = PhantomConfig
+    config: PhantomConfig
+    base_model_prefix = "model"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = False
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False
+
+    def save_pretrained(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> None:
+        """Save weights and config, plus the remote-code files, so the folder loads with `trust_remote_code`."""
+        self.config.auto_map = dict(AUTO_MAP)
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            source = Path(__file__).parent
+            for name in MODELING_FILES:
+                if (source / name).is_file():
+                    (Path(save_directory) / name).write_text((source / name).read_text())
+
+
+def anchor_positions(
+    input_ids: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    anchor_token_id: int | None,
+    batch_size: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """Position of each row's anchor (spec section 2): the first attended token, or the first
+    attended occurrence of `anchor_token_id` when one is configured."""
+    attended = attention_mask.bool() if attention_mask is not None and attention_mask.dim() == 2 else None
+    if anchor_token_id is None:
+        if attended is None:
+            return torch.zeros(batch_size, dtype=torch.long, device=device)
+        empty = ~attended.any(-1)
+        if empty.any():
+            raise ValueError(f"attention_mask rows {empty.nonzero().flatten().tolist()} attend to no token")
+        return attended.int().argmax(-1)
+    if input_ids is None:
+        raise ValueError("phantom_anchor_token_id needs input_ids to find the anchor; got only inputs_embeds")
+    hits = input_ids == anchor_token_id
+    if attended is not None:
+        hits &= attended
+    missing = ~hits.any(-1)
+    if missing.any():
+        raise ValueError(
+            f"phantom_anchor_token_id={anchor_token_id} does not occur in rows {missing.nonzero().flatten().tolist()}"
+        )
+    return hits.int().argmax(-1)
+
+
+class PhantomModel(PhantomPreTrainedModel):
+    """Vision tower + projector + decoder stack with Phantom Dimension (no LM head)."""
+
+    def __init__(self, config: PhantomConfig) -> None:
+        super().__init__(config)
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.multi_modal_projector = PROJECTOR_CLASSES[config.projector_type](config)
+        self.language_model = AutoModel.from_config(config.text_config)
+        if config.phantom_dimension:
+            config.validate_attn_implementation(config.text_config._attn_implementation)
+            add_phantom_dimension(self.language_model, config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Projected vision tokens of shape (num_tiles, image_seq_length, hidden) for tiles (num_tiles, 3, H, W)."""
+        if not isinstance(pixel_values, torch.Tensor) or not torch.is_floating_point(pixel_values):
+            raise TypeError(f"pixel_values must be a floating-point tensor, got {getattr(pixel_values, 'dtype', type(pixel_values))}")
+        if pixel_values.dim() != 4:
+            raise ValueError(f"pixel_values must have shape (num_tiles, channels, height, width), got {tuple(pixel_values.shape)}")
+        layer = self.config.vision_feature_layer
+        outputs = self.vision_tower(pixel_values=pixel_values.to(self.vision_tower.dtype), output_hidden_states=layer != -1)
+        features = outputs.last_hidden_state if layer == -1 else outputs.hidden_states[layer]
+        if self.config.vision_feature_select_strategy == "default":
+            features = features[:, 1:]
+        return self.multi_modal_projector(features)
+
+    def _merge_image_features(
+        self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor, image_features: torch.Tensor
+    ) -> torch.Tensor:
+        image_token_id = self.config.image_token_id
+        if input_ids is not None:
+            mask = input_ids == image_token_id
+        else:
+            placeholder = self.get_input_embeddings()(torch.tensor(image_token_id, device=inputs_embeds.device))
+            mask = (inputs_embeds == placeholder).all(-1)
+        n_placeholders = int(mask.sum())
+        n_features = image_features.shape[0] * image_features.shape[1]
+        if n_placeholders != n_features:
+            raise ValueError(
+                f"the text has {n_placeholders} image placeholder tokens (id {image_token_id}) but pixel_values gives "
+                f"{image_features.shape[0]} tiles x {image_features.shape[1]} = {n_features} vision tokens"
+            )
+        image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
+        return inputs_embeds.masked_scatter(mask.unsqueeze(-1), image_features)
+
+    def _phantom_cache(self, past_key_values: Cache | None, use_cache: bool, cache_mode: str | None) -> Cache | None:
+        """The cache Phantom attention runs with: a `PhantomCache`, created or converted from an empty one."""
+        mode = cache_mode or self.config.phantom_cache_mode
+        if past_key_values is None:
+            return PhantomCache(config=self.config.text_config, mode=mode) if use_cache else None
+        if isinstance(past_key_values, PhantomCache):
+            return past_key_values
+        if type(past_key_values) is DynamicCache and past_key_values.get_seq_length() == 0:
+            return PhantomCache(config=self.config.text_config, mode=mode)
+        raise ValueError(
+            f"past_key_values is a {type(past_key_values).__name__} holding {past_key_values.get_seq_length()} tokens; "
+            "Phantom attention needs a PhantomCache (it keeps the anchors and the expanded keys/values). Pass "
+            "PhantomCache(config=model.config.text_config) or leave past_key_values unset."
+        )
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        phantom_cache_mode: str | None = None,
+        image_features: torch.FloatTensor | None = None,
+        **kwargs: Any,
+    ) -> PhantomModelOutputWithPast:
+        """Run the decoder on text whose `<IMG_CONTEXT>` embeddings are replaced by the vision tokens.
+
+        `pixel_values` holds the tiles of all images in the batch, in the order of their placeholders;
+        `image_features` may be given instead (precomputed `get_image_features`, e.g. shared by the chosen
+        and rejected sequences of a preference pair).
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if pixel_values is not None and image_features is not None:
+            raise ValueError("pass pixel_values or image_features, not both")
+        if use_cache is None:
+            use_cache = not self.training and self.config.text_config.use_cache
+        if self.config.phantom_dimension:
+            past_key_values = self._phantom_cache(past_key_values, use_cache, phantom_cache_mode)
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        if pixel_values is not None:
+            image_features = self.get_image_features(pixel_values)
+        if image_features is not None:
+            inputs_embeds = self._merge_image_features(input_ids, inputs_embeds, image_features)
+        elif past_length == 0 and input_ids is not None and self.config.image_token_id is not None:
+            n_placeholders = int((input_ids == self.config.image_token_id).sum())
+            if n_placeholders:
+                raise ValueError(f"the text has {n_placeholders} image placeholder tokens but no pixel_values")
+
+        if self.config.phantom_dimension and not (isinstance(past_key_values, PhantomCache) and past_key_values.has_anchors()):
+            kwargs["phantom_anchor_index"] = anchor_positions(
+                input_ids, attention_mask, self.config.phantom_anchor_token_id, inputs_embeds.shape[0], inputs_embeds.device
+            )
+        outputs = self.language_model(
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        return PhantomModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            past_key_values=outputs.past_key_values if use_cache else None,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=image_features,
+        )
+
+
+class PhantomForConditionalGeneration(PhantomPreTrainedModel, GenerationMixin):
+    """Phantom vision-language model with a language-modelling head: `forward` (with `labels` for the
+    loss) and `generate` with every decoding strategy, using `PhantomCache` by default."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: PhantomConfig) -> None:
+        super().__init__(config)
+        self.model = PhantomModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.lm_head = value
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model.get_image_features(pixel_values)
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.model.language_model
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.model.vision_tower
+
+    @property
+    def multi_modal_projector(self) -> nn.Module:
+        return self.model.multi_modal_projector
+
+    @classmethod
+    def from_components(
+        cls,
+        language_model: PreTrainedModel,
+        vision_model: PreTrainedModel | None = None,
+        **config_overrides: Any,
+    ) -> "PhantomForConditionalGeneration":
+        """Wrap a pretrained `…ForCausalLM` (and vision model) into a Phantom model.
+
+        Their modules and weights are reused as they are (not copied); the projector and the Phantom
+        modules are new and freshly initialised, in the LLM's dtype and on its device. Without
+        `vision_model`, a randomly initialised tower is built from `vision_config` (an override, or
+        InternViT-300M-448px). Other keyword arguments override `PhantomConfig` fields.
+        """
+        if not isinstance(language_model, PreTrainedModel) or language_model.get_output_embeddings() is None:
+            raise TypeError(
+                f"language_model must be a transformers …ForCausalLM with an LM head, got {type(language_model).__name__}"
+            )
+        decoder = getattr(language_model, language_model.base_model_prefix, None)
+        if decoder is None or not hasattr(decoder, "layers"):
+            raise TypeError(f"{type(language_model).__name__} has no decoder stack with `layers` to wrap")
+        vision_config = config_overrides.pop("vision_config", None)
+        if vision_model is not None:
+            vision_config = vision_model.config
+        config = PhantomConfig(text_config=decoder.config, vision_config=vision_config, **config_overrides)
+        config.tie_word_embeddings = getattr(language_model.config, "tie_word_embeddings", False)
+        with torch.device("meta"):
+            model = cls(config)
+        reference = language_model.get_output_embeddings().weight
+        if vision_model is None:
+            vision_model = AutoModel.from_config(copy.deepcopy(config.vision_config))
+            vision_model.to(device=reference.device)
+        model.model.vision_tower = vision_model
+        model.model.language_model = decoder
+        model.lm_head = language_model.get_output_embeddings()
+        projector = PROJECTOR_CLASSES[config.projector_type](config)
+        model.model.multi_modal_projector = projector.to(device=reference.device, dtype=reference.dtype)
+        new_modules = [projector]
+        if config.phantom_dimension:
+            new_modules += add_phantom_dimension(decoder, config)
+        for root in new_modules:
+            for name, module in root.named_modules():
+                if root is projector or "phantom" in name:
+                    model._init_weights(module)
+        if language_model.generation_config is not None:
+            model.generation_config = copy.deepcopy(language_model.generation_config)
+        leftover = [name for name, tensor in model.state_dict().items() if tensor.is_meta]
+        if leftover:
+            raise RuntimeError(f"from_components left tensors unmaterialised: {leftover[:5]}")
+        return model
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Any,
+    ) -> PhantomCausalLMOutputWithPast:
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs)
+        return PhantomCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=outputs.image_hidden_states,
+        )
+
+    def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """Images are encoded at prefill only: later steps read their effect from the cache."""
+        model_inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        cache = model_inputs.get("past_key_values")
+        if cache is not None and cache.get_seq_length() > 0:
+            model_inputs.pop("pixel_values", None)
+        return model_inputs
+
+    def _expand_inputs_for_generation(
+        self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids: torch.LongTensor | None = None, **model_kwargs: Any
+    ) -> tuple[torch.LongTensor | None, dict[str, Any]]:
+        """Repeat each row's tiles as a group ([A1, A2, B] -> [A1, A2, A1, A2, B, B]) for beams and
+        `num_return_sequences`; the default repeat-interleave of single tiles would misplace multi-tile images."""
+        pixel_values = model_kwargs.pop("pixel_values", None)
+        if pixel_values is not None and expand_size > 1 and input_ids is not None:
+            tiles_per_row = (input_ids == self.config.image_token_id).sum(-1) // self.config.image_seq_length
+            if int(tiles_per_row.sum()) == pixel_values.shape[0]:
+                groups = pixel_values.split(tiles_per_row.tolist())
+                pixel_values = torch.cat([group for group in groups for _ in range(expand_size)])
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
+        )
+        if pixel_values is not None:
+            model_kwargs["pixel_values"] = pixel_values
+        return input_ids, model_kwargs
+
+
+__all__ = [
+    "PhantomCrossAttention",
+    "PhantomAttentionMixin",
+    "PhantomProjector",
+    "PhantomPreTrainedModel",
+    "PhantomModel",
+    "PhantomForConditionalGeneration",
+    "add_phantom_dimension",
+    "anchor_positions",
+]
