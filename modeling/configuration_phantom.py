@@ -114,6 +114,22 @@ class PhantomConfig(PretrainedConfig):
         super().__init__(**kwargs)
         self.validate_phantom()
 
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "PhantomConfig":
+        """Config of a published size ("phantom-0.5b", "phantom-1.8b", "phantom-3.8b", "phantom-7b"; spec section 5).
+
+        Keyword arguments override config fields; a dict given for `text_config` or `vision_config` updates the
+        preset's sub-config field by field, a config object replaces it.
+        """
+        from .presets_phantom import preset_config_kwargs
+
+        kwargs = preset_config_kwargs(name)
+        for field in ("text_config", "vision_config"):
+            if isinstance(overrides.get(field), dict):
+                kwargs[field].update(overrides.pop(field))
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
     @property
     def phantom_head_dim(self) -> int:
         """Head size D of the decoder's attention (Phantom attention runs at 2*D)."""

@@ -296,7 +296,7 @@ class PhantomCausalLMOutputWithPast(ModelOutput):
     image_hidden_states: torch.FloatTensor | None = None
 
 
-MODELING_FILES = ("configuration_phantom.py", "cache_phantom.py", "modeling_phantom.py", "processing_phantom.py")
+MODELING_FILES = ("configuration_phantom.py", "cache_phantom.py", "modeling_phantom.py", "processing_phantom.py", "presets_phantom.py")
 
 
 class PhantomPreTrainedModel(PreTrainedModel):
