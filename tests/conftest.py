@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny Phantom models whose Phantom path matters (eta = 1, non-small weights)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from phantom_hf import PhantomForConditionalGeneration  # noqa: E402
+from phantom_hf.tiny import tiny_phantom_config  # noqa: E402
+
+IMAGE_TOKEN_ID = 5
+PAD_TOKEN_ID = 0
+
+
+def randomize_phantom_weights(model: torch.nn.Module, std: float = 0.5, seed: int = 0) -> None:
+    """Give every Phantom parameter large random values, so that tests see the Phantom path at work."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "phantom" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator, dtype=torch.float64) * std)
+
+
+def make_model(seed: int = 0, dtype: torch.dtype = torch.float64, **overrides) -> PhantomForConditionalGeneration:
+    """A tiny Phantom model (Qwen2 GQA backbone, InternViT tower) with eta = 1 and random Phantom weights."""
+    torch.manual_seed(seed)
+    overrides.setdefault("phantom_eta", 1.0)
+    config = tiny_phantom_config(image_token_id=IMAGE_TOKEN_ID, **overrides)
+    config.text_config.pad_token_id = PAD_TOKEN_ID
+    model = PhantomForConditionalGeneration(config).to(dtype).eval()
+    randomize_phantom_weights(model, seed=seed)
+    model.generation_config.pad_token_id = PAD_TOKEN_ID
+    return model
+
+
+@pytest.fixture
+def model() -> PhantomForConditionalGeneration:
+    return make_model()
+
+
+def left_padded_batch(lengths: list[int], seed: int = 0, vocab: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random prompts (ids >= 10, so no special ids) left-padded with PAD_TOKEN_ID to a common length."""
+    generator = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    input_ids = torch.full((len(lengths), width), PAD_TOKEN_ID, dtype=torch.long)
+    attention_mask = torch.zeros((len(lengths), width), dtype=torch.long)
+    for row, length in enumerate(lengths):
+        input_ids[row, width - length :] = torch.randint(10, vocab, (length,), generator=generator)
+        attention_mask[row, width - length :] = 1
+    return input_ids, attention_mask

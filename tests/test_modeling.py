@@ -1,0 +1,316 @@
+"""Phantom Dimension against the spec (section 1-2), from_components, config validation, image placement."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import GPT2Config, Qwen2ForCausalLM
+
+from phantom_hf import PhantomConfig, PhantomForConditionalGeneration
+from phantom_hf.tiny import tiny_text_config, tiny_vision_config
+
+from .conftest import IMAGE_TOKEN_ID, left_padded_batch, make_model, randomize_phantom_weights
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat([-second, first], dim=-1)
+
+
+def mhca_reference(linears: dict[str, torch.Tensor], x: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+    """Spec section 1 step 3 for x (B, N, H, D) and anchor (B, 1, H_a, D)."""
+    dim = x.shape[-1]
+    qx = F.gelu(x @ linears["linear_q"].T)
+    ka = F.gelu(anchor @ linears["linear_k"].T)
+    va = F.gelu(anchor @ linears["linear_v"].T)
+    scores = torch.softmax(qx @ ka.transpose(-1, -2) / dim**0.5, dim=-1)  # (B, N, H, H_a)
+    return F.gelu((scores @ va) @ linears["linear_o"].T)
+
+
+def phantom_attention_reference(
+    attention: torch.nn.Module,
+    hidden: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    mask: torch.Tensor,
+    anchor_index: torch.Tensor,
+    eta: float,
+    mixing: str,
+    expansion: str,
+) -> torch.Tensor:
+    """A direct, loop-free re-implementation of spec section 1 for one layer, from the layer's weights."""
+    weights = {name: tensor.detach().double() for name, tensor in attention.named_parameters()}
+    batch, tokens, _ = hidden.shape
+    heads, kv_heads = attention.config.num_attention_heads, attention.config.num_key_value_heads
+    dim = attention.head_dim
+
+    def project(name: str, n_heads: int) -> torch.Tensor:
+        return (hidden @ weights[f"{name}.weight"].T + weights[f"{name}.bias"]).view(batch, tokens, n_heads, dim)
+
+    q, k, v = project("q_proj", heads), project("k_proj", kv_heads), project("v_proj", kv_heads)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+    rows = torch.arange(batch)
+    anchor = {"q": q[rows, anchor_index][:, None], "k": k[rows, anchor_index][:, None], "v": v[rows, anchor_index][:, None]}
+    names = {"q": "xattn_query_phantom", "k": "xattn_key_phantom", "v": "xattn_value_phantom"}
+
+    def expand(path: str, x: torch.Tensor) -> torch.Tensor:
+        if expansion == "repeat":
+            return torch.cat([x, x], dim=-1)
+        linears = {n: weights[f"{names[path]}.{n}.weight"] for n in ("linear_q", "linear_k", "linear_v", "linear_o")}
+        star = eta * mhca_reference(linears, x, anchor[path])
+        return torch.cat([x, x + star if path == "v" else star], dim=-1)
+
+    big_q, big_k, big_v = expand("q", q), expand("k", k), expand("v", v)
+    groups = heads // kv_heads
+    big_k, big_v = big_k.repeat_interleave(groups, dim=2), big_v.repeat_interleave(groups, dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", big_q, big_k) / dim**0.5  # scale 1/sqrt(D), not 1/sqrt(2D)
+    causal = torch.ones(tokens, tokens, dtype=torch.bool).tril()
+    allowed = causal[None, None] & mask.bool()[:, None, None, :]
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    output = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(scores, dim=-1), big_v)
+    first, second = output[..., :dim], output[..., dim:]
+    if mixing == "weighted":
+        f = first @ weights["gating_phantom_1.weight"].T + weights["gating_phantom_1.bias"]
+        g = second @ weights["gating_phantom_2.weight"].T + weights["gating_phantom_2.bias"]
+        w = torch.exp(f) / (torch.exp(f) + torch.exp(g))
+        folded = w * first + (1 - w) * second
+    elif mixing == "sum":
+        folded = first + second
+    else:
+        folded = (first + second) / 2
+    return folded.reshape(batch, tokens, heads * dim) @ weights["o_proj.weight"].T
+
+
+@pytest.mark.parametrize(
+    "attn_implementation,mixing,expansion",
+    [
+        ("eager", "weighted", "mhca"),
+        ("sdpa", "weighted", "mhca"),
+        ("sdpa", "sum", "mhca"),
+        ("eager", "mean", "mhca"),
+        ("sdpa", "weighted", "repeat"),
+    ],
+)
+def test_phantom_attention_equals_spec_reference(attn_implementation: str, mixing: str, expansion: str) -> None:
+    # transformers' eager attention is NaN on padded rows in float64 (its float32 softmax of a float64 mask
+    # minimum), so eager runs in float32
+    dtype = torch.float32 if attn_implementation == "eager" else torch.float64
+    model = make_model(phantom_mixing=mixing, phantom_expansion=expansion, dtype=dtype)
+    model.set_attn_implementation(attn_implementation)
+    input_ids, attention_mask = left_padded_batch([9, 6, 4], seed=1)
+    captured: dict[int, dict] = {}
+
+    def capture(index: int):
+        def hook(module, args, kwargs, output):
+            captured[index] = {"kwargs": kwargs, "output": output[0]}
+
+        return hook
+
+    layers = model.language_model.layers
+    handles = [layer.self_attn.register_forward_hook(capture(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    with torch.no_grad():
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    for handle in handles:
+        handle.remove()
+
+    anchor_index = attention_mask.argmax(-1)
+    assert anchor_index.tolist() == [0, 3, 5]
+    for index, layer in enumerate(layers):
+        kwargs = captured[index]["kwargs"]
+        cos, sin = kwargs["position_embeddings"]
+        expected = phantom_attention_reference(
+            layer.self_attn, kwargs["hidden_states"].double(), cos.double(), sin.double(), attention_mask,
+            anchor_index, 1.0, mixing, expansion,
+        )
+        real = attention_mask.bool()
+        tolerance = 1e-5 if dtype == torch.float32 else 1e-10
+        output = captured[index]["output"].double()
+        torch.testing.assert_close(output[real], expected[real], rtol=tolerance, atol=tolerance)
+
+
+def test_sdpa_and_eager_agree_on_padded_batch() -> None:
+    model = make_model(dtype=torch.float32)  # eager is NaN on padded rows in float64 (see above)
+    input_ids, attention_mask = left_padded_batch([8, 5], seed=2)
+    with torch.no_grad():
+        sdpa = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        model.set_attn_implementation("eager")
+        eager = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    real = attention_mask.bool()
+    torch.testing.assert_close(sdpa[real], eager[real], rtol=1e-5, atol=1e-5)
+
+
+def test_from_components_reproduces_the_llm() -> None:
+    torch.manual_seed(0)
+    llm = Qwen2ForCausalLM(tiny_text_config()).to(torch.float64).eval()
+    input_ids, attention_mask = left_padded_batch([10, 7], seed=3)
+    with torch.no_grad():
+        reference = llm(input_ids=input_ids, attention_mask=attention_mask).logits
+    baseline = PhantomForConditionalGeneration.from_components(
+        llm, vision_config=tiny_vision_config(), image_token_id=IMAGE_TOKEN_ID, phantom_dimension=False
+    ).eval()
+    with torch.no_grad():
+        plain = baseline(input_ids=input_ids, attention_mask=attention_mask).logits
+    real = attention_mask.bool()
+    assert torch.equal(plain[real], reference[real])
+
+    phantom = PhantomForConditionalGeneration.from_components(
+        llm, vision_config=tiny_vision_config(), image_token_id=IMAGE_TOKEN_ID
+    ).eval()
+    assert phantom.language_model is llm.model and phantom.lm_head is llm.lm_head  # weights reused, not copied
+    phantom_params = {n: p for n, p in phantom.named_parameters() if "phantom" in n}
+    head_dim, layers = 16, 2
+    assert sum(p.numel() for p in phantom_params.values()) == layers * (3 * 4 * head_dim**2 + 2 * (head_dim + 1))
+    assert all(p.dtype == torch.float64 for p in phantom_params.values())
+    with torch.no_grad():
+        logits = phantom(input_ids=input_ids, attention_mask=attention_mask).logits
+    relative = (logits[real] - reference[real]).abs().max() / reference[real].abs().max()
+    assert 0 < relative <= 1e-3  # eta = 1e-4: a no-op to ~1e-4, but not skipped
+
+
+def test_every_phantom_parameter_name_says_phantom(model: PhantomForConditionalGeneration) -> None:
+    names = [n for n, _ in model.named_parameters()]
+    new = {n for n in names if "phantom" in n}
+    layer0 = "model.language_model.layers.0.self_attn."
+    for expected in (
+        "xattn_query_phantom.linear_q.weight",
+        "xattn_key_phantom.linear_o.weight",
+        "xattn_value_phantom.linear_v.weight",
+        "gating_phantom_1.weight",
+        "gating_phantom_2.bias",
+    ):
+        assert layer0 + expected in new
+    backbone = PhantomForConditionalGeneration(PhantomConfig(**{**model.config.to_dict(), "phantom_dimension": False}))
+    assert set(names) - new == {n for n, _ in backbone.named_parameters()}
+
+
+def test_images_are_placed_at_placeholders_and_counts_checked(model: PhantomForConditionalGeneration) -> None:
+    per_tile = model.config.image_seq_length
+    assert per_tile == 4  # 28 px tiles of 7 px patches: 16 patches, pixel shuffle 0.5 -> 4
+    pixel_values = torch.randn(3, 3, 28, 28, dtype=torch.float64)
+    input_ids = torch.randint(10, 128, (2, 20))
+    input_ids[0, 2 : 2 + 2 * per_tile] = IMAGE_TOKEN_ID  # row 0: two tiles
+    input_ids[1, 5 : 5 + per_tile] = IMAGE_TOKEN_ID  # row 1: one tile
+    with torch.no_grad():
+        output = model(input_ids=input_ids, pixel_values=pixel_values, use_cache=False)
+        features = model.get_image_features(pixel_values)
+        embeds = model.get_input_embeddings()(input_ids)
+        embeds[input_ids == IMAGE_TOKEN_ID] = features.reshape(-1, features.shape[-1])
+        by_embeds = model(inputs_embeds=embeds, use_cache=False)
+    torch.testing.assert_close(output.logits, by_embeds.logits)
+    torch.testing.assert_close(output.image_hidden_states, features)
+
+    with pytest.raises(ValueError, match=r"12 image placeholder tokens .* 2 tiles x 4 = 8 vision tokens"):
+        model(input_ids=input_ids, pixel_values=pixel_values[:2])
+    with pytest.raises(ValueError, match="12 image placeholder tokens but no pixel_values"):
+        model(input_ids=input_ids)
+    with pytest.raises(TypeError, match="floating-point"):
+        model(input_ids=input_ids, pixel_values=pixel_values.long())
+
+
+def test_vision_side_matches_spec() -> None:
+    """InternViT last hidden state, CLS dropped, pixel shuffle 0.5, LayerNorm-Linear-GELU-Linear."""
+    model = make_model()
+    pixel_values = torch.randn(2, 3, 28, 28, dtype=torch.float64)
+    with torch.no_grad():
+        hidden = model.vision_tower(pixel_values=pixel_values).last_hidden_state[:, 1:]  # (2, 16, 32)
+        grid = hidden.reshape(2, 4, 4, 32)
+        # pixel shuffle 0.5: each output token concatenates a 2x2 block (InternVL's channel order)
+        shuffled = grid.reshape(2, 4, 2, 64).permute(0, 2, 1, 3).reshape(2, 2, 2, 128).permute(0, 2, 1, 3)
+        projector = model.multi_modal_projector
+        x = F.layer_norm(shuffled.reshape(2, 4, 128), (128,), projector.layer_norm.weight, projector.layer_norm.bias)
+        expected = projector.linear_2(F.gelu(projector.linear_1(x)))
+        torch.testing.assert_close(model.get_image_features(pixel_values), expected)
+
+
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("phantom_mixing", "max", "phantom_mixing"),
+        ("phantom_eta", 0.0, "phantom_eta"),
+        ("phantom_eta", -1.0, "phantom_eta"),
+        ("phantom_expansion", "copy", "phantom_expansion"),
+        ("phantom_cache_mode", "paged", "phantom_cache_mode"),
+        ("projector_type", "qformer", "projector_type"),
+    ],
+)
+def test_invalid_config_values_name_the_field(field: str, value, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        PhantomConfig(text_config=tiny_text_config(), vision_config=tiny_vision_config(), **{field: value})
+
+
+def test_unwrappable_backbone_and_flash_head_size_are_refused() -> None:
+    with pytest.raises(ValueError, match="text_config.model_type 'gpt2'"):
+        PhantomConfig(text_config=GPT2Config(), vision_config=tiny_vision_config())
+    PhantomConfig(text_config=GPT2Config(), vision_config=tiny_vision_config(), phantom_dimension=False)
+    wide = tiny_text_config(hidden_size=320, num_attention_heads=2, num_key_value_heads=1)  # head_dim 160
+    config = PhantomConfig(text_config=wide, vision_config=tiny_vision_config())
+    with pytest.raises(ValueError, match=r"2\*head_dim = 320 > 256"):
+        config.validate_attn_implementation("flash_attention_2")
+    config.validate_attn_implementation("sdpa")
+
+
+def test_anchor_token_id_selects_first_occurrence_and_missing_is_an_error() -> None:
+    anchor_id = 7
+    model = make_model(phantom_anchor_token_id=anchor_id)
+    input_ids, attention_mask = left_padded_batch([8, 6], seed=4)
+    input_ids[0, 3] = anchor_id
+    input_ids[0, 5] = anchor_id
+    input_ids[1, 4] = anchor_id
+    with torch.no_grad():
+        output = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True)
+    anchors = output.past_key_values.get_anchors(0)
+    layer = model.language_model.layers[0].self_attn
+    # the cached anchor keys equal the keys (after rotary) at positions 3 and 4
+    with torch.no_grad():
+        hidden = model.language_model.layers[0].input_layernorm(model.get_input_embeddings()(input_ids))
+        _, keys, _ = layer._phantom_project(hidden)
+        cos, sin = model.language_model.rotary_emb(hidden, torch.arange(8)[None].expand(2, -1))  # forward's default
+        _, keys = layer._phantom_rotary(keys, keys, cos, sin)
+    torch.testing.assert_close(anchors["k"], torch.stack([keys[0, :, 3], keys[1, :, 4]]))
+
+    input_ids[1, 4] = 11
+    with pytest.raises(ValueError, match=r"phantom_anchor_token_id=7 does not occur in rows \[1\]"):
+        model(input_ids=input_ids, attention_mask=attention_mask)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients() -> None:
+    model = make_model()
+    model.train()
+    input_ids, attention_mask = left_padded_batch([7, 7], seed=5)
+    labels = input_ids.clone()
+
+    def gradients() -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = gradients()
+    model.gradient_checkpointing_enable()
+    assert model.language_model.gradient_checkpointing
+    checkpointed = gradients()
+    assert plain.keys() == checkpointed.keys() and any("phantom" in n for n in plain)
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-10, atol=1e-12)
+
+
+def test_resize_token_embeddings_keeps_old_logits(model: PhantomForConditionalGeneration) -> None:
+    input_ids, attention_mask = left_padded_batch([6, 4], seed=6)
+    with torch.no_grad():
+        before = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    model.resize_token_embeddings(131)
+    assert model.config.text_config.vocab_size == 131
+    assert model.lm_head.weight.shape[0] == 131
+    with torch.no_grad():
+        after = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    real = attention_mask.bool()
+    torch.testing.assert_close(after[real][:, :128], before[real])
+
+
+def test_no_split_modules_name_the_decoder_and_vision_layers(model: PhantomForConditionalGeneration) -> None:
+    assert {"Qwen2DecoderLayer", "InternVLVisionLayer"} <= set(model._no_split_modules)
+    randomize_phantom_weights(model)  # Phantom modules live inside the decoder layer: never split from it
+    attention_class = type(model.language_model.layers[0].self_attn)
+    assert attention_class.__name__ == "PhantomQwen2Attention"
