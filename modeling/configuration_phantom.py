@@ -17,8 +17,10 @@ SUPPORTED_TEXT_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 PHANTOM_MIXINGS = ("weighted", "sum", "mean")
 PHANTOM_EXPANSIONS = ("mhca", "repeat")
 PHANTOM_CACHE_MODES = ("expanded", "compact")
-PROJECTOR_TYPES = ("phantom",)
+PROJECTOR_TYPES = ("phantom", "xdp", "mlp2x_gelu")
 VISION_FEATURE_SELECT_STRATEGIES = ("default", "full")
+# Vision towers whose sequence has no CLS token in front of the patch tokens.
+VISION_MODEL_TYPES_WITHOUT_CLS = ("siglip_vision_model", "siglip2_vision_model")
 # FlashAttention kernels support head sizes up to 256; Phantom attention runs at 2 * head_dim.
 FLASH_ATTENTION_MAX_HEAD_DIM = 256
 
@@ -61,8 +63,12 @@ class PhantomConfig(PretrainedConfig):
             Qwen2.
         image_token_id: id of `<IMG_CONTEXT>`, the placeholder replaced by vision tokens.
         downsample_ratio: pixel-shuffle ratio of the "phantom" projector (0.5: 1024 patches -> 256 tokens).
-        projector_type: "phantom" (pixel shuffle + LayerNorm + 2-layer GELU MLP, spec section 4).
-        projector_hidden_act: activation between the two projector linears.
+        projector_type: "phantom" (pixel shuffle + LayerNorm + 2-layer GELU MLP, spec section 4), "xdp"
+            (Xmodel-VLM: group `projector_group_size` tokens, Linear-Mish-Linear, spec section 8) or "mlp2x_gelu"
+            (LLaVA-1.5: Linear-GELU-Linear per token).
+        projector_hidden_act: activation between the two linears of the "phantom" and "mlp2x_gelu" projectors.
+        projector_group_size: consecutive vision tokens merged into one by the "xdp" projector.
+        multimodal_projector_bias: whether the "mlp2x_gelu" linears have biases.
         vision_feature_layer: which hidden state of the vision tower feeds the projector (-1: last).
         vision_feature_select_strategy: "default" drops the CLS token, "full" keeps it.
         phantom_dimension: add Phantom Dimension to every attention layer; False gives the plain baseline.
@@ -85,6 +91,8 @@ class PhantomConfig(PretrainedConfig):
         downsample_ratio: float = 0.5,
         projector_type: str = "phantom",
         projector_hidden_act: str = "gelu",
+        projector_group_size: int = 4,
+        multimodal_projector_bias: bool = True,
         vision_feature_layer: int = -1,
         vision_feature_select_strategy: str = "default",
         phantom_dimension: bool = True,
@@ -101,6 +109,8 @@ class PhantomConfig(PretrainedConfig):
         self.downsample_ratio = downsample_ratio
         self.projector_type = projector_type
         self.projector_hidden_act = projector_hidden_act
+        self.projector_group_size = projector_group_size
+        self.multimodal_projector_bias = multimodal_projector_bias
         self.vision_feature_layer = vision_feature_layer
         self.vision_feature_select_strategy = vision_feature_select_strategy
         self.phantom_dimension = phantom_dimension
@@ -137,14 +147,23 @@ class PhantomConfig(PretrainedConfig):
         return getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
 
     @property
+    def vision_has_cls_token(self) -> bool:
+        return self.vision_config.model_type not in VISION_MODEL_TYPES_WITHOUT_CLS
+
+    @property
     def image_seq_length(self) -> int:
-        """Vision tokens per image tile after the projector (256 for InternViT-448 with pixel shuffle 0.5)."""
+        """Vision tokens per image tile after the projector: 256 for InternViT-448 with pixel shuffle 0.5,
+        144 for CLIP-336 with XDP, 576 for CLIP-336 with mlp2x_gelu."""
         image_h, image_w = _pair(self.vision_config.image_size)
         patch_h, patch_w = _pair(self.vision_config.patch_size)
         patches = (image_h // patch_h) * (image_w // patch_w)
-        if self.vision_feature_select_strategy == "full":
+        if self.vision_feature_select_strategy == "full" and self.vision_has_cls_token:
             patches += 1
-        return int(patches * self.downsample_ratio**2)
+        if self.projector_type == "phantom":
+            return int(patches * self.downsample_ratio**2)
+        if self.projector_type == "xdp":
+            return patches // self.projector_group_size
+        return patches
 
     def validate_phantom(self) -> None:
         """Raise `ValueError` naming the field when a Phantom setting is invalid."""
@@ -162,6 +181,13 @@ class PhantomConfig(PretrainedConfig):
             raise ValueError(f"phantom_anchor_token_id must be an int or None, got {self.phantom_anchor_token_id!r}")
         if self.projector_type not in PROJECTOR_TYPES:
             raise ValueError(f"projector_type must be one of {PROJECTOR_TYPES}, got {self.projector_type!r}")
+        if self.vision_feature_select_strategy == "default" and not self.vision_has_cls_token:
+            raise ValueError(
+                f"vision_feature_select_strategy='default' drops a CLS token, but {self.vision_config.model_type} "
+                "has none; use 'full'"
+            )
+        if not isinstance(self.projector_group_size, int) or self.projector_group_size < 1:
+            raise ValueError(f"projector_group_size must be a positive int, got {self.projector_group_size!r}")
         if self.vision_feature_select_strategy not in VISION_FEATURE_SELECT_STRATEGIES:
             raise ValueError(
                 "vision_feature_select_strategy must be one of "
