@@ -20,6 +20,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.internvl.modeling_internvl import InternVLModel, InternVLMultiModalProjector
+from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from .cache_phantom import PhantomCache
 from .configuration_phantom import AUTO_MAP, PhantomConfig
@@ -54,7 +55,7 @@ class PhantomCrossAttention(nn.Module):
         batch, heads, tokens, dim = states.shape
         query = F.gelu(self.linear_q(states)).reshape(batch, heads * tokens, dim)
         scores = torch.matmul(query, anchor_key.transpose(-1, -2)) * dim**-0.5
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(query.dtype)
         mixed = torch.matmul(probs, anchor_value).reshape(batch, heads, tokens, dim)
         return F.gelu(self.linear_o(mixed))
 
@@ -269,7 +270,32 @@ class PhantomProjector(InternVLMultiModalProjector):
         return super().forward(shuffled.reshape(tiles, -1, shuffled.shape[-1]))
 
 
-PROJECTOR_CLASSES = {"phantom": PhantomProjector}
+class XDPProjector(nn.Module):
+    """Xmodel-VLM's XDP projector (spec section 8): every `projector_group_size` consecutive vision tokens
+    are concatenated into one ((B, T, C) -> (B, T/g, gC), 75% fewer tokens for g = 4), then
+    Linear(gC, d) -> Mish -> Linear(d, d)."""
+
+    def __init__(self, config: PhantomConfig) -> None:
+        super().__init__()
+        self.group_size = config.projector_group_size
+        hidden = config.text_config.hidden_size
+        self.linear_1 = nn.Linear(config.vision_config.hidden_size * self.group_size, hidden)
+        self.act = nn.Mish()
+        self.linear_2 = nn.Linear(hidden, hidden)
+
+    def forward(self, vision_features: torch.Tensor) -> torch.Tensor:
+        tiles, tokens, channels = vision_features.shape
+        if tokens % self.group_size:
+            raise ValueError(f"XDP groups {self.group_size} tokens at a time; {tokens} vision tokens per image do not divide")
+        grouped = vision_features.reshape(tiles, tokens // self.group_size, self.group_size * channels)
+        return self.linear_2(self.act(self.linear_1(grouped)))
+
+
+class MLP2xGeluProjector(LlavaMultiModalProjector):
+    """LLaVA-1.5's `mlp2x_gelu`: Linear(C, d) -> GELU -> Linear(d, d) on every vision token."""
+
+
+PROJECTOR_CLASSES = {"phantom": PhantomProjector, "xdp": XDPProjector, "mlp2x_gelu": MLP2xGeluProjector}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -404,6 +430,25 @@ class PhantomModel(PhantomPreTrainedModel):
         image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
         return inputs_embeds.masked_scatter(mask.unsqueeze(-1), image_features)
 
+    def _check_num_patches(
+        self, input_ids: torch.Tensor | None, pixel_values: torch.Tensor, num_patches: torch.Tensor | list[int]
+    ) -> None:
+        """Tiles per image must add up to `pixel_values`, and the processor must have expanded each tile into
+        `config.image_seq_length` placeholders (a processor built for another vision tower is reported here)."""
+        tiles = int(sum(int(count) for count in num_patches))
+        if tiles != pixel_values.shape[0]:
+            raise ValueError(f"num_patches adds up to {tiles} tiles but pixel_values holds {pixel_values.shape[0]}")
+        if input_ids is None or tiles == 0:
+            return
+        placeholders = int((input_ids == self.config.image_token_id).sum())
+        per_tile = self.config.image_seq_length
+        if placeholders != tiles * per_tile and placeholders % tiles == 0:
+            raise ValueError(
+                f"the processor expanded each of the {tiles} tiles into {placeholders // tiles} image placeholders, but "
+                f"this model makes config.image_seq_length = {per_tile} vision tokens per tile; build the processor "
+                f"with image_seq_length={per_tile} (PhantomProcessor.from_config(model.config, tokenizer))"
+            )
+
     def _phantom_cache(self, past_key_values: Cache | None, use_cache: bool, cache_mode: str | None) -> Cache | None:
         """The cache Phantom attention runs with: a `PhantomCache`, created or converted from an empty one."""
         mode = cache_mode or self.config.phantom_cache_mode
@@ -430,13 +475,15 @@ class PhantomModel(PhantomPreTrainedModel):
         use_cache: bool | None = None,
         phantom_cache_mode: str | None = None,
         image_features: torch.FloatTensor | None = None,
+        num_patches: torch.LongTensor | list[int] | None = None,
         **kwargs: Any,
     ) -> PhantomModelOutputWithPast:
         """Run the decoder on text whose `<IMG_CONTEXT>` embeddings are replaced by the vision tokens.
 
         `pixel_values` holds the tiles of all images in the batch, in the order of their placeholders;
         `image_features` may be given instead (precomputed `get_image_features`, e.g. shared by the chosen
-        and rejected sequences of a preference pair).
+        and rejected sequences of a preference pair). `num_patches` (tiles per image, from `PhantomProcessor`)
+        is only checked against `pixel_values` and the placeholders.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -451,6 +498,8 @@ class PhantomModel(PhantomPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         if pixel_values is not None:
+            if num_patches is not None:
+                self._check_num_patches(input_ids, pixel_values, num_patches)
             image_features = self.get_image_features(pixel_values)
         if image_features is not None:
             inputs_embeds = self._merge_image_features(input_ids, inputs_embeds, image_features)
@@ -581,11 +630,13 @@ class PhantomForConditionalGeneration(PhantomPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        num_patches: torch.LongTensor | list[int] | None = None,
         **kwargs: Any,
     ) -> PhantomCausalLMOutputWithPast:
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
+            num_patches=num_patches,
             attention_mask=attention_mask,
             position_ids=position_ids,
             past_key_values=past_key_values,
