@@ -1,0 +1,444 @@
+"""Processor of Phantom vision-language models: dynamic image tiling, `<image>` expansion, chat templates.
+
+Implements PHANTOM_SPEC section 4 on the input side. Each image is cut into 1-6 tiles of the vision tower's
+size (448 px for the published models) whose grid best matches its aspect ratio, plus a thumbnail when there
+is more than one tile (transformers' `GotOcr2ImageProcessor`, PIL backend: no torchvision needed). Each
+`<image>` marker in a prompt becomes `<img>` + `<IMG_CONTEXT>` x (image_seq_length x tiles) + `</img>`.
+
+Hub remote code: this file is uploaded next to the weights and imports only torch, transformers and the
+Python standard library.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+from typing import Any
+
+import torch
+from transformers import processing_utils
+from transformers.image_processing_utils import BatchFeature
+from transformers.image_transforms import convert_to_rgb
+from transformers.image_utils import ChannelDimension, infer_channel_dimension_format, is_pil_image, load_image
+from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+from transformers.processing_utils import MultiModalData, ProcessorMixin
+from transformers.tokenization_utils_base import VERY_LARGE_INTEGER, PreTrainedTokenizerBase
+from transformers.utils import is_numpy_array
+
+IMAGE_MARKER = "<image>"
+IMAGE_START_TOKEN = "<img>"
+IMAGE_END_TOKEN = "</img>"
+IMAGE_CONTEXT_TOKEN = "<IMG_CONTEXT>"
+IMAGE_TOKENS = (IMAGE_START_TOKEN, IMAGE_END_TOKEN, IMAGE_CONTEXT_TOKEN)
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+DEFAULT_TILE_SIZE = 448
+DEFAULT_MIN_PATCHES = 1
+DEFAULT_MAX_PATCHES = 6
+DEFAULT_IMAGE_SEQ_LENGTH = 256
+
+# The published prompt formats (spec section 5): no separator between turns, `<image>` where each image goes.
+# Assistant turns are wrapped in {% generation %} so that `return_assistant_tokens_mask=True` marks the answer
+# and its end token (what the SFT loss trains on).
+_CONTENT_MACRO = (
+    "{%- macro render_content(content) -%}"
+    "{%- if content is string -%}{{- content -}}"
+    "{%- else -%}{%- for block in content -%}"
+    "{%- if block['type'] == 'image' -%}{{- '" + IMAGE_MARKER + "' -}}"
+    "{%- elif block['type'] == 'text' -%}{{- block['text'] -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{%- endmacro -%}"
+)
+
+
+def _turn_template(header: str, end: str, generation_header: str) -> str:
+    return (
+        _CONTENT_MACRO
+        + "{%- for message in messages -%}"
+        + "{{- " + header + " -}}"
+        + "{%- if message['role'] == 'assistant' -%}"
+        + "{%- generation -%}{{- render_content(message['content']) + '" + end + "' -}}{%- endgeneration -%}"
+        + "{%- else -%}{{- render_content(message['content']) + '" + end + "' -}}{%- endif -%}"
+        + "{%- endfor -%}"
+        + "{%- if add_generation_prompt -%}{{- '" + generation_header + "' -}}{%- endif -%}"
+    )
+
+
+# ChatML (Qwen2, InternLM2): <|im_start|>user\n…<|im_end|><|im_start|>assistant\n
+CHATML_CHAT_TEMPLATE = _turn_template("'<|im_start|>' + message['role'] + '\\n'", "<|im_end|>", "<|im_start|>assistant\\n")
+# Phi-3: <|user|>\n…<|end|><|assistant|>\n
+PHI3_CHAT_TEMPLATE = _turn_template("'<|' + message['role'] + '|>\\n'", "<|end|>", "<|assistant|>\\n")
+CHAT_TEMPLATES = {"chatml": CHATML_CHAT_TEMPLATE, "phi3": PHI3_CHAT_TEMPLATE}
+# Chat format of each supported decoder type (InternLM2 is loaded as Llama and speaks ChatML).
+CHAT_FORMAT_BY_TEXT_MODEL_TYPE = {"qwen2": "chatml", "qwen3": "chatml", "llama": "chatml", "mistral": "chatml", "phi3": "phi3"}
+
+
+def chat_template_for(config_or_model_type: Any) -> str:
+    """The chat template of a checkpoint: Phi-3's for a `phi3` decoder, ChatML otherwise.
+
+    Accepts a format name ("chatml", "phi3"), a decoder `model_type`, or a `PhantomConfig`.
+    """
+    key = config_or_model_type
+    if not isinstance(key, str):
+        key = key.get_text_config().model_type if hasattr(key, "get_text_config") else getattr(key, "model_type", None)
+    if key in CHAT_TEMPLATES:
+        return CHAT_TEMPLATES[key]
+    if key not in CHAT_FORMAT_BY_TEXT_MODEL_TYPE:
+        raise ValueError(
+            f"no Phantom chat format for {key!r}; pass one of {sorted(CHAT_TEMPLATES)} or a decoder model_type in "
+            f"{sorted(CHAT_FORMAT_BY_TEXT_MODEL_TYPE)}"
+        )
+    return CHAT_TEMPLATES[CHAT_FORMAT_BY_TEXT_MODEL_TYPE[key]]
+
+
+def build_image_processor(
+    tile_size: int = DEFAULT_TILE_SIZE,
+    min_patches: int = DEFAULT_MIN_PATCHES,
+    max_patches: int = DEFAULT_MAX_PATCHES,
+) -> GotOcr2ImageProcessorPil:
+    """InternVL dynamic tiling (spec section 4): `tile_size` square tiles, 1 <= grid <= `max_patches`, thumbnail,
+    bicubic resize, ImageNet mean/std."""
+    if not 1 <= min_patches <= max_patches:
+        raise ValueError(f"need 1 <= min_patches <= max_patches, got min_patches={min_patches}, max_patches={max_patches}")
+    return GotOcr2ImageProcessorPil(
+        size={"height": tile_size, "width": tile_size},
+        crop_to_patches=True,
+        min_patches=min_patches,
+        max_patches=max_patches,
+        resample=3,  # PIL bicubic
+        image_mean=IMAGENET_MEAN,
+        image_std=IMAGENET_STD,
+        do_convert_rgb=True,
+    )
+
+
+def _single_token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int | None:
+    """The id of `token` when the tokenizer encodes it as exactly that one token, else None."""
+    token_id = tokenizer.get_vocab().get(token)
+    if token_id is None or tokenizer.encode(token, add_special_tokens=False) != [token_id]:
+        return None
+    return token_id
+
+
+def add_image_tokens(tokenizer: PreTrainedTokenizerBase, model: torch.nn.Module | None = None) -> list[str]:
+    """Add `<img>`, `</img>` and `<IMG_CONTEXT>` to `tokenizer` as special tokens where missing; with `model`,
+    grow its token embeddings (and LM head) to the tokenizer's size if needed and set `config.image_token_id`.
+
+    Returns the tokens that were added. Embeddings never shrink: published vocabularies are padded larger than
+    their tokenizers, and new ids that fit in the matrix need no resize. The new rows are untrained (transformers
+    initialises them to the mean of the old ones); train the embeddings before relying on them.
+    """
+    missing = [token for token in IMAGE_TOKENS if _single_token_id(tokenizer, token) is None]
+    if missing:
+        tokenizer.add_tokens(missing, special_tokens=True)
+    if model is not None:
+        if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+            model.resize_token_embeddings(len(tokenizer))
+        if hasattr(model.config, "image_token_id"):
+            model.config.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_CONTEXT_TOKEN)
+    return missing
+
+
+def _describe(image: Any) -> str:
+    text = image if isinstance(image, str) else type(image).__name__
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _to_rgb_array(image: Any, index: int) -> Any:
+    """Decode one image into an RGB (H, W, 3) numpy array; grayscale and alpha images are converted (alpha over
+    white), undecodable or zero-sized images raise `ValueError`, unknown types `TypeError`."""
+    where = f"image {index} ({_describe(image)})"
+    if isinstance(image, (bytes, bytearray)):
+        image = "data:image/unknown;base64," + base64.b64encode(bytes(image)).decode()
+        where = f"image {index} (bytes)"
+    if isinstance(image, os.PathLike):
+        image = os.fspath(image)
+    if isinstance(image, str):
+        try:
+            image = load_image(image)
+        except (OSError, ValueError, SyntaxError) as error:
+            raise ValueError(f"{where} cannot be decoded: not a readable image file, URL or base64 image ({error})") from error
+    if is_pil_image(image):
+        try:
+            image.load()
+        except (OSError, ValueError, SyntaxError) as error:
+            raise ValueError(f"{where} cannot be decoded (truncated or corrupt image data: {error})") from error
+        if min(image.size) == 0:
+            raise ValueError(f"{where} has zero size ({image.size[0]}x{image.size[1]} pixels)")
+        return convert_to_rgb(image, return_numpy=True)
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    if not is_numpy_array(image):
+        raise TypeError(
+            f"{where} has unsupported type {type(image).__name__}: pass a PIL image, a numpy array or torch tensor "
+            "of shape (H, W), (H, W, C) or (C, H, W), a local path, an http(s) URL, or encoded image bytes"
+        )
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.ndim != 3:
+        raise ValueError(f"{where} must have shape (H, W), (H, W, C) or (C, H, W), got {tuple(image.shape)}")
+    if image.size == 0:
+        raise ValueError(f"{where} has zero size (shape {tuple(image.shape)})")
+    try:
+        channel_format = infer_channel_dimension_format(image, num_channels=(1, 3, 4))
+    except ValueError as error:
+        raise ValueError(f"{where} of shape {tuple(image.shape)} has no axis of 1, 3 or 4 channels") from error
+    if channel_format == ChannelDimension.FIRST:
+        image = image.transpose(1, 2, 0)
+    return convert_to_rgb(image, return_numpy=True, input_data_format=ChannelDimension.LAST)
+
+
+def _unmarked(text: str) -> str:
+    """`text` without the spans `sanitize_control_tokens` marked as user text (they are not image markers)."""
+    marked = getattr(processing_utils, "_MARKED_RE", None)
+    return marked.sub("", text) if marked is not None else text
+
+
+class PhantomProcessor(ProcessorMixin):
+    r"""Builds Phantom's inputs from prompts and images: tiles every image, expands each `<image>` marker into
+    `<img>` + `<IMG_CONTEXT>` x (`image_seq_length` x tiles) + `</img>`, tokenizes, and renders chats with the
+    checkpoint's chat template.
+
+    Args:
+        image_processor: a `GotOcr2ImageProcessor` with `crop_to_patches=True` (default: `build_image_processor()`,
+            448 px tiles, 1-6 tiles + thumbnail). Its tile size must match the vision tower's `image_size`.
+        tokenizer: the language model's tokenizer; it must hold `<img>`, `</img>` and `<IMG_CONTEXT>` as single
+            tokens (see `add_image_tokens`). Its `padding_side` is used as set (left for generation, right for
+            training) and its `model_max_length` bounds the expanded prompts.
+        image_seq_length: vision tokens per tile; must equal the model's `config.image_seq_length` (256 for the
+            published models).
+        chat_template: a Jinja chat template (`CHATML_CHAT_TEMPLATE` or `PHI3_CHAT_TEMPLATE`).
+
+    Calling it returns `input_ids`, `attention_mask` and, with images, `pixel_values` (all tiles of all images in
+    prompt order, shape (num_tiles, 3, tile, tile)) and `num_patches` (tiles per image).
+    """
+
+    image_token = IMAGE_MARKER
+
+    def __init__(
+        self,
+        image_processor: Any = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        image_seq_length: int = DEFAULT_IMAGE_SEQ_LENGTH,
+        chat_template: str | None = None,
+    ) -> None:
+        if tokenizer is None:
+            raise ValueError("PhantomProcessor needs a tokenizer")
+        if image_processor is None:
+            image_processor = build_image_processor()
+        if isinstance(image_seq_length, bool) or not isinstance(image_seq_length, int) or image_seq_length < 1:
+            raise ValueError(f"image_seq_length must be a positive int, got {image_seq_length!r}")
+        ids = {token: _single_token_id(tokenizer, token) for token in IMAGE_TOKENS}
+        missing = [token for token, token_id in ids.items() if token_id is None]
+        if missing:
+            raise ValueError(
+                f"the tokenizer has no single token for {missing}; Phantom needs {list(IMAGE_TOKENS)}. Add them with "
+                "`add_image_tokens(tokenizer, model)` (from processing_phantom, also `PhantomProcessor.add_image_tokens`),"
+                " which also resizes the model's embeddings and sets config.image_token_id"
+            )
+        super().__init__(image_processor, tokenizer, chat_template=chat_template)
+        self.image_seq_length = image_seq_length
+        self.image_start_token_id = ids[IMAGE_START_TOKEN]
+        self.image_end_token_id = ids[IMAGE_END_TOKEN]
+        self.image_token_id = ids[IMAGE_CONTEXT_TOKEN]
+        self.image_token_ids = [self.image_token_id, self.image_start_token_id, self.image_end_token_id]
+
+    add_image_tokens = staticmethod(add_image_tokens)
+
+    @classmethod
+    def from_config(
+        cls,
+        config: Any,
+        tokenizer: PreTrainedTokenizerBase,
+        chat_template: str | None = None,
+        min_patches: int = DEFAULT_MIN_PATCHES,
+        max_patches: int = DEFAULT_MAX_PATCHES,
+    ) -> "PhantomProcessor":
+        """The processor matching a `PhantomConfig`: tiles of the vision tower's `image_size`, `image_seq_length`
+        from the config, the chat template of its decoder type (unless given).
+
+        Checks that the tokenizer's `<IMG_CONTEXT>` id is `config.image_token_id`. When the tokenizer has no
+        `model_max_length`, it is set to the decoder's `max_position_embeddings`.
+        """
+        image_size = config.vision_config.image_size
+        tile_size = image_size if isinstance(image_size, int) else int(image_size[0])
+        if not isinstance(image_size, int) and int(image_size[0]) != int(image_size[1]):
+            raise ValueError(f"Phantom tiles are square; vision_config.image_size is {image_size}")
+        context_id = _single_token_id(tokenizer, IMAGE_CONTEXT_TOKEN)
+        if context_id is not None and config.image_token_id is not None and context_id != config.image_token_id:
+            raise ValueError(
+                f"the tokenizer's {IMAGE_CONTEXT_TOKEN} id is {context_id} but config.image_token_id is "
+                f"{config.image_token_id}; they must agree (add_image_tokens(tokenizer, model) sets the config)"
+            )
+        max_positions = getattr(config.get_text_config(), "max_position_embeddings", None)
+        if max_positions and tokenizer.model_max_length >= VERY_LARGE_INTEGER:
+            tokenizer.model_max_length = max_positions
+        return cls(
+            image_processor=build_image_processor(tile_size, min_patches, max_patches),
+            tokenizer=tokenizer,
+            image_seq_length=config.image_seq_length,
+            chat_template=chat_template if chat_template is not None else chat_template_for(config),
+        )
+
+    @property
+    def tile_size(self) -> int:
+        """Side of a square tile in pixels (the vision tower's `image_size`)."""
+        return int(self.image_processor.size["height"])
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return list(self.tokenizer.model_input_names) + ["pixel_values", "num_patches"]
+
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
+        tiles = int(image_inputs["num_patches"][image_idx])
+        return IMAGE_START_TOKEN + IMAGE_CONTEXT_TOKEN * (self.image_seq_length * tiles) + IMAGE_END_TOKEN
+
+    def _images_in_prompt_order(self, images: Any, text: list[str]) -> list[Any]:
+        """Flatten `images` (one image, a flat list, or one list per prompt) after checking they match the
+        `<image>` markers."""
+        markers = [_unmarked(sample).count(IMAGE_MARKER) for sample in text]
+        if images is None:
+            if any(markers):
+                raise ValueError(
+                    f"the prompts have {sum(markers)} {IMAGE_MARKER} markers (per prompt: {markers}) but no images were given"
+                )
+            return []
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        nested = [isinstance(item, (list, tuple)) for item in images]
+        if images and all(nested):
+            if len(images) != len(text):
+                raise ValueError(f"images were given as {len(images)} lists (one per prompt) for {len(text)} prompts")
+            for index, (row, count) in enumerate(zip(images, markers)):
+                if len(row) != count:
+                    raise ValueError(
+                        f"prompt {index} has {count} {IMAGE_MARKER} marker(s) but {len(row)} image(s) were given for it"
+                    )
+            return [image for row in images for image in row]
+        if any(nested):
+            raise TypeError("images must be one image, a flat list of images, or one list of images per prompt, not a mix")
+        if len(images) != sum(markers):
+            raise ValueError(
+                f"the prompts have {sum(markers)} {IMAGE_MARKER} marker(s) (per prompt: {markers}) but "
+                f"{len(images)} image(s) were given; put one {IMAGE_MARKER} where each image goes"
+            )
+        return list(images)
+
+    def __call__(self, images: Any = None, text: str | list[str] | None = None, **kwargs: Any) -> BatchFeature:
+        """Tile the images, expand the `<image>` markers of `text` and tokenize.
+
+        `images`: one image, a flat list in marker order, or one list per prompt; each a PIL image, numpy array or
+        torch tensor ((H, W), (H, W, C) or (C, H, W)), a local path, an http(s) URL or encoded bytes. Keyword
+        arguments go to the tokenizer and image processor as in any transformers processor (`padding`,
+        `return_tensors`, `max_patches`, ...).
+        """
+        if text is None:
+            raise ValueError("PhantomProcessor needs text: a prompt with one <image> marker per image")
+        text = [text] if isinstance(text, str) else list(text)
+        if not all(isinstance(sample, str) for sample in text):
+            raise TypeError("text must be a string or a list of strings")
+        flat_images = self._images_in_prompt_order(images, text)
+        flat_images = [_to_rgb_array(image, index) for index, image in enumerate(flat_images)]
+
+        merged = self._merge_kwargs(tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
+        text_kwargs = merged["text_kwargs"]
+        return_tensors = text_kwargs.pop("return_tensors", None)
+        return_mm_token_type_ids = text_kwargs.pop("return_mm_token_type_ids", merged["return_mm_token_type_ids"])
+        return_offsets = text_kwargs.pop("return_text_replacement_offsets", merged["return_text_replacement_offsets"])
+
+        data: dict[str, Any] = {}
+        replacements: list[str] = []
+        if flat_images:
+            images_kwargs = {**merged["images_kwargs"], "return_tensors": return_tensors}
+            images_kwargs["input_data_format"] = ChannelDimension.LAST
+            processed = self.image_processor(flat_images, **images_kwargs)
+            data["pixel_values"] = processed["pixel_values"]
+            data["num_patches"] = processed["num_patches"]
+            replacements = [self.replace_image_token(processed, index) for index in range(len(flat_images))]
+        expanded, offsets = self.get_text_with_replacements(text, replacements)
+
+        encoding = self._tokenize(expanded, text_kwargs, return_tensors)
+        if return_offsets:
+            encoding["text_replacement_offsets"] = offsets
+        if return_mm_token_type_ids:
+            encoding["mm_token_type_ids"] = self.create_mm_token_type_ids(encoding["input_ids"])
+        data = {**encoding, **data}
+        return BatchFeature(data, tensor_type=return_tensors, skip_tensor_conversion=self.skip_tensor_conversion)
+
+    def _tokenize(self, text: list[str], text_kwargs: dict[str, Any], return_tensors: Any) -> dict[str, Any]:
+        """Tokenize expanded prompts; a prompt longer than the maximum length is an error when it holds image
+        placeholders (truncating it would cut an image) or when truncation was not asked for."""
+        truncation = text_kwargs.get("truncation")
+        truncate = truncation not in (None, False, "do_not_truncate")
+        model_max_length = self.tokenizer.model_max_length
+        limit = text_kwargs.get("max_length") if truncate else None
+        if limit is None and model_max_length < VERY_LARGE_INTEGER:
+            limit = model_max_length
+        untruncated = {**text_kwargs, "truncation": False}
+        encoding = self.tokenizer(text, return_tensors=return_tensors, **untruncated)
+        if limit is None:
+            return encoding
+        mask = encoding.get("attention_mask")
+        rows = mask if mask is not None else encoding["input_ids"]
+        lengths = [int(sum(row)) if mask is not None else len(row) for row in rows]
+        needs_truncation = False
+        for index, (sample, length) in enumerate(zip(text, lengths)):
+            if length <= limit:
+                continue
+            placeholders = sample.count(IMAGE_CONTEXT_TOKEN)
+            if placeholders or not truncate:
+                images = sample.count(IMAGE_START_TOKEN)
+                raise ValueError(
+                    f"prompt {index} is {length} tokens long after expanding its {images} image(s) into {placeholders} "
+                    f"{IMAGE_CONTEXT_TOKEN} placeholders: {length - limit} more than the maximum length {limit}. "
+                    "Use fewer or smaller images (max_patches), a shorter prompt, or a larger max_length"
+                )
+            needs_truncation = True
+        if needs_truncation:
+            encoding = self.tokenizer(text, return_tensors=return_tensors, **text_kwargs)
+        return encoding
+
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any) -> list[str]:
+        """Save `processor_config.json`, the tokenizer files, `chat_template.jinja`, this file (remote code) and
+        `preprocessor_config.json` (the image processor alone, for loaders that read only that file)."""
+        files = super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+        files += self.image_processor.save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+        return files
+
+    def batch_decode(
+        self, sequences: Any, skip_special_tokens: bool = True, prompt_ids: Any = None, **kwargs: Any
+    ) -> list[str]:
+        """Decode generated ids, skipping special tokens (image placeholders, turn markers) by default.
+
+        With `prompt_ids` (the `input_ids` given to `generate`), the prompt is cut off each row first, leaving
+        only the answer.
+        """
+        if prompt_ids is not None:
+            sequences = [row[len(prompt) :] for row, prompt in zip(sequences, prompt_ids)]
+        return self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens, **kwargs)
+
+    def _get_num_multimodal_tokens(self, image_sizes: list[list[int]] | None = None, **kwargs: Any) -> MultiModalData:
+        """Placeholder tokens (including `<img>` and `</img>`) and tiles for images of the given (height, width)."""
+        vision_data = {}
+        if image_sizes is not None:
+            images_kwargs = self._merge_kwargs(**kwargs)["images_kwargs"]
+            tiles = [self.image_processor.get_number_of_image_patches(*size, images_kwargs) for size in image_sizes]
+            vision_data["num_image_tokens"] = [2 + self.image_seq_length * count for count in tiles]
+            vision_data["num_image_patches"] = tiles
+        return MultiModalData(**vision_data)
+
+
+PhantomProcessor.register_for_auto_class("AutoProcessor")
+
+__all__ = [
+    "CHATML_CHAT_TEMPLATE",
+    "CHAT_TEMPLATES",
+    "PHI3_CHAT_TEMPLATE",
+    "PhantomProcessor",
+    "add_image_tokens",
+    "build_image_processor",
+    "chat_template_for",
+]
