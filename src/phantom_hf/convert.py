@@ -1,0 +1,679 @@
+"""Conversion of the published Phantom checkpoints (research code, PHANTOM_SPEC section 6) to Hub-native folders.
+
+`convert_checkpoint(src, dst)` reads a published folder (safetensors or `.bin`, sharded or not), renames every
+tensor to this package's layout, splits the packed projections our modules keep apart (InternViT `attn.qkv`,
+InternLM2 `wqkv`), and writes a folder that `AutoModelForImageTextToText.from_pretrained(dst,
+trust_remote_code=True)` loads: config.json with `auto_map`, the remote-code files, sharded safetensors weights,
+generation config and the tokenizer.
+
+Everything is checked before anything is written: names and shapes come from the files' headers and from the
+target model built on the meta device. A source tensor without a target, a target left unfilled, or a shape
+that disagrees stops the conversion with a `ValueError` listing them, and the destination is left as it was
+(absent or empty). Tensors are then streamed one at a time into shards of at most `max_shard_size` bytes, so
+memory stays below one copy of the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from .modeling import PhantomConfig, PhantomForConditionalGeneration
+from .modeling import modeling_phantom
+from .modeling.modeling_phantom import MODELING_FILES
+from .modeling.presets_phantom import PRESET_NAMES, PRESETS
+
+logger = logging.getLogger(__name__)
+
+IMAGE_START_TOKEN = "<img>"
+IMAGE_END_TOKEN = "</img>"
+IMAGE_CONTEXT_TOKEN = "<IMG_CONTEXT>"
+
+# Tokenizer files copied verbatim when the tokenizer cannot be loaded without running the checkpoint's own code.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+)
+
+# Buffers that older transformers versions saved although they are derived from the config.
+IGNORED_SOURCE_TENSORS = re.compile(r"\.rotary_emb\.inv_freq$")
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+# Keys of a published `llm_config` / `vision_config` that describe the old runtime, not the architecture.
+_RUNTIME_KEYS = {
+    "architectures",
+    "auto_map",
+    "_name_or_path",
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+    "attn_implementation",
+    "_attn_implementation",
+    "use_flash_attn",
+    "model_type",
+}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading the published folder
+# ---------------------------------------------------------------------------------------------------
+
+
+class CheckpointReader:
+    """Lazy access to the tensors of a checkpoint folder: names, shapes and dtypes without loading data.
+
+    Reads `model.safetensors.index.json` / `pytorch_model.bin.index.json` when present, otherwise every
+    `*.safetensors` file, otherwise every `pytorch_model*.bin` / `model*.bin` file. `.bin` files are opened with
+    `torch.load(weights_only=True, mmap=True)`, so their tensors stay on disk until read.
+    """
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise ValueError(f"checkpoint folder {str(self.folder)!r} does not exist or is not a folder")
+        self.files = self._weight_files()
+        self._locations: dict[str, Path] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._dtypes: dict[str, torch.dtype] = {}
+        self._bin_cache: tuple[Path, dict[str, torch.Tensor]] | None = None
+        for path in self.files:
+            for name, shape, dtype in self._header(path):
+                if name in self._locations:
+                    raise ValueError(f"tensor {name!r} is stored twice: in {self._locations[name].name} and {path.name}")
+                self._locations[name], self._shapes[name], self._dtypes[name] = path, shape, dtype
+
+    def _weight_files(self) -> list[Path]:
+        for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+            index = self.folder / index_name
+            if index.is_file():
+                weight_map = json.loads(index.read_text())["weight_map"]
+                files = [self.folder / name for name in dict.fromkeys(weight_map.values())]
+                missing = [str(path.name) for path in files if not path.is_file()]
+                if missing:
+                    raise ValueError(f"{index_name} lists shard files that are not in the folder: {missing}")
+                return files
+        files = sorted(self.folder.glob("*.safetensors"))
+        if not files:
+            files = sorted({*self.folder.glob("pytorch_model*.bin"), *self.folder.glob("model*.bin")})
+        if not files:
+            raise ValueError(f"no weights in {str(self.folder)!r}: expected *.safetensors or pytorch_model*.bin files")
+        return files
+
+    def _header(self, path: Path) -> Iterator[tuple[str, tuple[int, ...], torch.dtype]]:
+        if path.suffix == ".safetensors":
+            with safe_open(path, framework="pt") as handle:
+                for name in handle.keys():
+                    tensor_slice = handle.get_slice(name)
+                    yield name, tuple(tensor_slice.get_shape()), _SAFETENSORS_DTYPES[tensor_slice.get_dtype()]
+        else:
+            for name, tensor in self._load_bin(path).items():
+                yield name, tuple(tensor.shape), tensor.dtype
+
+    def _load_bin(self, path: Path) -> dict[str, torch.Tensor]:
+        if self._bin_cache is not None and self._bin_cache[0] == path:
+            return self._bin_cache[1]
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # the legacy (pre-zip) format cannot be memory-mapped
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
+            raise ValueError(f"{path.name} does not hold a flat state dict of tensors")
+        self._bin_cache = (path, state)
+        return state
+
+    def names(self) -> list[str]:
+        """Tensor names, grouped by file (the order in which `load` reads them most cheaply)."""
+        return list(self._locations)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shapes[name]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._dtypes[name]
+
+    def load(self, name: str) -> torch.Tensor:
+        """One tensor, read from disk."""
+        path = self._locations[name]
+        if path.suffix == ".safetensors":
+            with safe_open(path, framework="pt") as handle:
+                return handle.get_tensor(name)
+        return self._load_bin(path)[name]
+
+    def release(self) -> None:
+        """Drop the memory map of the last `.bin` file read."""
+        self._bin_cache = None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------------
+
+
+def _published_text_config(llm_config: dict[str, Any]) -> dict[str, Any]:
+    """Text sub-config (as a dict with `model_type`) of a published `llm_config`; InternLM2 becomes Llama."""
+    architecture = (llm_config.get("architectures") or [None])[0]
+    values = {key: value for key, value in llm_config.items() if key not in _RUNTIME_KEYS}
+    if architecture == "InternLM2ForCausalLM":
+        keep = (
+            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "hidden_act", "max_position_embeddings", "rms_norm_eps", "rope_theta",
+            "rope_scaling", "bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings", "initializer_range",
+        )  # fmt: skip
+        text = {key: values[key] for key in keep if key in values}
+        text["attention_bias"] = bool(values.get("bias", False))
+        text["model_type"] = "llama"
+        return text
+    model_types = {"Qwen2ForCausalLM": "qwen2", "Phi3ForCausalLM": "phi3", "LlamaForCausalLM": "llama"}
+    if architecture not in model_types:
+        raise ValueError(
+            f"llm_config.architectures[0] is {architecture!r}; conversion knows "
+            f"{['InternLM2ForCausalLM', *model_types]}"
+        )
+    values["model_type"] = model_types[architecture]
+    scaling = values.get("rope_scaling")
+    if isinstance(scaling, dict) and scaling.get("type") == "su":  # Phi-3's old name of LongRoPE
+        scaling = {**scaling, "type": "longrope"}
+        scaling.setdefault("original_max_position_embeddings", values.get("original_max_position_embeddings"))
+        values["rope_scaling"] = scaling
+    return values
+
+
+def _published_vision_config(vision_config: dict[str, Any], force_image_size: int | None) -> dict[str, Any]:
+    """`InternVLVisionConfig` fields (with `model_type`) of a published InternViT `vision_config`."""
+    keep = (
+        "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
+        "image_size", "patch_size", "hidden_act", "norm_type", "layer_norm_eps", "initializer_range",
+    )  # fmt: skip
+    vision = {key: vision_config[key] for key in keep if key in vision_config}
+    vision["attention_bias"] = bool(vision_config.get("qkv_bias", True))
+    vision["use_qk_norm"] = bool(vision_config.get("qk_normalization", False))
+    vision["use_mean_pooling"] = True
+    vision["model_type"] = "internvl_vision"
+    if force_image_size:
+        vision["image_size"] = force_image_size
+    return vision
+
+
+def config_from_published(published: dict[str, Any]) -> PhantomConfig:
+    """`PhantomConfig` of a published checkpoint's config.json (keys `llm_config`, `vision_config`, ...)."""
+    missing = [key for key in ("llm_config", "vision_config") if not isinstance(published.get(key), dict)]
+    if missing:
+        raise ValueError(f"the published config.json has no {missing}; pass --preset to name the size")
+    text = _published_text_config(published["llm_config"])
+    vision = _published_vision_config(published["vision_config"], published.get("force_image_size"))
+    image_token_id = published.get("image_token_index", published.get("image_token_id"))
+    return PhantomConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=image_token_id,
+        downsample_ratio=published.get("downsample_ratio", 0.5),
+    )
+
+
+_CHECKED_FIELDS = (
+    ("text_config", "hidden_size"),
+    ("text_config", "num_hidden_layers"),
+    ("text_config", "num_attention_heads"),
+    ("text_config", "num_key_value_heads"),
+    ("text_config", "intermediate_size"),
+    ("text_config", "model_type"),
+    ("vision_config", "hidden_size"),
+    ("vision_config", "num_hidden_layers"),
+)
+
+
+def resolve_config(src: str | Path, preset: str | None = None) -> PhantomConfig:
+    """The target config of a conversion: from the published config.json when there is one (the preset, if
+    given, must then agree with it), otherwise from the preset."""
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"unknown Phantom preset {preset!r}; known presets: {', '.join(PRESET_NAMES)}")
+    config_path = Path(src) / "config.json"
+    published = json.loads(config_path.read_text()) if config_path.is_file() else None
+    if published is None or "llm_config" not in published:
+        if preset is None:
+            raise ValueError(
+                f"{str(src)!r} has no published config.json with llm_config/vision_config; "
+                f"pass preset= one of {', '.join(PRESET_NAMES)}"
+            )
+        return PhantomConfig.from_preset(preset)
+    config = config_from_published(published)
+    if preset is not None:
+        reference = PhantomConfig.from_preset(preset)
+        disagreements = [
+            f"{sub}.{field}: preset {getattr(getattr(reference, sub), field)!r}, checkpoint {getattr(getattr(config, sub), field)!r}"
+            for sub, field in _CHECKED_FIELDS
+            if getattr(getattr(reference, sub), field) != getattr(getattr(config, sub), field)
+        ]
+        if disagreements:
+            raise ValueError(f"the checkpoint is not a {preset}: " + "; ".join(disagreements))
+    return config
+
+
+# ---------------------------------------------------------------------------------------------------
+# Name mapping (spec section 6)
+# ---------------------------------------------------------------------------------------------------
+
+# (pattern on the published name, replacement), applied in order; the first match wins.
+_RENAMES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
+    (re.compile(pattern), replacement)
+    for pattern, replacement in (
+        # InternViT -> InternVLVisionModel
+        (r"^vision_model\.embeddings\.class_embedding$", "model.vision_tower.embeddings.cls_token"),
+        (r"^vision_model\.embeddings\.position_embedding$", "model.vision_tower.embeddings.position_embeddings"),
+        (r"^vision_model\.embeddings\.patch_embedding\.", "model.vision_tower.embeddings.patch_embeddings.projection."),
+        (r"^vision_model\.encoder\.layers\.(\d+)\.attn\.proj\.", r"model.vision_tower.encoder.layer.\1.attention.projection_layer."),
+        (r"^vision_model\.encoder\.layers\.(\d+)\.attn\.(q_norm|k_norm)\.", r"model.vision_tower.encoder.layer.\1.attention.\2."),
+        (r"^vision_model\.encoder\.layers\.(\d+)\.mlp\.", r"model.vision_tower.encoder.layer.\1.mlp."),
+        (r"^vision_model\.encoder\.layers\.(\d+)\.norm1\.", r"model.vision_tower.encoder.layer.\1.layernorm_before."),
+        (r"^vision_model\.encoder\.layers\.(\d+)\.norm2\.", r"model.vision_tower.encoder.layer.\1.layernorm_after."),
+        (r"^vision_model\.encoder\.layers\.(\d+)\.ls1$", r"model.vision_tower.encoder.layer.\1.lambda_1"),
+        (r"^vision_model\.encoder\.layers\.(\d+)\.ls2$", r"model.vision_tower.encoder.layer.\1.lambda_2"),
+        # projector (InternVL names it mlp1)
+        (r"^(?:vision_proj|mlp1)\.0\.", "model.multi_modal_projector.layer_norm."),
+        (r"^(?:vision_proj|mlp1)\.1\.", "model.multi_modal_projector.linear_1."),
+        (r"^(?:vision_proj|mlp1)\.3\.", "model.multi_modal_projector.linear_2."),
+        # language model head
+        (r"^language_model\.(?:lm_head|output)\.weight$", "lm_head.weight"),
+        # InternLM2 -> Llama
+        (r"^language_model\.model\.tok_embeddings\.", "model.language_model.embed_tokens."),
+        (r"^language_model\.model\.layers\.(\d+)\.attention\.wo\.", r"model.language_model.layers.\1.self_attn.o_proj."),
+        (r"^language_model\.model\.layers\.(\d+)\.attention\.", r"model.language_model.layers.\1.self_attn."),
+        (r"^language_model\.model\.layers\.(\d+)\.feed_forward\.w1\.", r"model.language_model.layers.\1.mlp.gate_proj."),
+        (r"^language_model\.model\.layers\.(\d+)\.feed_forward\.w3\.", r"model.language_model.layers.\1.mlp.up_proj."),
+        (r"^language_model\.model\.layers\.(\d+)\.feed_forward\.w2\.", r"model.language_model.layers.\1.mlp.down_proj."),
+        (r"^language_model\.model\.layers\.(\d+)\.attention_norm\.", r"model.language_model.layers.\1.input_layernorm."),
+        (r"^language_model\.model\.layers\.(\d+)\.ffn_norm\.", r"model.language_model.layers.\1.post_attention_layernorm."),
+        # Qwen2, Phi-3, Llama: same names one level down
+        (r"^language_model\.model\.", "model.language_model."),
+    )
+)
+_VISION_QKV = re.compile(r"^vision_model\.encoder\.layers\.(\d+)\.attn\.qkv\.(weight|bias)$")
+_INTERNLM2_WQKV = re.compile(r"^language_model\.model\.layers\.(\d+)\.attention\.wqkv\.(weight|bias)$")
+
+
+@dataclass(frozen=True)
+class TensorRule:
+    """How one published tensor becomes one or more target tensors: `split` cuts it along dim 0 (None: copy)."""
+
+    source: str
+    targets: tuple[str, ...]
+    split: Callable[[torch.Tensor], list[torch.Tensor]] | None = None
+
+
+def _split_wqkv(num_heads: int, num_kv_heads: int, head_dim: int) -> Callable[[torch.Tensor], list[torch.Tensor]]:
+    """InternLM2's `wqkv` rows are, per key/value group g: [q_(g,0) … q_(g,r-1), k_g, v_g] (spec section 5)."""
+    group = num_heads // num_kv_heads
+
+    def split(tensor: torch.Tensor) -> list[torch.Tensor]:
+        rest = tensor.shape[1:]
+        grouped = tensor.reshape(num_kv_heads, group + 2, head_dim, *rest)
+        query = grouped[:, :group].reshape(num_heads * head_dim, *rest)
+        key = grouped[:, group].reshape(num_kv_heads * head_dim, *rest)
+        value = grouped[:, group + 1].reshape(num_kv_heads * head_dim, *rest)
+        return [query, key, value]
+
+    return split
+
+
+def _split_thirds(tensor: torch.Tensor) -> list[torch.Tensor]:
+    return list(tensor.chunk(3, dim=0))
+
+
+def map_published_name(name: str, config: PhantomConfig) -> TensorRule | None:
+    """The rule that turns published tensor `name` into our tensor(s), or None when no rule applies."""
+    match = _VISION_QKV.match(name)
+    if match:
+        prefix = f"model.vision_tower.encoder.layer.{match[1]}.attention"
+        return TensorRule(name, tuple(f"{prefix}.{p}_proj.{match[2]}" for p in "qkv"), _split_thirds)
+    match = _INTERNLM2_WQKV.match(name)
+    if match:
+        text = config.text_config
+        prefix = f"model.language_model.layers.{match[1]}.self_attn"
+        split = _split_wqkv(text.num_attention_heads, text.num_key_value_heads, config.phantom_head_dim)
+        return TensorRule(name, tuple(f"{prefix}.{p}_proj.{match[2]}" for p in "qkv"), split)
+    for pattern, replacement in _RENAMES:
+        if pattern.search(name):
+            return TensorRule(name, (pattern.sub(replacement, name, count=1),))
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Plan and checks
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ConversionPlan:
+    """What a conversion will do, checked before anything is written."""
+
+    config: PhantomConfig
+    rules: list[TensorRule]
+    target_shapes: dict[str, tuple[int, ...]]
+    ignored: list[str]
+
+
+def _expected_target_shapes(config: PhantomConfig) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the tensors our model stores (tied copies excluded), from a meta-device model."""
+    with torch.device("meta"):
+        model = PhantomForConditionalGeneration(config)
+    tied = set(getattr(model, "all_tied_weights_keys", {}) or {}) if config.tie_word_embeddings else set()
+    return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items() if name not in tied}
+
+
+def plan_conversion(reader: CheckpointReader, config: PhantomConfig) -> ConversionPlan:
+    """Map every source tensor and check names and shapes; `ValueError` listing every problem found."""
+    names = reader.names()
+    has_head = any(re.match(r"^language_model\.(lm_head|output)\.weight$", name) for name in names)
+    # A stored head is used as it is (untied); without one the head is the input embedding.
+    config.tie_word_embeddings = not has_head
+    config.text_config.tie_word_embeddings = not has_head
+    expected = _expected_target_shapes(config)
+
+    rules, ignored, unmapped, mismatched, produced = [], [], [], [], {}
+    for name in names:
+        rule = map_published_name(name, config)
+        if rule is None or any(target not in expected for target in rule.targets):
+            if IGNORED_SOURCE_TENSORS.search(name):
+                ignored.append(name)
+            else:
+                unmapped.append(name if rule is None else f"{name} (-> {', '.join(rule.targets)})")
+            continue
+        target_shapes = [expected[target] for target in rule.targets]
+        if rule.split is None:
+            want = target_shapes[0]
+        elif all(shape[1:] == target_shapes[0][1:] for shape in target_shapes):
+            want = (sum(shape[0] for shape in target_shapes), *target_shapes[0][1:])
+        else:
+            want = None
+        if want is None or reader.shape(name) != want:
+            mismatched.append(f"{name}: expected {want}, found {reader.shape(name)}")
+        for target in rule.targets:
+            if target in produced:
+                unmapped.append(f"{name} (-> {target}, already filled from {produced[target]})")
+            produced[target] = name
+        rules.append(rule)
+    unfilled = [target for target in expected if target not in produced]
+
+    problems = []
+    if unmapped:
+        problems.append(f"{len(unmapped)} source tensor(s) without a target: " + "; ".join(unmapped))
+    if unfilled:
+        problems.append(f"{len(unfilled)} target tensor(s) left unfilled: " + "; ".join(unfilled))
+    if mismatched:
+        problems.append(f"{len(mismatched)} shape mismatch(es) (name: expected, found): " + "; ".join(mismatched))
+    if problems:
+        raise ValueError(f"cannot convert {str(reader.folder)!r}; nothing was written.\n" + "\n".join(problems))
+    return ConversionPlan(config=config, rules=rules, target_shapes=expected, ignored=ignored)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------------
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?i?B)\s*", size.upper().replace("IB", "iB"))
+    if not match:
+        raise ValueError(f"max_shard_size must be bytes or like '5GB', got {size!r}")
+    units = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
+    return int(float(match[1]) * units[match[2]])
+
+
+def _target_dtype(source_dtype: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
+    return dtype if dtype is not None and source_dtype.is_floating_point else source_dtype
+
+
+def _shard_assignment(
+    plan: ConversionPlan, reader: CheckpointReader, dtype: torch.dtype | None, max_bytes: int
+) -> list[int]:
+    """Shard index of each rule, in rule order (a rule's targets stay together)."""
+    shards, current, size = [], 0, 0
+    for rule in plan.rules:
+        itemsize = torch.empty((), dtype=_target_dtype(reader.dtype(rule.source), dtype)).element_size()
+        nbytes = itemsize * sum(int(torch.Size(plan.target_shapes[t]).numel()) for t in rule.targets)
+        if size and size + nbytes > max_bytes:
+            current, size = current + 1, 0
+        shards.append(current)
+        size += nbytes
+    return shards
+
+
+def _write_weights(
+    plan: ConversionPlan, reader: CheckpointReader, folder: Path, dtype: torch.dtype | None, max_bytes: int
+) -> torch.dtype:
+    """Stream the tensors into safetensors shards; returns the dtype most of the weights were written in."""
+    assignment = _shard_assignment(plan, reader, dtype, max_bytes)
+    count = assignment[-1] + 1
+    file_name = (lambda i: "model.safetensors") if count == 1 else (lambda i: f"model-{i + 1:05d}-of-{count:05d}.safetensors")
+    weight_map: dict[str, str] = {}
+    bytes_per_dtype: dict[torch.dtype, int] = {}
+    shard: dict[str, torch.Tensor] = {}
+    total = 0
+    for position, rule in enumerate(plan.rules):
+        tensor = reader.load(rule.source)
+        tensor = tensor.to(_target_dtype(tensor.dtype, dtype))
+        parts = [tensor] if rule.split is None else rule.split(tensor)
+        for target, part in zip(rule.targets, parts):
+            shard[target] = part.contiguous().clone()
+            weight_map[target] = file_name(assignment[position])
+            nbytes = part.numel() * part.element_size()
+            bytes_per_dtype[part.dtype] = bytes_per_dtype.get(part.dtype, 0) + nbytes
+            total += nbytes
+        del tensor, parts
+        last_of_shard = position + 1 == len(plan.rules) or assignment[position + 1] != assignment[position]
+        if last_of_shard:
+            save_file(shard, folder / file_name(assignment[position]), metadata={"format": "pt"})
+            shard = {}
+    reader.release()
+    if count > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return max(bytes_per_dtype, key=bytes_per_dtype.get)
+
+
+def save_remote_code(folder: str | Path) -> None:
+    """Copy the remote-code files (`MODELING_FILES`) next to the weights, as `PhantomPreTrainedModel.save_pretrained`
+    does, for folders written without a model instance."""
+    source = Path(modeling_phantom.__file__).parent
+    for name in MODELING_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, Path(folder) / name)
+
+
+def _load_tokenizer(src: Path) -> PreTrainedTokenizerBase | None:
+    """The checkpoint's tokenizer, loaded without running code from the checkpoint; None when that is impossible."""
+    try:
+        return AutoTokenizer.from_pretrained(src, trust_remote_code=False)
+    except Exception as error:  # noqa: BLE001 - any failure means "fall back"
+        if (src / "tokenizer.json").is_file():
+            return PreTrainedTokenizerFast(tokenizer_file=str(src / "tokenizer.json"))
+        logger.warning("tokenizer of %s not loadable without its remote code (%s); copying its files", src, error)
+        return None
+
+
+def _convert_tokenizer(src: Path, folder: Path, config: PhantomConfig) -> PreTrainedTokenizerBase | None:
+    """Copy the tokenizer, adding `<img>`, `</img>`, `<IMG_CONTEXT>` when missing; set `config.image_token_id`."""
+    has_tokenizer = any((src / name).is_file() for name in TOKENIZER_FILES)
+    if not has_tokenizer:
+        return None
+    tokenizer = _load_tokenizer(src)
+    if tokenizer is None:
+        for path in [*(src / name for name in TOKENIZER_FILES), *src.glob("tokenization_*.py")]:
+            if path.is_file():
+                shutil.copyfile(path, folder / path.name)
+        return None
+    vocabulary = tokenizer.get_vocab()
+    missing = [token for token in (IMAGE_START_TOKEN, IMAGE_END_TOKEN, IMAGE_CONTEXT_TOKEN) if token not in vocabulary]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in (IMAGE_START_TOKEN, IMAGE_END_TOKEN, IMAGE_CONTEXT_TOKEN)}
+    too_large = {token: index for token, index in ids.items() if index >= config.text_config.vocab_size}
+    if too_large:
+        raise ValueError(
+            f"the tokenizer gives {too_large}, beyond the embedding's {config.text_config.vocab_size} rows; "
+            "these tokens need trained embeddings the checkpoint does not have"
+        )
+    config.image_token_id = ids[IMAGE_CONTEXT_TOKEN]
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def _save_processor(folder: Path, tokenizer: PreTrainedTokenizerBase | None, config: PhantomConfig, chat_format: str) -> bool:
+    """Hook for the processor (image processor + chat template): written when `processing_phantom` provides one.
+
+    Returns whether a processor was written.
+    """
+    try:
+        from .modeling import processing_phantom
+    except ImportError:
+        return False
+    build = getattr(processing_phantom, "build_processor", None)
+    if tokenizer is None or build is None:
+        return False
+    processor = build(tokenizer=tokenizer, config=config, chat_format=chat_format)
+    processor.save_pretrained(folder)
+    return True
+
+
+def _chat_format(config: PhantomConfig, preset: str | None) -> str:
+    if preset is not None:
+        return PRESETS[preset]["chat_format"]
+    return "phi3" if config.text_config.model_type == "phi3" else "chatml"
+
+
+def _check_destination(dst: Path) -> None:
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise ValueError(f"destination {str(dst)!r} exists and is not an empty folder; choose a new one")
+
+
+def convert_checkpoint(
+    src: str | Path,
+    dst: str | Path,
+    preset: str | None = None,
+    *,
+    dtype: torch.dtype | str | None = None,
+    max_shard_size: int | str = "5GB",
+) -> PhantomConfig:
+    """Convert the published Phantom checkpoint in folder `src` into a Hub-native folder `dst`.
+
+    Args:
+        src: published folder: config.json (`llm_config`, `vision_config`), weights (safetensors or `.bin`,
+            sharded with an index json or not), optionally the tokenizer.
+        dst: new or empty folder to write.
+        preset: "phantom-0.5b" | "phantom-1.8b" | "phantom-3.8b" | "phantom-7b". Needed when `src` has no
+            published config.json; otherwise checked against it.
+        dtype: cast floating-point weights (e.g. "bfloat16"); default keeps the stored dtypes.
+        max_shard_size: largest safetensors shard, in bytes or like "5GB" (also the memory a conversion needs
+            beyond one tensor).
+
+    Returns the written config. Raises `ValueError` before writing anything when a tensor is left unmapped,
+    a target is left unfilled or a shape disagrees (all listed), or when `dst` is a non-empty folder.
+    """
+    src, dst = Path(src), Path(dst)
+    _check_destination(dst)
+    if isinstance(dtype, str):
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"dtype must name a torch dtype such as 'bfloat16', got {dtype!r}")
+        dtype = getattr(torch, dtype)
+    max_bytes = _parse_size(max_shard_size)
+    reader = CheckpointReader(src)
+    config = resolve_config(src, preset)
+    plan = plan_conversion(reader, config)
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    try:
+        written_dtype = _write_weights(plan, reader, staging, dtype, max_bytes)
+        tokenizer = _convert_tokenizer(src, staging, config)
+        processor_written = _save_processor(staging, tokenizer, config, _chat_format(config, preset))
+        config.dtype = written_dtype
+        config.save_pretrained(staging)
+        save_remote_code(staging)
+        generation_config = (
+            GenerationConfig.from_pretrained(src) if (src / "generation_config.json").is_file() else GenerationConfig.from_model_config(config.text_config)
+        )
+        generation_config.save_pretrained(staging)
+        _check_destination(dst)
+        dst.mkdir(exist_ok=True)
+        for path in staging.iterdir():
+            path.rename(dst / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    if plan.ignored:
+        logger.info("skipped %d derived buffers (e.g. %s)", len(plan.ignored), plan.ignored[0])
+    if tokenizer is None and not processor_written:
+        logger.warning("%s: no tokenizer/processor written; add them before using the pipeline", dst)
+    return config
+
+
+# ---------------------------------------------------------------------------------------------------
+# Command line: `phantom-hf convert SRC DST [--preset NAME]`
+# ---------------------------------------------------------------------------------------------------
+
+
+def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Arguments of the `convert` sub-command."""
+    parser.add_argument("src", help="folder of a published Phantom checkpoint")
+    parser.add_argument("dst", help="new or empty folder for the converted model")
+    parser.add_argument("--preset", choices=PRESET_NAMES, default=None, help="size, required without config.json")
+    parser.add_argument("--dtype", default=None, help="cast floating-point weights, e.g. bfloat16")
+    parser.add_argument("--max-shard-size", default="5GB", help="largest weight shard (default 5GB)")
+    return parser
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    """Run the `convert` sub-command; returns the exit status."""
+    config = convert_checkpoint(args.src, args.dst, args.preset, dtype=args.dtype, max_shard_size=args.max_shard_size)
+    text = config.text_config
+    print(
+        f"converted {args.src} -> {args.dst}: {text.model_type} {text.num_hidden_layers} layers x {text.hidden_size}, "
+        f"image_token_id={config.image_token_id}"
+    )
+    return 0
+
+
+__all__ = [
+    "CheckpointReader",
+    "ConversionPlan",
+    "TensorRule",
+    "add_convert_arguments",
+    "config_from_published",
+    "convert_checkpoint",
+    "map_published_name",
+    "plan_conversion",
+    "resolve_config",
+    "run_convert",
+    "save_remote_code",
+]
