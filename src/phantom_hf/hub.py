@@ -1,0 +1,366 @@
+"""Model cards and uploads to the Hugging Face Hub.
+
+`render_model_card` fills the template shipped in `phantom_hf.hub_cards` (YAML front matter for the Hub plus
+a body: what the model is, how to load it, the training recipe and hyper-parameters, evaluation results,
+citation). `write_model_card` writes it as `README.md` into a saved folder. `push_folder` uploads a saved
+folder as one commit, after checking — before anything is sent — that a token is there and the Hub is reachable.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData, constants, get_token
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+from transformers import PretrainedConfig
+
+from .modeling import PhantomConfig
+
+DEFAULT_LICENSE = "apache-2.0"
+DEFAULT_TAGS = ("phantom", "vision-language", "image-text-to-text", "custom_code")
+CARD_NAME = "README.md"
+# Files that describe a local copy, not the model: never uploaded.
+_IGNORED_PARTS = (".git", ".cache")
+_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+# TrainingArguments / CPOConfig fields worth recording in a card, in this order.
+TRAINING_ARGUMENT_FIELDS = (
+    "num_train_epochs",
+    "max_steps",
+    "learning_rate",
+    "lr_scheduler_type",
+    "lr_scheduler_kwargs",
+    "warmup_ratio",
+    "warmup_steps",
+    "weight_decay",
+    "optim",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "gradient_checkpointing",
+    "bf16",
+    "fp16",
+    "loss_type",
+    "beta",
+    "simpo_gamma",
+    "cpo_alpha",
+    "max_length",
+    "seed",
+)
+
+
+class HubUploadError(RuntimeError):
+    """Raised when an upload cannot start (no token, offline, Hub unreachable) or fails."""
+
+
+def _load_config(source: Any) -> PretrainedConfig:
+    """A config from a model, a config, a dict (`config.json` contents) or a saved folder."""
+    if isinstance(source, PretrainedConfig):
+        return source
+    if hasattr(source, "config") and isinstance(source.config, PretrainedConfig):
+        return source.config
+    if isinstance(source, Mapping):
+        values = dict(source)
+        values.pop("model_type", None)
+        return PhantomConfig(**values)
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        config_file = path / "config.json" if path.is_dir() else path
+        if not config_file.is_file():
+            raise FileNotFoundError(f"no config.json in {str(source)!r}: pass a saved model folder")
+        return _load_config(json.loads(config_file.read_text()))
+    raise TypeError(
+        f"expected a model, a PretrainedConfig, a config dict or a saved folder, got {type(source).__name__}"
+    )
+
+
+def _count_parameters(source: Any) -> int | None:
+    """Parameters of a model, or of the safetensors files of a saved folder; None when unknown."""
+    if hasattr(source, "parameters") and callable(source.parameters):
+        return sum(parameter.numel() for parameter in source.parameters())
+    if isinstance(source, (str, Path)) and Path(source).is_dir():
+        files = sorted(Path(source).glob("*.safetensors"))
+        if not files:
+            return None
+        from safetensors import safe_open
+
+        total = 0
+        for file in files:
+            try:
+                with safe_open(str(file), framework="pt") as handle:
+                    for name in handle.keys():
+                        count = 1
+                        for size in handle.get_slice(name).get_shape():
+                            count *= size
+                        total += count
+            except Exception:  # an unreadable weights file: the card just leaves the count out
+                return None
+        return total
+    return None
+
+
+def _human_count(count: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if count >= scale:
+            return f"{count:,} ({count / scale:.1f}{unit})"
+    return f"{count:,}"
+
+
+def infer_base_model(config: PretrainedConfig) -> str | None:
+    """The Hub id the weights were loaded from (`config._name_or_path`), when it is one and not a local path."""
+    name = getattr(config, "_name_or_path", "") or ""
+    if _REPO_ID.match(name) and not Path(name).exists():
+        return name
+    return None
+
+
+def _architecture(config: PretrainedConfig) -> dict[str, Any]:
+    text = config.text_config
+    vision = config.vision_config
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+
+    def pair(value: Any) -> str:
+        return "x".join(str(v) for v in value) if isinstance(value, (list, tuple)) else f"{value}x{value}"
+
+    return {
+        "text_model_type": text.model_type,
+        "text_layers": text.num_hidden_layers,
+        "text_hidden_size": text.hidden_size,
+        "text_heads": text.num_attention_heads,
+        "text_kv_heads": getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
+        "head_dim": head_dim,
+        "vocab_size": text.vocab_size,
+        "vision_model_type": vision.model_type,
+        "vision_layers": vision.num_hidden_layers,
+        "vision_hidden_size": vision.hidden_size,
+        "image_size": pair(vision.image_size),
+        "patch_size": pair(vision.patch_size),
+        "projector_type": getattr(config, "projector_type", "phantom"),
+        "downsample_ratio": getattr(config, "downsample_ratio", None),
+        "image_seq_length": getattr(config, "image_seq_length", None),
+        "phantom_dimension": getattr(config, "phantom_dimension", True),
+        "phantom_eta": getattr(config, "phantom_eta", None),
+        "phantom_mixing": getattr(config, "phantom_mixing", None),
+        "phantom_expansion": getattr(config, "phantom_expansion", None),
+        "phantom_cache_mode": getattr(config, "phantom_cache_mode", None),
+    }
+
+
+def _as_list(value: str | list[str] | tuple[str, ...] | None) -> list[str]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _table_cell(value: Any) -> str:
+    """A value as one Markdown table cell (pipes escaped, floats shortened, newlines removed)."""
+    if isinstance(value, float):
+        text = f"{value:.6g}"
+        if text.lstrip("-").isdigit():
+            text += ".0"
+    elif isinstance(value, (dict, list, tuple)):
+        text = json.dumps(value, default=str)
+    else:
+        text = str(value)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def describe_training_args(args: Any, **extra: Any) -> dict[str, Any]:
+    """The card-worthy hyper-parameters of a `TrainingArguments` (or TRL config) actually used, plus `extra`.
+
+    Fields left at values that mean "unused" (None, 0 warm-up, -1 max_steps) are omitted.
+    """
+    values: dict[str, Any] = {}
+    for field in TRAINING_ARGUMENT_FIELDS:
+        value = getattr(args, field, None)
+        if value is None or (field == "max_steps" and value == -1) or (field.startswith("warmup") and not value):
+            continue
+        if field in ("bf16", "fp16", "gradient_checkpointing") and not value:
+            continue
+        if field == "lr_scheduler_kwargs" and not value:
+            continue
+        values[field] = getattr(value, "value", value)  # enums -> their string
+    values.update(extra)
+    return values
+
+
+def render_model_card(config: Any, **info: Any) -> str:
+    """The README text (YAML front matter + Markdown body) of a Phantom checkpoint.
+
+    Args:
+        config: a Phantom model, its `PhantomConfig`, a `config.json` dict, or a saved folder.
+        **info: optional facts about the checkpoint:
+            `model_name` (title), `repo_id` (used in the code snippets), `description` (a paragraph),
+            `base_model` (Hub id; default: inferred from `config._name_or_path`), `datasets` (Hub ids),
+            `license` (default "apache-2.0"), `tags` (added to the defaults), `language`,
+            `training` ({step name: {hyper-parameter: value}}; see `describe_training_args`),
+            `training_data` (a sentence), `eval_results` ({metric: value}), `num_parameters`,
+            `example_question`.
+    """
+    known = {
+        "model_name", "repo_id", "description", "base_model", "datasets", "license", "tags", "language",
+        "training", "training_data", "eval_results", "num_parameters", "example_question",
+    }  # fmt: skip
+    unknown = sorted(set(info) - known)
+    if unknown:
+        raise TypeError(f"render_model_card got unknown fields {unknown}; known: {sorted(known)}")
+    resolved = _load_config(config)
+    if not hasattr(resolved, "text_config") or not hasattr(resolved, "vision_config"):
+        raise TypeError(f"expected a Phantom config with text_config and vision_config, got {type(resolved).__name__}")
+    for field in ("training", "eval_results"):
+        if info.get(field) is not None and not isinstance(info[field], Mapping):
+            raise TypeError(f"{field} must be a mapping, got {type(info[field]).__name__}")
+    training = info.get("training") or {}
+    for step_name, params in training.items():
+        if not isinstance(params, Mapping):
+            raise TypeError(f"training[{step_name!r}] must map hyper-parameter names to values")
+
+    base_model = info.get("base_model") or infer_base_model(resolved)
+    repo_id = info.get("repo_id") or "path/to/phantom-model"
+    model_name = info.get("model_name") or (repo_id.split("/")[-1] if info.get("repo_id") else "Phantom model")
+    num_parameters = info.get("num_parameters")
+    if num_parameters is None:
+        num_parameters = _count_parameters(config)
+    tags = list(DEFAULT_TAGS) + [tag for tag in _as_list(info.get("tags")) if tag not in DEFAULT_TAGS]
+    card_data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="image-text-to-text",
+        license=info.get("license") or DEFAULT_LICENSE,
+        tags=tags,
+        base_model=base_model,
+        datasets=_as_list(info.get("datasets")) or None,
+        language=info.get("language"),
+        model_name=model_name,
+    )
+    environment = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+    template = environment.from_string(resources.files("phantom_hf.hub_cards").joinpath("model_card.md").read_text())
+    content = template.render(
+        card_data=card_data.to_yaml(),
+        model_name=model_name,
+        repo_id=repo_id,
+        description=info.get("description"),
+        base_model=base_model,
+        arch=_architecture(resolved),
+        num_parameters=_human_count(num_parameters) if isinstance(num_parameters, int) else num_parameters,
+        training={
+            str(step): {str(key): _table_cell(value) for key, value in params.items()}
+            for step, params in training.items()
+        },
+        training_data=info.get("training_data"),
+        eval_results={str(key): _table_cell(value) for key, value in (info.get("eval_results") or {}).items()},
+        example_question=info.get("example_question") or "What is in this image?",
+    )
+    content = re.sub(r"\n{3,}", "\n\n", content)
+    ModelCard(content)  # parses the front matter: a broken template fails here, not on the Hub
+    return content
+
+
+def write_model_card(folder: str | Path, model_or_config: Any = None, **info: Any) -> Path:
+    """Render the card of `model_or_config` (default: the folder's `config.json`) into `folder/README.md`.
+
+    Meant to be called right after `save_pretrained(folder)`; returns the path written.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{str(folder)!r} is not a folder")
+    source = folder if model_or_config is None else model_or_config
+    path = folder / CARD_NAME
+    path.write_text(render_model_card(source, **info), encoding="utf-8")
+    return path
+
+
+def folder_files(folder: str | Path) -> list[str]:
+    """Relative POSIX paths of the regular files under `folder` (sorted), `.git/` and `.cache/` excluded."""
+    root = Path(folder)
+    files = []
+    for path in root.rglob("*"):
+        relative = path.relative_to(root)
+        if any(part in _IGNORED_PARTS for part in relative.parts) or not path.is_file():
+            continue
+        files.append(relative.as_posix())
+    return sorted(files)
+
+
+def _check_upload_possible(api: HfApi, token: str | None) -> str:
+    """Fail before any upload when offline, without a token, or when the Hub rejects the token."""
+    if constants.HF_HUB_OFFLINE:
+        raise HubUploadError("the Hub is in offline mode (HF_HUB_OFFLINE=1): unset it to push, nothing was uploaded")
+    token = token or get_token()
+    if not token:
+        raise HubUploadError(
+            "no Hugging Face token: pass --token, set HF_TOKEN, or run `hf auth login`; nothing was uploaded"
+        )
+    try:
+        api.whoami(token=token)
+    except Exception as error:  # network errors, 401s: all mean "cannot upload"
+        raise HubUploadError(
+            f"cannot reach the Hugging Face Hub with this token ({type(error).__name__}: {error}); nothing was uploaded"
+        ) from error
+    return token
+
+
+def push_folder(
+    folder: str | Path,
+    repo_id: str,
+    private: bool | None = None,
+    commit_message: str | None = None,
+    revision: str | None = None,
+    token: str | None = None,
+    write_card: bool = True,
+) -> Any:
+    """Upload every file of a saved model folder to `repo_id` as a single commit.
+
+    The repository (and the branch `revision`, when given) are created if needed. A folder without
+    `README.md` first gets a rendered model card (`write_card`). Offline, without a token, or when the Hub
+    is unreachable, `HubUploadError` is raised before anything is sent. The files go in one
+    `create_commit`: if an upload fails, no commit is made and the repository is left as it was.
+
+    Returns the `CommitInfo` of the commit.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{str(folder)!r} is not a folder")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise ValueError(f"invalid repo_id {repo_id!r}: {error}") from error
+    if "/" not in repo_id:
+        raise ValueError(f"repo_id must be 'namespace/name', got {repo_id!r}")
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{str(folder)!r} has no config.json: save the model there with save_pretrained first")
+
+    api = HfApi()
+    token = _check_upload_possible(api, token)
+    if write_card and not (folder / CARD_NAME).is_file():
+        write_model_card(folder, repo_id=repo_id)
+    files = folder_files(folder)
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name in files]
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model", token=token)
+        if revision is not None and revision != "main":
+            api.create_branch(repo_id, branch=revision, exist_ok=True, token=token)
+        return api.create_commit(
+            repo_id,
+            operations=operations,
+            commit_message=commit_message or f"Upload {folder.name} with phantom-hf",
+            revision=revision,
+            token=token,
+            repo_type="model",
+        )
+    except Exception as error:
+        raise HubUploadError(f"upload of {str(folder)!r} to {repo_id!r} failed, no commit was made: {error}") from error
+
+
+__all__ = [
+    "HubUploadError",
+    "describe_training_args",
+    "folder_files",
+    "infer_base_model",
+    "push_folder",
+    "render_model_card",
+    "write_model_card",
+]
