@@ -8,6 +8,8 @@ Phantom attention (spec section 1) loop-free, with eta = 1 so that the Phantom p
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -17,11 +19,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForImageTextToText, AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedTokenizerFast
 
-from phantom_hf.convert import convert_checkpoint
+from phantom_hf.convert import add_convert_arguments, convert_checkpoint, run_convert
 
 VOCAB, HIDDEN, INTER, LAYERS, HEADS, KV_HEADS, HEAD_DIM = 96, 64, 96, 2, 4, 2, 16
 VIT_HIDDEN, VIT_HEADS, VIT_INTER, VIT_LAYERS, PATCH, IMAGE = 32, 2, 64, 2, 7, 28
@@ -306,12 +309,20 @@ def test_converted_model_matches_published_computation(tmp_path: Path, arch: str
         assert len(list(dst.glob("model-*-of-*.safetensors"))) > 1 and (dst / "model.safetensors.index.json").is_file()
     for name in ("configuration_phantom.py", "modeling_phantom.py", "cache_phantom.py", "presets_phantom.py"):
         assert (dst / name).is_file()
+    if importlib.util.find_spec("phantom_hf.hub") is not None:
+        assert "image-text-to-text" in (dst / "README.md").read_text()
     config = json.loads((dst / "config.json").read_text())
     assert config["auto_map"]["AutoModelForImageTextToText"] == "modeling_phantom.PhantomForConditionalGeneration"
     assert config["image_token_id"] == IMG_CONTEXT
     if arch == "qwen2":  # the image tokens were added to the tokenizer at the ids the checkpoint uses
-        tokenizer = AutoTokenizer.from_pretrained(dst)
-        assert tokenizer.convert_tokens_to_ids(["<img>", "</img>", "<IMG_CONTEXT>"]) == [IMG_START, IMG_END, IMG_CONTEXT]
+        processor = AutoProcessor.from_pretrained(dst, trust_remote_code=True)
+        tokens = ["<img>", "</img>", "<IMG_CONTEXT>"]
+        assert processor.tokenizer.convert_tokens_to_ids(tokens) == [IMG_START, IMG_END, IMG_CONTEXT]
+        assert processor.image_seq_length == TOKENS_PER_TILE and processor.tile_size == IMAGE
+        chat = [{"role": "user", "content": "w5"}]
+        assert processor.apply_chat_template(chat, tokenize=False, add_generation_prompt=True).endswith(
+            "<|im_start|>assistant\n"
+        )
 
     model = AutoModelForImageTextToText.from_pretrained(dst, trust_remote_code=True, phantom_eta=1.0, dtype=torch.float32)
     model.eval()
@@ -408,3 +419,19 @@ def test_refuses_bad_destination_and_preset(tmp_path: Path, qwen2_state) -> None
     (src / "config.json").write_text(json.dumps(published_config("qwen2")))
     with pytest.raises(ValueError, match="is not a phantom-7b: text_config.hidden_size: preset 4096, checkpoint 64"):
         convert_checkpoint(src, tmp_path / "c", preset="phantom-7b")
+
+
+def test_command_line_casts_dtype(tmp_path: Path, qwen2_state, capsys) -> None:
+    src = write_published(tmp_path / "published", "qwen2", qwen2_state, "bin")
+    parser = add_convert_arguments(argparse.ArgumentParser())
+    args = parser.parse_args([str(src), str(tmp_path / "out"), "--preset", "phantom-0.5b", "--dtype", "bfloat16"])
+    with pytest.raises(ValueError, match="is not a phantom-0.5b"):  # the tiny checkpoint is not the real size
+        run_convert(args)
+    args = parser.parse_args([str(src), str(tmp_path / "out"), "--dtype", "bfloat16"])
+    assert run_convert(args) == 0
+    assert f"image_token_id={IMG_CONTEXT}" in capsys.readouterr().out
+    with safe_open(tmp_path / "out" / "model.safetensors", framework="pt") as handle:
+        weight = handle.get_tensor("model.multi_modal_projector.linear_1.weight")
+    assert weight.dtype == torch.bfloat16
+    torch.testing.assert_close(weight, qwen2_state["vision_proj.1.weight"].to(torch.bfloat16), rtol=0, atol=0)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"

@@ -4,7 +4,8 @@
 tensor to this package's layout, splits the packed projections our modules keep apart (InternViT `attn.qkv`,
 InternLM2 `wqkv`), and writes a folder that `AutoModelForImageTextToText.from_pretrained(dst,
 trust_remote_code=True)` loads: config.json with `auto_map`, the remote-code files, sharded safetensors weights,
-generation config and the tokenizer.
+generation config, and the tokenizer with processor and chat template (when the tokenizer loads without the
+checkpoint's own code).
 
 Everything is checked before anything is written: names and shapes come from the files' headers and from the
 target model built on the meta device. A source tensor without a target, a target left unfilled, or a shape
@@ -34,13 +35,16 @@ from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBas
 from .modeling import PhantomConfig, PhantomForConditionalGeneration
 from .modeling import modeling_phantom
 from .modeling.modeling_phantom import MODELING_FILES
+from .modeling.processing_phantom import (
+    CHAT_TEMPLATES,
+    IMAGE_CONTEXT_TOKEN,
+    IMAGE_TOKENS,
+    PhantomProcessor,
+    add_image_tokens,
+)
 from .modeling.presets_phantom import PRESET_NAMES, PRESETS
 
 logger = logging.getLogger(__name__)
-
-IMAGE_START_TOKEN = "<img>"
-IMAGE_END_TOKEN = "</img>"
-IMAGE_CONTEXT_TOKEN = "<IMG_CONTEXT>"
 
 # Tokenizer files copied verbatim when the tokenizer cannot be loaded without running the checkpoint's own code.
 TOKENIZER_FILES = (
@@ -512,10 +516,11 @@ def save_remote_code(folder: str | Path) -> None:
             shutil.copyfile(source / name, Path(folder) / name)
 
 
-def _load_tokenizer(src: Path) -> PreTrainedTokenizerBase | None:
-    """The checkpoint's tokenizer, loaded without running code from the checkpoint; None when that is impossible."""
+def _load_tokenizer(src: Path, trust_remote_code: bool) -> PreTrainedTokenizerBase | None:
+    """The checkpoint's tokenizer (running its own tokenizer code only with `trust_remote_code`); None when it
+    cannot be loaded."""
     try:
-        return AutoTokenizer.from_pretrained(src, trust_remote_code=False)
+        return AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
     except Exception as error:  # noqa: BLE001 - any failure means "fall back"
         if (src / "tokenizer.json").is_file():
             return PreTrainedTokenizerFast(tokenizer_file=str(src / "tokenizer.json"))
@@ -523,22 +528,21 @@ def _load_tokenizer(src: Path) -> PreTrainedTokenizerBase | None:
         return None
 
 
-def _convert_tokenizer(src: Path, folder: Path, config: PhantomConfig) -> PreTrainedTokenizerBase | None:
-    """Copy the tokenizer, adding `<img>`, `</img>`, `<IMG_CONTEXT>` when missing; set `config.image_token_id`."""
-    has_tokenizer = any((src / name).is_file() for name in TOKENIZER_FILES)
-    if not has_tokenizer:
+def _convert_tokenizer(
+    src: Path, folder: Path, config: PhantomConfig, chat_format: str, trust_remote_code: bool
+) -> PreTrainedTokenizerBase | None:
+    """Write the tokenizer with `<img>`, `</img>`, `<IMG_CONTEXT>` (added when missing, at ids the embedding must
+    already hold) and the processor (tiling, chat template); set `config.image_token_id` to the tokenizer's id."""
+    if not any((src / name).is_file() for name in TOKENIZER_FILES):
         return None
-    tokenizer = _load_tokenizer(src)
+    tokenizer = _load_tokenizer(src, trust_remote_code)
     if tokenizer is None:
         for path in [*(src / name for name in TOKENIZER_FILES), *src.glob("tokenization_*.py")]:
             if path.is_file():
                 shutil.copyfile(path, folder / path.name)
         return None
-    vocabulary = tokenizer.get_vocab()
-    missing = [token for token in (IMAGE_START_TOKEN, IMAGE_END_TOKEN, IMAGE_CONTEXT_TOKEN) if token not in vocabulary]
-    if missing:
-        tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
-    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in (IMAGE_START_TOKEN, IMAGE_END_TOKEN, IMAGE_CONTEXT_TOKEN)}
+    add_image_tokens(tokenizer)
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in IMAGE_TOKENS}
     too_large = {token: index for token, index in ids.items() if index >= config.text_config.vocab_size}
     if too_large:
         raise ValueError(
@@ -546,25 +550,27 @@ def _convert_tokenizer(src: Path, folder: Path, config: PhantomConfig) -> PreTra
             "these tokens need trained embeddings the checkpoint does not have"
         )
     config.image_token_id = ids[IMAGE_CONTEXT_TOKEN]
-    tokenizer.save_pretrained(folder)
+    processor = PhantomProcessor.from_config(config, tokenizer, chat_template=CHAT_TEMPLATES[chat_format])
+    processor.save_pretrained(folder)
     return tokenizer
 
 
-def _save_processor(folder: Path, tokenizer: PreTrainedTokenizerBase | None, config: PhantomConfig, chat_format: str) -> bool:
-    """Hook for the processor (image processor + chat template): written when `processing_phantom` provides one.
-
-    Returns whether a processor was written.
-    """
+def _write_model_card(folder: Path, src: Path, config: PhantomConfig, plan: ConversionPlan, preset: str | None) -> None:
+    """README.md with the Hub metadata, via `phantom_hf.hub` (skipped, with a warning, where it is absent)."""
     try:
-        from .modeling import processing_phantom
+        from .hub import write_model_card
     except ImportError:
-        return False
-    build = getattr(processing_phantom, "build_processor", None)
-    if tokenizer is None or build is None:
-        return False
-    processor = build(tokenizer=tokenizer, config=config, chat_format=chat_format)
-    processor.save_pretrained(folder)
-    return True
+        logger.warning("phantom_hf.hub is not available: no model card written")
+        return
+    name = preset.replace("phantom", "Phantom").upper().replace("PHANTOM", "Phantom") if preset else src.name
+    num_parameters = sum(int(torch.Size(shape).numel()) for shape in plan.target_shapes.values())
+    write_model_card(
+        folder,
+        config,
+        model_name=name,
+        description=f"Converted with `phantom-hf convert` from the published Phantom checkpoint `{src.name}`.",
+        num_parameters=num_parameters,
+    )
 
 
 def _chat_format(config: PhantomConfig, preset: str | None) -> str:
@@ -585,6 +591,7 @@ def convert_checkpoint(
     *,
     dtype: torch.dtype | str | None = None,
     max_shard_size: int | str = "5GB",
+    trust_remote_code: bool = False,
 ) -> PhantomConfig:
     """Convert the published Phantom checkpoint in folder `src` into a Hub-native folder `dst`.
 
@@ -597,6 +604,8 @@ def convert_checkpoint(
         dtype: cast floating-point weights (e.g. "bfloat16"); default keeps the stored dtypes.
         max_shard_size: largest safetensors shard, in bytes or like "5GB" (also the memory a conversion needs
             beyond one tensor).
+        trust_remote_code: allow loading a tokenizer that needs the checkpoint's own code (InternLM2's
+            `tokenization_internlm2.py`). Without it such a tokenizer is copied as it is and no processor is written.
 
     Returns the written config. Raises `ValueError` before writing anything when a tensor is left unmapped,
     a target is left unfilled or a shape disagrees (all listed), or when `dst` is a non-empty folder.
@@ -616,11 +625,11 @@ def convert_checkpoint(
     staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
     try:
         written_dtype = _write_weights(plan, reader, staging, dtype, max_bytes)
-        tokenizer = _convert_tokenizer(src, staging, config)
-        processor_written = _save_processor(staging, tokenizer, config, _chat_format(config, preset))
+        tokenizer = _convert_tokenizer(src, staging, config, _chat_format(config, preset), trust_remote_code)
         config.dtype = written_dtype
         config.save_pretrained(staging)
         save_remote_code(staging)
+        _write_model_card(staging, src, config, plan, preset)
         generation_config = (
             GenerationConfig.from_pretrained(src) if (src / "generation_config.json").is_file() else GenerationConfig.from_model_config(config.text_config)
         )
@@ -633,8 +642,8 @@ def convert_checkpoint(
         shutil.rmtree(staging, ignore_errors=True)
     if plan.ignored:
         logger.info("skipped %d derived buffers (e.g. %s)", len(plan.ignored), plan.ignored[0])
-    if tokenizer is None and not processor_written:
-        logger.warning("%s: no tokenizer/processor written; add them before using the pipeline", dst)
+    if tokenizer is None:
+        logger.warning("%s: no processor written (no tokenizer loadable without remote code); add one", dst)
     return config
 
 
@@ -650,12 +659,22 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     parser.add_argument("--preset", choices=PRESET_NAMES, default=None, help="size, required without config.json")
     parser.add_argument("--dtype", default=None, help="cast floating-point weights, e.g. bfloat16")
     parser.add_argument("--max-shard-size", default="5GB", help="largest weight shard (default 5GB)")
+    parser.add_argument(
+        "--trust-remote-code", action="store_true", help="run the checkpoint's own tokenizer code (InternLM2) to load it"
+    )
     return parser
 
 
 def run_convert(args: argparse.Namespace) -> int:
     """Run the `convert` sub-command; returns the exit status."""
-    config = convert_checkpoint(args.src, args.dst, args.preset, dtype=args.dtype, max_shard_size=args.max_shard_size)
+    config = convert_checkpoint(
+        args.src,
+        args.dst,
+        args.preset,
+        dtype=args.dtype,
+        max_shard_size=args.max_shard_size,
+        trust_remote_code=args.trust_remote_code,
+    )
     text = config.text_config
     print(
         f"converted {args.src} -> {args.dst}: {text.model_type} {text.num_hidden_layers} layers x {text.hidden_size}, "
