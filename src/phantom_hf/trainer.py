@@ -1,0 +1,416 @@
+"""Phantom Optimization (PHANTOM_SPEC section 7, Eq. 4) and the paper's two-step recipe, on TRL's CPO trainer.
+
+    L_PO = L_SFT(y+ | x) - E[log sigmoid(beta/|y+| log pi(y+|x) - beta/|y-| log pi(y-|x) - gamma)]
+
+is TRL's CPO loss with `loss_type="simpo"`, `cpo_alpha=1.0` (the SFT term), `beta=2.0`, `simpo_gamma=0.5`.
+`PhantomPOTrainer` adds what CPO lacks for Phantom: images (tokenised by `PhantomProcessor`, the vision
+tower and projector run once per triple and shared by the chosen and rejected sequences), the freezing of
+each training stage, and validation of the triples (see `phantom_hf.data`).
+
+Step 1 (`training_stage=1`): the language model (and by default the vision tower) is frozen; the projector
+and the Phantom Dimension modules train with PO. Step 2 (`training_stage=2`): everything trains (except what
+the user freezes) with plain SFT: the preference weight `po_weight` defaults to 0 there, because the paper's
+Table 4 measures that keeping PO in step 2 hurts.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import logging
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from datasets import Dataset, Image, List
+from PIL import Image as PILImage
+from torch import nn
+from transformers import PreTrainedModel
+
+with warnings.catch_warnings():  # CPO lives in trl.experimental in TRL 1.x; importing it from there is deliberate
+    warnings.filterwarnings("ignore", message=".*trl.experimental.*")
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+from .data import InvalidPolicy, TripleProblem, validate_triples
+
+logger = logging.getLogger(__name__)
+
+TRAINING_STAGES = (1, 2)
+# Attention sub-modules of the language model that a LoRA adapter targets (Llama/Qwen/Mistral/Phi-3 names).
+LORA_TARGET_MODULES = r".*language_model.*\.(q_proj|k_proj|v_proj|qkv_proj|o_proj|gate_proj|up_proj|gate_up_proj|down_proj)"
+# Modules trained in full (not through LoRA) in step 2 with PEFT: the projector and every Phantom module.
+PHANTOM_MODULES_TO_SAVE = [
+    "multi_modal_projector",
+    "xattn_query_phantom",
+    "xattn_key_phantom",
+    "xattn_value_phantom",
+    "gating_phantom_1",
+    "gating_phantom_2",
+]
+
+
+@dataclass
+class PhantomPOConfig(CPOConfig):
+    r"""Configuration of `PhantomPOTrainer`: TRL's `CPOConfig` with the paper's defaults and the recipe's stages.
+
+    Defaults that differ from `CPOConfig`: `loss_type="simpo"`, `beta=2.0`, `learning_rate=1e-5` with a cosine
+    schedule down to a tenth of it (`cosine_with_min_lr`, `min_lr_rate=0.1`: 1e-5 -> 1e-6),
+    `remove_unused_columns=False` (the collator reads the raw triple columns). `cpo_alpha=1.0`,
+    `simpo_gamma=0.5`, AdamW and gradient checkpointing are CPO's defaults already.
+
+    Parameters:
+        training_stage (`int`, defaults to `1`):
+            1: language model frozen, projector + Phantom modules train with PO. 2: everything trains (except
+            `freeze_vision_tower` / `freeze_parameters`), loss = SFT only by default.
+        po_weight (`float`, *optional*):
+            Weight of the preference (SimPO) term; the SFT term is weighted by `cpo_alpha`. Defaults to 1.0 in
+            stage 1 and 0.0 in stage 2 (paper Table 4: PO in step 2 hurts).
+        freeze_vision_tower (`bool`, *optional*):
+            Keep the vision tower frozen. Defaults to True in stage 1 and False in stage 2 ("unfreeze everything").
+        freeze_parameters (`list[str]`, *optional*):
+            Regular expressions; parameters whose name matches one (`re.search`) stay frozen in either stage.
+        invalid_triples (`str`, defaults to `"skip"`):
+            What to do with a bad triple (chosen == rejected, empty answer, missing image file): `"skip"` it and
+            log its row index and reason, or `"raise"` a `ValueError` listing them.
+        apply_chat_template (`bool`, defaults to `True`):
+            Wrap each prompt as a user turn with the processor's chat template (generation prompt added).
+    """
+
+    training_stage: int = field(default=1, metadata={"help": "1: projector + Phantom modules with PO; 2: all, SFT."})
+    po_weight: float | None = field(
+        default=None, metadata={"help": "Weight of the preference term; default 1.0 in stage 1, 0.0 in stage 2."}
+    )
+    freeze_vision_tower: bool | None = field(
+        default=None, metadata={"help": "Freeze the vision tower; default True in stage 1, False in stage 2."}
+    )
+    freeze_parameters: list[str] | None = field(
+        default=None, metadata={"help": "Regexes of parameter names that stay frozen."}
+    )
+    invalid_triples: str = field(
+        default="skip", metadata={"help": "'skip' (with a report) or 'raise' on invalid triples.", "choices": ["skip", "raise"]}
+    )
+    apply_chat_template: bool = field(
+        default=True, metadata={"help": "Format each prompt as a user turn with the processor's chat template."}
+    )
+
+    learning_rate: float = field(default=1e-5, metadata={"help": "Peak learning rate of AdamW (paper: 1e-5)."})
+    lr_scheduler_type: str = field(default="cosine_with_min_lr", metadata={"help": "Learning-rate schedule."})
+    loss_type: str = field(
+        default="simpo",
+        metadata={"help": "Type of loss to use.", "choices": ["sigmoid", "hinge", "ipo", "simpo", "alphapo"]},
+    )
+    beta: float = field(default=2.0, metadata={"help": "SimPO beta of Eq. 4."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Must stay False: the collator needs the raw triple columns."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.training_stage not in TRAINING_STAGES:
+            raise ValueError(f"training_stage must be 1 or 2, got {self.training_stage!r}")
+        if self.invalid_triples not in ("skip", "raise"):
+            raise ValueError(f"invalid_triples must be 'skip' or 'raise', got {self.invalid_triples!r}")
+        if self.po_weight is None:
+            self.po_weight = 1.0 if self.training_stage == 1 else 0.0
+        if self.po_weight < 0:
+            raise ValueError(f"po_weight must be >= 0, got {self.po_weight!r}")
+        if self.freeze_vision_tower is None:
+            self.freeze_vision_tower = self.training_stage == 1
+        if self.lr_scheduler_type == "cosine_with_min_lr" and not self.lr_scheduler_kwargs:
+            self.lr_scheduler_kwargs = {"min_lr_rate": 0.1}
+        if self.remove_unused_columns:
+            raise ValueError("PhantomPOConfig.remove_unused_columns must be False: the collator reads the triple columns")
+        super().__post_init__()
+        if self.generate_during_eval:
+            raise ValueError("generate_during_eval is not supported by PhantomPOTrainer (CPO's generation ignores images)")
+
+
+def apply_training_stage(
+    model: nn.Module,
+    training_stage: int,
+    freeze_vision_tower: bool = True,
+    freeze_parameters: list[str] | None = None,
+) -> list[str]:
+    """Set `requires_grad` of every parameter of a Phantom model for a stage of the recipe; return the trainable names.
+
+    Stage 1: only the projector and the Phantom modules (every parameter whose name contains "phantom"),
+    plus the vision tower when `freeze_vision_tower` is False. Stage 2: every parameter, minus the vision tower
+    when `freeze_vision_tower` is True. In both, names matching a regex of `freeze_parameters` stay frozen.
+    """
+    if training_stage not in TRAINING_STAGES:
+        raise ValueError(f"training_stage must be 1 or 2, got {training_stage!r}")
+    vision = {id(parameter) for parameter in model.get_submodule("model.vision_tower").parameters()}
+    projector = {id(parameter) for parameter in model.get_submodule("model.multi_modal_projector").parameters()}
+    patterns = [re.compile(pattern) for pattern in freeze_parameters or []]
+    trainable = []
+    for name, parameter in model.named_parameters():
+        if id(parameter) in vision:
+            train = not freeze_vision_tower
+        elif training_stage == 1:
+            train = id(parameter) in projector or "phantom" in name
+        else:
+            train = True
+        if any(pattern.search(name) for pattern in patterns):
+            train = False
+        parameter.requires_grad_(train)
+        if train:
+            trainable.append(name)
+    if not trainable:
+        raise ValueError(f"training_stage={training_stage} with these freeze settings leaves no parameter to train")
+    return trainable
+
+
+def phantom_lora_config(r: int = 16, lora_alpha: int = 32, lora_dropout: float = 0.0, **kwargs: Any) -> Any:
+    """A `peft.LoraConfig` for step 2: LoRA on the language model's projections, the projector and the Phantom
+    modules trained in full (`modules_to_save`), so that the saved adapter carries them too."""
+    from peft import LoraConfig
+
+    kwargs.setdefault("target_modules", LORA_TARGET_MODULES)
+    kwargs.setdefault("modules_to_save", list(PHANTOM_MODULES_TO_SAVE))
+    return LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, **kwargs)
+
+
+def _open_image(ref: Any) -> PILImage.Image:
+    """An RGB PIL image from a PIL image, a path, or a datasets `Image` record ({"bytes", "path"})."""
+    if isinstance(ref, PILImage.Image):
+        image = ref
+    elif isinstance(ref, dict) and ref.get("bytes"):
+        image = PILImage.open(io.BytesIO(ref["bytes"]))
+    elif isinstance(ref, dict) and ref.get("path"):
+        image = PILImage.open(ref["path"])
+    elif isinstance(ref, (str, os.PathLike)):
+        image = PILImage.open(ref)
+    else:
+        raise TypeError(f"cannot read an image from {type(ref).__name__}")
+    return image.convert("RGB")
+
+
+class PhantomPOCollator:
+    """Tokenises Phantom triples with a `PhantomProcessor` and pads them right into CPO's batch layout.
+
+    Returns `chosen_input_ids`, `chosen_attention_mask`, `chosen_labels` (prompt tokens at -100), the same
+    for `rejected_`, `prompt_input_ids`/`prompt_attention_mask` (left-padded, for generation), and
+    `pixel_values`: the tiles of every row's images in row order, once per triple (absent when the batch has
+    no image). Each prompt is tokenised once, with its images; the answers are appended to it token-wise,
+    ending with the EOS token. With `max_length`, answers are truncated (never the prompt, whose image tokens
+    must stay whole); a prompt that leaves no room for an answer is an error.
+    """
+
+    def __init__(
+        self,
+        processor: Any,
+        max_length: int | None = None,
+        apply_chat_template: bool = True,
+        label_pad_token_id: int = -100,
+    ) -> None:
+        tokenizer = getattr(processor, "tokenizer", None)
+        if tokenizer is None or not callable(processor):
+            raise TypeError(f"processor must be a PhantomProcessor (callable, with .tokenizer), got {type(processor).__name__}")
+        self.processor = processor
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.apply_chat_template = apply_chat_template
+        self.label_pad_token_id = label_pad_token_id
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if self.pad_token_id is None:
+            raise ValueError("the tokenizer has neither a pad token nor an EOS token to pad with")
+        if apply_chat_template and not getattr(processor, "chat_template", None):
+            raise ValueError("apply_chat_template=True but the processor has no chat_template; set it or pass False")
+
+    def format_prompt(self, prompt: str) -> str:
+        """The prompt as the model sees it: a user turn plus the generation prompt, or as is."""
+        if not self.apply_chat_template:
+            return prompt
+        messages = [{"role": "user", "content": prompt}]
+        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def _answer_ids(self, answer: str) -> list[int]:
+        ids = list(self.tokenizer(answer, add_special_tokens=False)["input_ids"])
+        eos = self.tokenizer.eos_token_id
+        if eos is not None and (not ids or ids[-1] != eos):
+            ids.append(eos)
+        return ids
+
+    def _pad(self, rows: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
+        width = max(len(row) for row in rows)
+        out = torch.full((len(rows), width), value, dtype=torch.long)
+        for index, row in enumerate(rows):
+            if row:
+                target = out[index, width - len(row) :] if left else out[index, : len(row)]
+                target.copy_(torch.tensor(row, dtype=torch.long))
+        return out
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        prompts, pixel_values = [], []
+        sequences: dict[str, list[list[int]]] = {"chosen": [], "rejected": []}
+        for row in features:
+            images = [_open_image(ref) for ref in row.get("images") or []]
+            encoded = self.processor(
+                text=[self.format_prompt(row["prompt"])], images=[images] if images else None, return_tensors="pt"
+            )
+            prompt_ids = encoded["input_ids"][0]
+            if "attention_mask" in encoded:
+                prompt_ids = prompt_ids[encoded["attention_mask"][0].bool()]
+            prompt_ids = prompt_ids.tolist()
+            if images:
+                pixel_values.append(encoded["pixel_values"])
+            prompts.append(prompt_ids)
+            for kind in ("chosen", "rejected"):
+                answer = self._answer_ids(row[kind])
+                if self.max_length is not None:
+                    answer = answer[: max(0, self.max_length - len(prompt_ids))]
+                if not answer:
+                    raise ValueError(
+                        f"the prompt is {len(prompt_ids)} tokens (image tokens included), which leaves no room for the "
+                        f"{kind} answer within max_length={self.max_length}; raise max_length"
+                    )
+                sequences[kind].append(prompt_ids + answer)
+        batch: dict[str, torch.Tensor] = {}
+        for kind, rows in sequences.items():
+            batch[f"{kind}_input_ids"] = self._pad(rows, self.pad_token_id)
+            batch[f"{kind}_attention_mask"] = self._pad([[1] * len(row) for row in rows], 0)
+            labels = [[self.label_pad_token_id] * len(prompt) + row[len(prompt) :] for prompt, row in zip(prompts, rows)]
+            batch[f"{kind}_labels"] = self._pad(labels, self.label_pad_token_id)
+        batch["prompt_input_ids"] = self._pad(prompts, self.pad_token_id, left=True)
+        batch["prompt_attention_mask"] = self._pad([[1] * len(row) for row in prompts], 0, left=True)
+        if pixel_values:
+            batch["pixel_values"] = torch.cat(pixel_values)
+        return batch
+
+
+def _undecoded_images(dataset: Dataset) -> Dataset:
+    """Keep images as paths/bytes through TRL's dataset maps; the collator opens them when batching."""
+    feature = dataset.features.get("images")
+    if isinstance(feature, List) and isinstance(feature.feature, Image) and feature.feature.decode:
+        return dataset.cast_column("images", List(Image(decode=False)))
+    return dataset
+
+
+class PhantomPOTrainer(CPOTrainer):
+    """TRL's `CPOTrainer` for Phantom models: Phantom Optimization (Eq. 4), images, the two training stages.
+
+    Args:
+        model: a Phantom model (`PhantomForConditionalGeneration`, or a path/Hub id of one).
+        args: a `PhantomPOConfig`.
+        train_dataset / eval_dataset: Phantom triples (`images`, `prompt`, `chosen`, `rejected`); invalid rows
+            are reported and skipped or refused (`args.invalid_triples`); the report is `invalid_triples`.
+        processing_class: the `PhantomProcessor` (tokenizer + image processor + chat template).
+        peft_config: a `peft.LoraConfig` for stage 2 (see `phantom_lora_config`).
+        data_collator: defaults to `PhantomPOCollator`.
+
+    Other keyword arguments go to `CPOTrainer`. The vision tower and projector run once per batch of triples
+    (`get_image_features`), and their output is shared by the chosen and rejected sequences of each triple.
+    """
+
+    _tag_names = ["trl", "cpo", "phantom"]
+    _name = "PhantomPO"
+
+    def __init__(
+        self,
+        model: PreTrainedModel | str,
+        args: PhantomPOConfig | None = None,
+        train_dataset: Dataset | None = None,
+        eval_dataset: Dataset | dict[str, Dataset] | None = None,
+        processing_class: Any = None,
+        peft_config: Any = None,
+        data_collator: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        if args is None:
+            args = PhantomPOConfig(output_dir="phantom-po")
+        if not isinstance(args, PhantomPOConfig):
+            raise TypeError(f"args must be a PhantomPOConfig, got {type(args).__name__}")
+        if processing_class is None or getattr(processing_class, "tokenizer", None) is None:
+            raise TypeError("processing_class must be the model's PhantomProcessor (it tokenises prompts with images)")
+        if train_dataset is None:
+            raise ValueError("train_dataset is required")
+        if isinstance(model, str):
+            from transformers import AutoModelForImageTextToText
+
+            init_kwargs = dict(args.model_init_kwargs or {})
+            init_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+            model = AutoModelForImageTextToText.from_pretrained(model, **init_kwargs)
+            args.model_init_kwargs = None
+        if getattr(getattr(model, "config", None), "model_type", None) != "phantom":
+            raise TypeError(f"PhantomPOTrainer trains Phantom models, got {type(model).__name__}")
+        if peft_config is not None and args.training_stage == 1:
+            raise ValueError(
+                "peft_config is for training_stage=2: stage 1 trains only the projector and the Phantom modules, in full"
+            )
+
+        trainable = apply_training_stage(model, args.training_stage, args.freeze_vision_tower, args.freeze_parameters)
+        logger.info("training stage %d: %d trainable parameter tensors", args.training_stage, len(trainable))
+
+        self.invalid_triples: dict[str, list[TripleProblem]] = {}
+        train_dataset = self._prepare_triples(train_dataset, "train", args.invalid_triples)
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {
+                name: self._prepare_triples(data, f"eval/{name}", args.invalid_triples) for name, data in eval_dataset.items()
+            }
+        elif eval_dataset is not None:
+            eval_dataset = self._prepare_triples(eval_dataset, "eval", args.invalid_triples)
+
+        if data_collator is None:
+            data_collator = PhantomPOCollator(
+                processing_class, max_length=args.max_length, apply_chat_template=args.apply_chat_template
+            )
+        self.processor = processing_class
+        self.po_weight = float(args.po_weight)
+        # CPO reads pad/eos tokens off its processing class: hand it the tokenizer, then keep the processor so
+        # that checkpoints and the final model folder carry the image processor and chat template too.
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class.tokenizer,
+            peft_config=peft_config,
+            **kwargs,
+        )
+        self.processing_class = processing_class
+        self.callback_handler.processing_class = processing_class
+
+    def _prepare_triples(self, dataset: Dataset, split: str, on_invalid: InvalidPolicy) -> Dataset:
+        valid, problems = validate_triples(dataset, on_invalid=on_invalid)
+        self.invalid_triples[split] = problems
+        if len(valid) == 0:
+            raise ValueError(f"no valid Phantom triple left in the {split} dataset ({len(problems)} problem(s))")
+        return _undecoded_images(valid)
+
+    def tokenize_row(self, feature: dict[str, Any], model: nn.Module | None = None) -> dict:
+        """Nothing to do ahead of time: `PhantomPOCollator` tokenises each batch with its images."""
+        return {}
+
+    def concatenated_forward(self, model: nn.Module, batch: dict[str, Any]) -> tuple:
+        """CPO's single forward over chosen + rejected rows, with the images encoded once per triple.
+
+        The vision tower and projector run on `pixel_values` once; the features are passed twice (chosen rows
+        first, then rejected rows, the order of CPO's concatenation) as `image_features` to the model.
+        """
+        pixel_values = batch.get("pixel_values")
+        if pixel_values is None:
+            return super().concatenated_forward(model, batch)
+        features = self.accelerator.unwrap_model(model).get_image_features(pixel_values)
+        shared = torch.cat([features, features])
+        return super().concatenated_forward(functools.partial(model, image_features=shared), batch)
+
+    def cpo_loss(
+        self, policy_chosen_logps: torch.FloatTensor, policy_rejected_logps: torch.FloatTensor
+    ) -> tuple[torch.FloatTensor, torch.FloatTensor, torch.FloatTensor]:
+        """CPO's per-row preference loss scaled by `po_weight` (0 in stage 2: SFT only); rewards unchanged."""
+        losses, chosen_rewards, rejected_rewards = super().cpo_loss(policy_chosen_logps, policy_rejected_logps)
+        return self.po_weight * losses, chosen_rewards, rejected_rewards
+
+
+__all__ = [
+    "LORA_TARGET_MODULES",
+    "PHANTOM_MODULES_TO_SAVE",
+    "PhantomPOCollator",
+    "PhantomPOConfig",
+    "PhantomPOTrainer",
+    "apply_training_stage",
+    "phantom_lora_config",
+]
