@@ -43,6 +43,13 @@ def model() -> PhantomForConditionalGeneration:
     return make_model()
 
 
+def no_split_modules(model: torch.nn.Module) -> set[str]:
+    """The module classes device_map="auto" keeps whole (collected from the submodels; the API moved in v5)."""
+    if hasattr(model, "_get_no_split_modules"):
+        return set(model._get_no_split_modules("auto"))
+    return set(model._no_split_modules)
+
+
 def left_padded_batch(lengths: list[int], seed: int = 0, vocab: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """Random prompts (ids >= 10, so no special ids) left-padded with PAD_TOKEN_ID to a common length."""
     generator = torch.Generator().manual_seed(seed)

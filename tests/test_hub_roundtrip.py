@@ -13,7 +13,7 @@ import torch
 from accelerate import infer_auto_device_map
 from transformers import AutoModelForImageTextToText
 
-from .conftest import IMAGE_TOKEN_ID, left_padded_batch, make_model
+from .conftest import IMAGE_TOKEN_ID, left_padded_batch, make_model, no_split_modules
 
 REMOTE_LOAD = r"""
 import json, sys, torch
@@ -97,7 +97,7 @@ def test_device_map_auto_loads_on_cpu(tmp_path: Path) -> None:
     # under memory pressure accelerate places whole decoder/vision layers, never splitting one (Phantom
     # modules live inside the attention of a decoder layer)
     placement = infer_auto_device_map(
-        mapped, max_memory={"cpu": 300_000, "disk": 10**9}, no_split_module_classes=mapped._no_split_modules
+        mapped, max_memory={"cpu": 300_000, "disk": 10**9}, no_split_module_classes=list(no_split_modules(mapped))
     )
     assert {"cpu", "disk"} <= set(placement.values())
     assert not [name for name in placement if re.search(r"layers\.\d+\.", name)]

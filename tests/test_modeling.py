@@ -10,7 +10,7 @@ from transformers import GPT2Config, Qwen2ForCausalLM
 from phantom_hf import PhantomConfig, PhantomForConditionalGeneration
 from phantom_hf.tiny import tiny_text_config, tiny_vision_config
 
-from .conftest import IMAGE_TOKEN_ID, left_padded_batch, make_model, randomize_phantom_weights
+from .conftest import IMAGE_TOKEN_ID, left_padded_batch, make_model, no_split_modules, randomize_phantom_weights
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -310,7 +310,7 @@ def test_resize_token_embeddings_keeps_old_logits(model: PhantomForConditionalGe
 
 
 def test_no_split_modules_name_the_decoder_and_vision_layers(model: PhantomForConditionalGeneration) -> None:
-    assert {"Qwen2DecoderLayer", "InternVLVisionLayer"} <= set(model._no_split_modules)
+    assert {"Qwen2DecoderLayer", "InternVLVisionLayer"} <= no_split_modules(model)
     randomize_phantom_weights(model)  # Phantom modules live inside the decoder layer: never split from it
     attention_class = type(model.language_model.layers[0].self_attn)
     assert attention_class.__name__ == "PhantomQwen2Attention"
