@@ -113,7 +113,10 @@ def test_describe_training_args_keeps_what_was_used() -> None:
     assert values["learning_rate"] == 1e-5 and values["beta"] == 2.0 and values["simpo_gamma"] == 0.5
     assert values["gradient_accumulation_steps"] == 4 and values["po_weight"] == 1.0
     assert values["lr_scheduler_kwargs"] == {"min_lr_rate": 0.1}
+    assert values["num_train_epochs"] == 1.0
     assert "max_steps" not in values and "warmup_ratio" not in values and "bf16" not in values
+    args.max_steps = 40
+    assert describe_training_args(args)["max_steps"] == 40 and "num_train_epochs" not in describe_training_args(args)
 
 
 # ------------------------------------------------------------------------------------------------ push

@@ -183,6 +183,8 @@ def describe_training_args(args: Any, **extra: Any) -> dict[str, Any]:
             continue
         if field == "lr_scheduler_kwargs" and not value:
             continue
+        if field == "num_train_epochs" and (getattr(args, "max_steps", -1) or -1) > 0:
+            continue  # max_steps overrides the epochs
         values[field] = getattr(value, "value", value)  # enums -> their string
     values.update(extra)
     return values

@@ -1,0 +1,520 @@
+"""`phantom-hf`: the command line of phantom-hf.
+
+Sub-commands: `demo` (the offline end-to-end demo), `convert` (a published checkpoint -> a Hub-ready folder),
+`train` (the two-step Phantom recipe on a triple dataset), `chat` (ask a saved model about an image), `card`
+(render a model card) and `push` (upload a saved folder to the Hub). Heavy modules are imported only by the
+sub-command that needs them, so `--help` stays quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import importlib.util
+import inspect
+import json
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import ModelCard
+
+from .hub import CARD_NAME, HubUploadError, describe_training_args, infer_base_model, push_folder, render_model_card
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as `phantom-hf <command>: error: <message>`, exit status 2."""
+
+
+def _optional_module(name: str) -> Any | None:
+    """`phantom_hf.<name>` if that module exists (import errors inside it propagate), else None."""
+    if importlib.util.find_spec(f"phantom_hf.{name}") is None:
+        return None
+    return importlib.import_module(f"phantom_hf.{name}")
+
+
+def _read_mapping(path: str | Path, what: str) -> dict[str, Any]:
+    """A YAML (.yaml/.yml) or JSON file holding a mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise CLIError(f"{what} file {str(path)!r} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as error:
+        raise CLIError(f"cannot parse {what} file {str(path)!r}: {error}") from error
+    if not isinstance(data, dict):
+        raise CLIError(f"{what} file {str(path)!r} must hold a mapping, got {type(data).__name__}")
+    return data
+
+
+# ----------------------------------------------------------------------------------------------- demo
+
+
+def _add_demo(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "demo",
+        help="build, train, evaluate, save and reload a small Phantom model offline in a few minutes",
+        description="The whole life of a Phantom model offline on a CPU: a small model and tokenizer built from "
+        "scratch, a synthetic visual task of coloured shapes, the two-step Phantom recipe, evaluation before and "
+        "after, a Hub-ready folder with a model card, and answers through a transformers pipeline.",
+    )
+    demo = _optional_module("demo")
+    if demo is not None and hasattr(demo, "add_demo_arguments"):
+        demo.add_demo_arguments(parser)
+    else:
+        parser.add_argument("--out", default="phantom-demo", help="folder for the trained model (default: phantom-demo)")
+    parser.set_defaults(handler=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    demo = _optional_module("demo")
+    if demo is None:
+        raise CLIError("the demo is not available yet in this version of phantom-hf (no phantom_hf.demo module)")
+    status = demo.main(args)
+    return 0 if status is None else int(status)
+
+
+# -------------------------------------------------------------------------------------------- convert
+
+
+def _add_convert(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "convert",
+        help="convert a published Phantom checkpoint into a Hub-ready folder",
+        description="Convert a published Phantom checkpoint (Phantom-0.5B/1.8B/3.8B/7B) into a folder that "
+        "transformers loads with from_pretrained.",
+    )
+    convert = _optional_module("convert")
+    if convert is not None:
+        convert.add_convert_arguments(parser)
+    parser.set_defaults(handler=_run_convert)
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    convert = _optional_module("convert")
+    if convert is None:
+        raise CLIError("conversion is not available in this version of phantom-hf (no phantom_hf.convert module)")
+    status = convert.run_convert(args)
+    return 0 if status is None else int(status)
+
+
+# ---------------------------------------------------------------------------------------------- train
+
+# Flags of `train` that set a PhantomPOConfig field of both steps (flag dest -> field).
+_TRAIN_FLAG_FIELDS = {
+    "epochs": "num_train_epochs",
+    "max_steps": "max_steps",
+    "batch_size": "per_device_train_batch_size",
+    "grad_accum": "gradient_accumulation_steps",
+    "max_length": "max_length",
+    "seed": "seed",
+}
+_RECIPE_KEYS = {
+    "model", "dataset", "dataset_split", "image_root", "output_dir", "steps", "common", "step1", "step2",
+    "lora", "card",
+}  # fmt: skip
+
+
+def _add_train(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="run the two-step Phantom recipe (PO on projector + Phantom modules, then SFT) on a triple dataset",
+        description="Train a Phantom model on Phantom triples (images, prompt, chosen, rejected). Step 1 freezes "
+        "the language model and trains the projector and the Phantom Dimension modules with Phantom Optimization; "
+        "step 2 trains everything with SFT. Settings come from a YAML/JSON recipe, flags override it. A recipe "
+        "holds: model, dataset, dataset_split, image_root, output_dir, steps ([1, 2]), common / step1 / step2 "
+        "(PhantomPOConfig fields, e.g. learning_rate), lora (LoRA options for step 2), card (model-card fields).",
+    )
+    parser.add_argument("recipe", nargs="?", default=None, help="YAML or JSON recipe file (optional)")
+    parser.add_argument("--model", help="saved Phantom model folder or Hub id")
+    parser.add_argument(
+        "--dataset",
+        help="triples: a JSON-lines file, a folder from Dataset.save_to_disk, or a Hub dataset id",
+    )
+    parser.add_argument("--dataset-split", default=None, help="split of a Hub dataset (default: train)")
+    parser.add_argument("--image-root", default=None, help="folder that relative image paths of a JSON-lines file start from")
+    parser.add_argument(
+        "--output-dir",
+        default=None,
+        help="where the trained model goes (default: phantom-trained); step checkpoints go to OUTPUT_DIR-checkpoints",
+    )
+    parser.add_argument("--steps", default=None, help="steps to run: '1,2' (default), '1' or '2'")
+    parser.add_argument("--epochs", type=float, default=None, help="epochs per step")
+    parser.add_argument("--max-steps", type=int, default=None, help="optimizer steps per step (overrides --epochs)")
+    parser.add_argument("--learning-rate", type=float, default=None, help="peak learning rate of both steps")
+    parser.add_argument("--batch-size", type=int, default=None, help="triples per device per optimizer micro-step")
+    parser.add_argument("--grad-accum", type=int, default=None, help="gradient accumulation steps")
+    parser.add_argument("--max-length", type=int, default=None, help="longest prompt + answer in tokens")
+    parser.add_argument("--seed", type=int, default=None, help="random seed")
+    parser.add_argument("--lora", action="store_true", help="step 2 with LoRA on the language model (merged at the end)")
+    parser.set_defaults(handler=_run_train)
+
+
+def _parse_steps(value: Any) -> list[int]:
+    if isinstance(value, str):
+        parts = [part.strip() for part in value.split(",") if part.strip()]
+    elif isinstance(value, (list, tuple)):
+        parts = list(value)
+    else:
+        parts = [value]
+    try:
+        steps = [int(part) for part in parts]
+    except (TypeError, ValueError) as error:
+        raise CLIError(f"steps must be 1, 2 or both, got {value!r}") from error
+    if not steps or any(step not in (1, 2) for step in steps) or steps != sorted(set(steps)):
+        raise CLIError(f"steps must be 1, 2 or both, in order, got {value!r}")
+    return steps
+
+
+def resolve_recipe(args: argparse.Namespace) -> dict[str, Any]:
+    """The training recipe: the recipe file (if any) with the command-line flags applied on top."""
+    recipe = _read_mapping(args.recipe, "recipe") if args.recipe else {}
+    unknown = sorted(set(recipe) - _RECIPE_KEYS)
+    if unknown:
+        raise CLIError(f"unknown recipe keys {unknown}; known: {sorted(_RECIPE_KEYS)}")
+    for section in ("common", "step1", "step2", "card"):
+        recipe[section] = dict(recipe.get(section) or {})
+    for flag in ("model", "dataset", "dataset_split", "image_root", "output_dir", "steps"):
+        if getattr(args, flag) is not None:
+            recipe[flag] = getattr(args, flag)
+    for flag, field in _TRAIN_FLAG_FIELDS.items():
+        if getattr(args, flag) is not None:
+            recipe["common"][field] = getattr(args, flag)
+    if args.learning_rate is not None:
+        recipe["common"]["learning_rate"] = args.learning_rate
+        for step in ("step1", "step2"):
+            recipe[step].pop("learning_rate", None)
+    if args.lora:
+        recipe["lora"] = recipe.get("lora") or {}
+    if not recipe.get("model"):
+        raise CLIError("no model: pass --model (a saved Phantom folder or Hub id) or set `model` in the recipe")
+    if not recipe.get("dataset"):
+        raise CLIError("no dataset: pass --dataset or set `dataset` in the recipe")
+    recipe["steps"] = _parse_steps(recipe.get("steps", [1, 2]))
+    recipe.setdefault("output_dir", "phantom-trained")
+    recipe.setdefault("dataset_split", None)
+    recipe.setdefault("image_root", None)
+    return recipe
+
+
+def _load_triples(source: str, split: str | None, image_root: str | None) -> Any:
+    """Triples from a JSON-lines file, a `save_to_disk` folder or a Hub dataset id."""
+    path = Path(source)
+    if path.is_file():
+        from .data import load_triples_jsonl
+
+        return load_triples_jsonl(path, image_root=image_root)
+    import datasets
+
+    if path.is_dir():
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.DatasetDict):
+            name = split or "train"
+            if name not in loaded:
+                raise CLIError(f"{source!r} has splits {sorted(loaded)}, not {name!r}: pass --dataset-split")
+            loaded = loaded[name]
+        return loaded
+    return datasets.load_dataset(source, split=split or "train")
+
+
+def _step_config(config_class: type, stage: int, recipe: Mapping[str, Any]) -> Any:
+    values = {**recipe["common"], **recipe[f"step{stage}"]}
+    # Checkpoints of each step go next to the final folder, never inside it (it is what `push` uploads).
+    values.setdefault("output_dir", f"{recipe['output_dir']}-checkpoints/step{stage}")
+    values["training_stage"] = stage
+    if "bf16" not in values and "fp16" not in values:
+        import torch
+
+        # TRL turns bf16 on by default, which fails on a CPU-only machine: use it only where it runs.
+        values["bf16"] = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    fields = {field.name for field in dataclasses.fields(config_class)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise CLIError(f"step {stage}: unknown PhantomPOConfig fields {unknown}")
+    return config_class(**values)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    recipe = resolve_recipe(args)
+    trainer_module = _optional_module("trainer")
+    if trainer_module is None or not hasattr(trainer_module, "PhantomPOTrainer"):
+        raise CLIError("training is not available in this version of phantom-hf (no phantom_hf.trainer module)")
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import phantom_hf  # noqa: F401  registers Phantom with the Auto classes
+
+    from .hub import write_model_card
+
+    dataset = _load_triples(recipe["dataset"], recipe["dataset_split"], recipe["image_root"])
+    model = AutoModelForImageTextToText.from_pretrained(recipe["model"], trust_remote_code=True)
+    processor = AutoProcessor.from_pretrained(recipe["model"], trust_remote_code=True)
+    base_model = infer_base_model(model.config)
+    training: dict[str, dict[str, Any]] = {}
+    for stage in recipe["steps"]:
+        config = _step_config(trainer_module.PhantomPOConfig, stage, recipe)
+        peft_config = None
+        if stage == 2 and recipe.get("lora") is not None:
+            peft_config = trainer_module.phantom_lora_config(**recipe["lora"])
+        trainer = trainer_module.PhantomPOTrainer(
+            model=model, args=config, train_dataset=dataset, processing_class=processor, peft_config=peft_config
+        )
+        result = trainer.train()
+        model = trainer.model
+        if peft_config is not None:
+            model = model.merge_and_unload()
+        name = "step 1: projector + Phantom Dimension, PO" if stage == 1 else "step 2: everything, SFT"
+        training[name] = describe_training_args(
+            config, po_weight=config.po_weight, training_loss=round(float(result.training_loss), 4)
+        )
+        if stage == 2 and peft_config is not None:
+            training[name]["lora"] = json.dumps(recipe["lora"]) if recipe["lora"] else "defaults"
+    output_dir = Path(recipe["output_dir"])
+    model.save_pretrained(output_dir)
+    processor.save_pretrained(output_dir)
+    card_info = {"base_model": base_model, **recipe["card"], "training": training}
+    if Path(recipe["dataset"]).exists():
+        card_info.setdefault("training_data", f"{len(dataset)} Phantom triples")
+    else:
+        card_info.setdefault("datasets", [recipe["dataset"]])
+    write_model_card(output_dir, model, **card_info)
+    print(f"saved the trained model to {output_dir}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- chat
+
+
+def _add_chat(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "chat",
+        help="ask a saved Phantom model about an image (one question, or interactive)",
+        description="Ask a saved Phantom model a question about an image. With --question it answers once; "
+        "without, it reads questions from standard input (':image PATH' switches the image, ':quit' ends).",
+    )
+    parser.add_argument("model", help="saved Phantom model folder or Hub id")
+    parser.add_argument("--image", default=None, help="image file (without it the question is text-only)")
+    parser.add_argument("--question", "-q", default=None, help="one question; omit for an interactive session")
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="longest answer in tokens (default 32)")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.set_defaults(handler=_run_chat)
+
+
+def answer_question(model: Any, processor: Any, image: Any, question: str, max_new_tokens: int = 32) -> str:
+    """Greedy answer of `model` to `question` about `image` (a PIL image, or None for a text-only question).
+
+    The prompt is formatted the way `PhantomPOTrainer` trains: `<image>` then the question, wrapped as a user
+    turn by the processor's chat template when it has one.
+    """
+    if not question or not question.strip():
+        raise ValueError("the question is empty")
+    prompt = f"<image>\n{question}" if image is not None else question
+    if getattr(processor, "chat_template", None):
+        prompt = processor.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+    inputs = processor(text=[prompt], images=[[image]] if image is not None else None, return_tensors="pt")
+    accepted = inspect.signature(model.forward).parameters
+    inputs = {key: value.to(model.device) for key, value in inputs.items() if key in accepted}
+    tokenizer = processor.tokenizer
+    output = model.generate(
+        **inputs,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+    )
+    new_tokens = output[0, inputs["input_ids"].shape[1] :]
+    return tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+
+
+def _open_image(path: str | None) -> Any:
+    if path is None:
+        return None
+    from PIL import Image
+
+    if not Path(path).is_file():
+        raise CLIError(f"image file {path!r} does not exist")
+    return Image.open(path).convert("RGB")
+
+
+def _run_chat(args: argparse.Namespace) -> int:
+    if args.max_new_tokens < 1:
+        raise CLIError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    image = _open_image(args.image)
+    if args.question is not None and not args.question.strip():
+        raise CLIError("--question is empty")
+    if not Path(args.model).is_dir() and "/" not in args.model:
+        raise CLIError(f"model {args.model!r} is neither a saved model folder nor a Hub id (namespace/name)")
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import phantom_hf  # noqa: F401  registers Phantom with the Auto classes
+
+    model = AutoModelForImageTextToText.from_pretrained(args.model, trust_remote_code=True).to(args.device).eval()
+    processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
+    if args.question is not None:
+        print(answer_question(model, processor, image, args.question, args.max_new_tokens))
+        return 0
+    print("Ask about the image; ':image PATH' changes it, ':quit' ends.", file=sys.stderr)
+    for line in sys.stdin:
+        line = line.strip()
+        if not line:
+            continue
+        if line in (":quit", ":q", ":exit"):
+            break
+        if line.startswith(":image "):
+            try:
+                image = _open_image(line.split(" ", 1)[1].strip())
+            except CLIError as error:
+                print(f"error: {error}", file=sys.stderr)
+            continue
+        print(answer_question(model, processor, image, line, args.max_new_tokens), flush=True)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- card
+
+
+def _add_card(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "card",
+        help="render the model card (README.md) of a saved Phantom model folder",
+        description="Render the model card of a saved Phantom folder from its config.json. Metadata of an "
+        "existing README.md (base_model, datasets, license, tags) is kept unless a flag overrides it. Training "
+        "hyper-parameters and evaluation results come from --info.",
+    )
+    parser.add_argument("folder", help="saved Phantom model folder (with config.json)")
+    parser.add_argument("--repo-id", default=None, help="Hub id used in the card's code snippets")
+    parser.add_argument("--model-name", default=None, help="title of the card")
+    parser.add_argument("--base-model", default=None, help="Hub id of the model this one was fine-tuned from")
+    parser.add_argument("--dataset", action="append", default=None, help="Hub id of a training dataset (repeatable)")
+    parser.add_argument("--license", default=None, help="license id (default apache-2.0)")
+    parser.add_argument("--tag", action="append", default=None, help="extra tag (repeatable)")
+    parser.add_argument(
+        "--info",
+        default=None,
+        help="YAML/JSON file with more card fields: description, training ({step: {param: value}}), "
+        "training_data, eval_results ({metric: value}), ...",
+    )
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument("--write", action="store_true", help="write FOLDER/README.md instead of printing")
+    output.add_argument("--output", default=None, help="write the card to this file instead of printing")
+    parser.set_defaults(handler=_run_card)
+
+
+def _run_card(args: argparse.Namespace) -> int:
+    folder = Path(args.folder)
+    if not (folder / "config.json").is_file():
+        raise CLIError(f"{str(folder)!r} is not a saved model folder (no config.json)")
+    info: dict[str, Any] = {}
+    existing = folder / CARD_NAME
+    if existing.is_file():
+        data = ModelCard.load(existing).data.to_dict()
+        for key in ("base_model", "datasets", "license", "language", "model_name"):
+            if data.get(key):
+                info[key] = data[key]
+        info["tags"] = data.get("tags") or []
+    if args.info:
+        info.update(_read_mapping(args.info, "card info"))
+    flags = {
+        "repo_id": args.repo_id,
+        "model_name": args.model_name,
+        "base_model": args.base_model,
+        "datasets": args.dataset,
+        "license": args.license,
+    }
+    info.update({key: value for key, value in flags.items() if value is not None})
+    if args.tag:
+        info["tags"] = list(info.get("tags") or []) + args.tag
+    text = render_model_card(folder, **info)
+    if args.write or args.output:
+        target = existing if args.write else Path(args.output)
+        target.write_text(text, encoding="utf-8")
+        print(f"wrote {target}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- push
+
+
+def _add_push(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "push",
+        help="upload a saved model folder to the Hugging Face Hub in one commit",
+        description="Upload every file of a saved model folder to a Hub model repository, as one commit (the "
+        "repository and branch are created when missing; a folder without README.md gets a rendered model card). "
+        "Offline, without a token, or with the Hub unreachable it stops before uploading anything.",
+    )
+    parser.add_argument("folder", help="saved model folder (with config.json)")
+    parser.add_argument("repo_id", help="target repository, namespace/name")
+    parser.add_argument("--private", action="store_true", default=None, help="create the repository as private")
+    parser.add_argument("--commit-message", default=None, help="commit message")
+    parser.add_argument("--revision", default=None, help="branch to commit to (created if missing; default main)")
+    parser.add_argument("--token", default=None, help="Hugging Face token (default: HF_TOKEN or the saved login)")
+    parser.add_argument("--no-card", action="store_true", help="do not add a model card to a folder without README.md")
+    parser.set_defaults(handler=_run_push)
+
+
+def _run_push(args: argparse.Namespace) -> int:
+    commit = push_folder(
+        args.folder,
+        args.repo_id,
+        private=args.private,
+        commit_message=args.commit_message,
+        revision=args.revision,
+        token=args.token,
+        write_card=not args.no_card,
+    )
+    print(f"pushed {args.folder} to {getattr(commit, 'commit_url', None) or args.repo_id}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+_SUBCOMMANDS: tuple[Callable[[Any], None], ...] = (_add_demo, _add_convert, _add_train, _add_chat, _add_card, _add_push)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `phantom-hf` argument parser with every sub-command."""
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="phantom-hf",
+        description="Phantom vision-language models (Phantom of Latent) on transformers and the Hugging Face Hub.",
+    )
+    parser.add_argument("--version", action="version", version=f"phantom-hf {__version__}")
+    parser.add_argument("--traceback", action="store_true", help="show the full traceback of an error")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers.required = True
+    for add in _SUBCOMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run `phantom-hf` with `argv` (default: the process arguments); returns the exit status.
+
+    User errors (bad flags, missing files, invalid values, upload refusals) print one line
+    `phantom-hf <command>: error: <message>` and return 2 instead of a traceback.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except (CLIError, HubUploadError, ValueError, TypeError, FileNotFoundError) as error:
+        if args.traceback:
+            raise
+        print(f"phantom-hf {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
