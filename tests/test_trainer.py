@@ -311,3 +311,36 @@ def test_collator_pads_right_and_masks_prompts():
         PhantomPOCollator(processor, max_length=5, apply_chat_template=False)(rows)
     with pytest.raises(TypeError, match="PhantomProcessor"):
         PhantomPOCollator(processor.tokenizer)
+
+
+def _launch(tmp_path: Path, output_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+        str(REPO / "examples" / "train_po.py"), "--output-dir", str(output_dir), "--stage", "1", "--steps", "6",
+        "--save-steps", "3", "--batch-size", "2", "--num-images", "16", "--no-eval", *extra,
+    ]
+    result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def _losses(checkpoint: Path) -> dict[int, float]:
+    history = json.loads((checkpoint / "trainer_state.json").read_text())["log_history"]
+    return {entry["step"]: entry["loss"] for entry in history if "loss" in entry}
+
+
+def test_two_process_ddp_run_saves_and_resumes_to_the_same_loss(tmp_path):
+    first = tmp_path / "first"
+    _launch(tmp_path, first)
+    assert (first / "stage1" / "final" / "model.safetensors").is_file()
+    assert (first / "stage1" / "final" / "processor_config.json").is_file()
+    uninterrupted = _losses(first / "stage1" / "checkpoint-6")
+    assert sorted(uninterrupted) == [1, 2, 3, 4, 5, 6]
+
+    second = tmp_path / "second"
+    _launch(tmp_path, second, "--resume-from-checkpoint", str(first / "stage1" / "checkpoint-3"))
+    resumed = _losses(second / "stage1" / "checkpoint-6")
+    assert abs(resumed[6] - uninterrupted[6]) < 1e-6, (resumed, uninterrupted)
+    assert abs(resumed[4] - uninterrupted[4]) < 1e-6
