@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import os
-import re
 from typing import Any
 
 import torch
