@@ -198,8 +198,14 @@ def test_chat_answers_like_generate_on_the_chat_template(tiny_folder: Path, tmp_
     # Reference: the processor's multimodal chat template and generate, without the CLI.
     model = PhantomForConditionalGeneration.from_pretrained(tiny_folder).eval()
     processor = PhantomProcessor.from_pretrained(tiny_folder)
-    chat = [{"role": "user", "content": [{"type": "image", "image": example.image}, {"type": "text", "text": example.question}]}]
-    inputs = processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    content = [{"type": "image", "image": example.image}, {"type": "text", "text": example.question}]
+    inputs = processor.apply_chat_template(
+        [{"role": "user", "content": content}],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+    )
     inputs.pop("num_patches", None)
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=5, do_sample=False)
@@ -251,7 +257,9 @@ def test_train_runs_both_steps_and_saves_a_carded_folder(tiny_folder: Path, tmp_
     assert (tmp_path / "trained-checkpoints" / "step1").is_dir()
 
 
-def test_interactive_chat_reads_questions_and_switches_images(tiny_folder: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+def test_interactive_chat_reads_questions_and_switches_images(
+    tiny_folder: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
     examples = generate_examples(2, seed=3, image_size=28, kinds=["color"])
     paths = []
     for index, example in enumerate(examples):

@@ -70,7 +70,9 @@ def _add_demo(subparsers: Any) -> None:
     if demo is not None and hasattr(demo, "add_demo_arguments"):
         demo.add_demo_arguments(parser)
     else:
-        parser.add_argument("--out", default="phantom-demo", help="folder for the trained model (default: phantom-demo)")
+        parser.add_argument(
+            "--out", default="phantom-demo", help="folder for the trained model (default: phantom-demo)"
+        )
     parser.set_defaults(handler=_run_demo)
 
 
@@ -140,7 +142,9 @@ def _add_train(subparsers: Any) -> None:
         help="triples: a JSON-lines file, a folder from Dataset.save_to_disk, or a Hub dataset id",
     )
     parser.add_argument("--dataset-split", default=None, help="split of a Hub dataset (default: train)")
-    parser.add_argument("--image-root", default=None, help="folder that relative image paths of a JSON-lines file start from")
+    parser.add_argument(
+        "--image-root", default=None, help="folder that relative image paths of a JSON-lines file start from"
+    )
     parser.add_argument(
         "--output-dir",
         default=None,
@@ -154,7 +158,9 @@ def _add_train(subparsers: Any) -> None:
     parser.add_argument("--grad-accum", type=int, default=None, help="gradient accumulation steps")
     parser.add_argument("--max-length", type=int, default=None, help="longest prompt + answer in tokens")
     parser.add_argument("--seed", type=int, default=None, help="random seed")
-    parser.add_argument("--lora", action="store_true", help="step 2 with LoRA on the language model (merged at the end)")
+    parser.add_argument(
+        "--lora", action="store_true", help="step 2 with LoRA on the language model (merged at the end)"
+    )
     parser.set_defaults(handler=_run_train)
 
 
