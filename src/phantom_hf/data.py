@@ -93,8 +93,9 @@ def triple_problems(row: dict[str, Any]) -> list[str]:
     return reasons
 
 
-def _raw_images(dataset: Dataset) -> Dataset:
-    """The dataset with its `images` column undecoded (paths/bytes), so that validation opens no image."""
+def undecoded_images(dataset: Dataset) -> Dataset:
+    """The dataset with its `images` column undecoded (paths/bytes): validation then opens no image, and
+    dataset maps pass images through without re-encoding them (the collator opens them when batching)."""
     feature = dataset.features.get("images")
     if isinstance(feature, List) and isinstance(feature.feature, Image) and feature.feature.decode:
         return dataset.cast_column("images", List(Image(decode=False)))
@@ -118,7 +119,7 @@ def validate_triples(
         raise ValueError(
             f"a Phantom triple dataset needs the columns {TRIPLE_COLUMNS} (and optionally 'images'); missing {missing}"
         )
-    raw = _raw_images(dataset)
+    raw = undecoded_images(dataset)
     columns = [column for column in ("images", *TRIPLE_COLUMNS) if column in raw.column_names]
     problems = []
     for index, row in enumerate(raw.select_columns(columns)):
@@ -191,5 +192,6 @@ __all__ = [
     "load_phantom_triples",
     "load_triples_jsonl",
     "triple_problems",
+    "undecoded_images",
     "validate_triples",
 ]

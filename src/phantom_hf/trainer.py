@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from datasets import Dataset, Image, List
+from datasets import Dataset
 from PIL import Image as PILImage
 from torch import nn
 from transformers import PreTrainedModel
@@ -34,7 +34,7 @@ with warnings.catch_warnings():  # CPO lives in trl.experimental in TRL 1.x; imp
     warnings.filterwarnings("ignore", message=".*trl.experimental.*")
     from trl.experimental.cpo import CPOConfig, CPOTrainer
 
-from .data import InvalidPolicy, TripleProblem, validate_triples
+from .data import InvalidPolicy, TripleProblem, undecoded_images, validate_triples
 
 logger = logging.getLogger(__name__)
 
@@ -280,14 +280,6 @@ class PhantomPOCollator:
         return batch
 
 
-def _undecoded_images(dataset: Dataset) -> Dataset:
-    """Keep images as paths/bytes through TRL's dataset maps; the collator opens them when batching."""
-    feature = dataset.features.get("images")
-    if isinstance(feature, List) and isinstance(feature.feature, Image) and feature.feature.decode:
-        return dataset.cast_column("images", List(Image(decode=False)))
-    return dataset
-
-
 class PhantomPOTrainer(CPOTrainer):
     """TRL's `CPOTrainer` for Phantom models: Phantom Optimization (Eq. 4), images, the two training stages.
 
@@ -300,8 +292,8 @@ class PhantomPOTrainer(CPOTrainer):
         peft_config: a `peft.LoraConfig` for stage 2 (see `phantom_lora_config`).
         data_collator: defaults to `PhantomPOCollator`.
 
-    Other keyword arguments go to `CPOTrainer`. The vision tower and projector run once per batch of triples
-    (`get_image_features`), and their output is shared by the chosen and rejected sequences of each triple.
+    Other keyword arguments go to `CPOTrainer`. The vision tower and projector run once per batch of triples,
+    and their output is shared by the chosen and rejected sequences of each triple.
     """
 
     _tag_names = ["trl", "cpo", "phantom"]
@@ -378,24 +370,35 @@ class PhantomPOTrainer(CPOTrainer):
         self.invalid_triples[split] = problems
         if len(valid) == 0:
             raise ValueError(f"no valid Phantom triple left in the {split} dataset ({len(problems)} problem(s))")
-        return _undecoded_images(valid)
+        return undecoded_images(valid)
 
     def tokenize_row(self, feature: dict[str, Any], model: nn.Module | None = None) -> dict:
         """Nothing to do ahead of time: `PhantomPOCollator` tokenises each batch with its images."""
         return {}
 
+    def _projector(self, model: nn.Module) -> nn.Module:
+        """The projector module of the (possibly DDP/FSDP- or PEFT-wrapped) model: its outermost wrapper."""
+        for name, module in self.accelerator.unwrap_model(model).named_modules():
+            if name.endswith("multi_modal_projector"):
+                return module
+        raise ValueError("the model has no multi_modal_projector; PhantomPOTrainer needs a Phantom model")
+
     def concatenated_forward(self, model: nn.Module, batch: dict[str, Any]) -> tuple:
         """CPO's single forward over chosen + rejected rows, with the images encoded once per triple.
 
-        The vision tower and projector run on `pixel_values` once; the features are passed twice (chosen rows
-        first, then rejected rows, the order of CPO's concatenation) as `image_features` to the model.
+        The batch's `pixel_values` go through the vision tower and projector once; a forward hook on the
+        projector repeats its output for the rejected rows (CPO stacks chosen rows, then rejected rows, so the
+        placeholders of both halves take the same features in the same order). Everything runs inside the
+        wrapped model's forward, as DDP, FSDP and DeepSpeed expect.
         """
         pixel_values = batch.get("pixel_values")
         if pixel_values is None:
             return super().concatenated_forward(model, batch)
-        features = self.accelerator.unwrap_model(model).get_image_features(pixel_values)
-        shared = torch.cat([features, features])
-        return super().concatenated_forward(functools.partial(model, image_features=shared), batch)
+        hook = self._projector(model).register_forward_hook(lambda module, inputs, output: torch.cat([output, output]))
+        try:
+            return super().concatenated_forward(functools.partial(model, pixel_values=pixel_values), batch)
+        finally:
+            hook.remove()
 
     def cpo_loss(
         self, policy_chosen_logps: torch.FloatTensor, policy_rejected_logps: torch.FloatTensor
