@@ -36,7 +36,9 @@ class PhantomCrossAttention(nn.Module):
     For x of shape (B, H, N, D) and anchor a of shape (B, H_a, D):
     y = gelu(Lo(softmax(gelu(Lq(x)) @ gelu(Lk(a))^T / sqrt(D)) @ gelu(Lv(a)))), with exact (erf) GELU.
     The anchor-side products gelu(Lk(a)), gelu(Lv(a)) depend on the anchor only: `anchor_states`
-    computes them once per sequence, so that decoding does not recompute them per step.
+    computes them once per sequence, so that decoding does not recompute them per step. `forward` is this
+    one module in the spec's form; Phantom attention runs its three modules fused
+    (`PhantomAttentionMixin._phantom_expand`).
     """
 
     def __init__(self, head_dim: int) -> None:
@@ -110,7 +112,14 @@ class PhantomAttentionMixin:
     def _phantom_anchors(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, anchor_index: torch.Tensor | None
     ) -> dict[str, torch.Tensor]:
-        """Anchor features of each row (rotary applied) and the anchor-side products of the three MHCAs."""
+        """Anchor features of each row (rotary applied) and the anchor-side products of the three MHCAs.
+
+        Besides the per-path products (`{q,k,v}_key` = gelu(Lk(a)), `{q,k,v}_value` = gelu(Lv(a))) it keeps
+        the operands of the fused MHCA of `_phantom_expand`, concatenated over the paths' anchor heads:
+        `mhca_key` (B, H_all, D), `mhca_value` = Lo(gelu(Lv(a))) (B, H_all, D) — Lo is linear, so
+        Lo(s @ va) = s @ Lo(va) — and `mhca_mask` (B, H_all, H_all), 0 where a head and an anchor head
+        belong to the same path and -inf elsewhere. H_all = H_q + 2 H_kv.
+        """
         if anchor_index is None:
             raise ValueError(
                 "Phantom attention needs the anchor position of each row (`phantom_anchor_index`); call "
@@ -120,19 +129,53 @@ class PhantomAttentionMixin:
         anchor_index = anchor_index.to(query.device)
         anchors = {"q": query[rows, :, anchor_index], "k": key[rows, :, anchor_index], "v": value[rows, :, anchor_index]}
         if self.phantom_expansion == "mhca":
+            keys, values = [], []
             for path, name in _MHCA_NAMES.items():
-                anchors[f"{path}_key"], anchors[f"{path}_value"] = getattr(self, name).anchor_states(anchors[path])
+                mhca = getattr(self, name)
+                anchors[f"{path}_key"], anchors[f"{path}_value"] = mhca.anchor_states(anchors[path])
+                keys.append(anchors[f"{path}_key"])
+                values.append(mhca.linear_o(anchors[f"{path}_value"]))
+            anchors["mhca_key"] = torch.cat(keys, dim=1)
+            anchors["mhca_value"] = torch.cat(values, dim=1)
+            sizes = [self.phantom_num_heads, self.phantom_num_kv_heads, self.phantom_num_kv_heads]
+            path_of_head = torch.arange(3, device=query.device).repeat_interleave(torch.tensor(sizes, device=query.device))
+            other_path = path_of_head[:, None] != path_of_head[None, :]
+            mask = torch.zeros(other_path.shape, dtype=query.dtype, device=query.device).masked_fill(other_path, float("-inf"))
+            anchors["mhca_mask"] = mask.expand(query.shape[0], -1, -1)
         return anchors
 
-    def _phantom_expand(self, path: str, states: torch.Tensor, anchors: dict[str, torch.Tensor]) -> torch.Tensor:
-        """[x, x*] along the head dimension, x* = eta*MHCA(x, anchor) (+ x on the value path)."""
+    def _phantom_expand(
+        self, paths: str, states: tuple[torch.Tensor, ...], anchors: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, ...]:
+        """[x, x*] along the head dimension for each path, x* = eta*MHCA(x, anchor) (+ x on the value path).
+
+        `paths` names the paths of `states` ("qkv", "kv" or "q"; (B, H_path, N, D) tensors of the same N).
+        The MHCAs of all given paths run as one: the heads of every path are stacked, each head attends
+        over the stacked anchor heads with the other paths' masked out, so a decode step costs a handful
+        of batched operations instead of a dozen small ones per path.
+        """
         if self.phantom_expansion == "repeat":
-            return torch.cat([states, states], dim=-1)
-        mhca = getattr(self, _MHCA_NAMES[path])
-        expansion = self.phantom_eta * mhca(states, anchors[f"{path}_key"], anchors[f"{path}_value"])
-        if path == "v":
-            expansion = states + expansion
-        return torch.cat([states, expansion], dim=-1)
+            return tuple(torch.cat([x, x], dim=-1) for x in states)
+        if paths not in ("qkv", "kv", "q"):
+            raise ValueError(f"Phantom expansion paths must be 'qkv', 'kv' or 'q', got {paths!r}")
+        batch, _, tokens, dim = states[0].shape
+        sizes = [x.shape[1] for x in states]
+        start = 0 if paths[0] == "q" else self.phantom_num_heads
+        stop = start + sum(sizes)
+        key, value, mask = anchors["mhca_key"], anchors["mhca_value"], anchors["mhca_mask"]
+        if paths != "qkv":
+            key, value, mask = key[:, start:stop], value[:, start:stop], mask[:, start:stop, start:stop]
+        hidden = [F.linear(x, getattr(self, _MHCA_NAMES[path]).linear_q.weight) for path, x in zip(paths, states)]
+        hidden = F.gelu(torch.cat(hidden, dim=1) if len(hidden) > 1 else hidden[0]).reshape(batch, -1, dim)
+        if tokens > 1:  # rows are ordered (head, token)
+            mask = mask.repeat_interleave(tokens, dim=1)
+        scores = torch.baddbmm(mask, hidden, key.transpose(1, 2), alpha=dim**-0.5)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(hidden.dtype)
+        expansion = self.phantom_eta * F.gelu(torch.bmm(probs, value))
+        expansion = expansion.view(batch, -1, tokens, dim).split(sizes, dim=1)
+        return tuple(
+            torch.cat([x, x + y if path == "v" else y], dim=-1) for path, x, y in zip(paths, states, expansion)
+        )
 
     def _phantom_fold(self, output: torch.Tensor) -> torch.Tensor:
         """Fold the (B, N, H, 2D) attention output back to (B, N, H, D) (Eq. 3 or an ablation)."""
@@ -141,9 +184,9 @@ class PhantomAttentionMixin:
             return first + second
         if self.phantom_mixing == "mean":
             return (first + second) / 2
-        # sigmoid(f - g) == e^f / (e^f + e^g), in its numerically stable form
+        # sigmoid(f - g) == e^f / (e^f + e^g), in its numerically stable form; lerp gives w*O1 + (1-w)*O2
         weight = torch.sigmoid(self.gating_phantom_1(first) - self.gating_phantom_2(second))
-        return weight * first + (1 - weight) * second
+        return torch.lerp(second, first, weight)
 
     def _phantom_attention_interface(self) -> Callable:
         implementation = self.config._attn_implementation
@@ -176,12 +219,12 @@ class PhantomAttentionMixin:
 
         if cache is not None and cache.mode == "compact":
             key, value = cache.update(key, value, self.layer_idx)
-            key, value = self._phantom_expand("k", key, anchors), self._phantom_expand("v", value, anchors)
+            key, value = self._phantom_expand("kv", (key, value), anchors)
+            (query,) = self._phantom_expand("q", (query,), anchors)
         else:
-            key, value = self._phantom_expand("k", key, anchors), self._phantom_expand("v", value, anchors)
+            query, key, value = self._phantom_expand("qkv", (query, key, value), anchors)
             if past_key_values is not None:
                 key, value = past_key_values.update(key, value, self.layer_idx)
-        query = self._phantom_expand("q", query, anchors)
 
         sliding_window = getattr(self, "sliding_window", getattr(self.config, "sliding_window", None))
         attn_output, attn_weights = self._phantom_attention_interface()(
