@@ -367,6 +367,18 @@ class PhantomCausalLMOutputWithPast(ModelOutput):
 
 MODELING_FILES = ("configuration_phantom.py", "cache_phantom.py", "modeling_phantom.py", "processing_phantom.py", "presets_phantom.py")
 
+# Callables (folder, model) run at the end of `save_pretrained`. Empty in remote code; `import phantom_hf`
+# registers the model-card writer, so folders saved with the package carry a rendered README.md.
+SAVE_HOOKS: list[Callable[[Path, PreTrainedModel], None]] = []
+
+
+def save_remote_code(folder: str | Path) -> None:
+    """Copy the remote-code files (`MODELING_FILES`) into `folder`, next to the weights."""
+    source = Path(__file__).parent
+    for name in MODELING_FILES:
+        if (source / name).is_file():
+            (Path(folder) / name).write_text((source / name).read_text())
+
 
 class PhantomPreTrainedModel(PreTrainedModel):
     config_class = PhantomConfig
@@ -382,14 +394,14 @@ class PhantomPreTrainedModel(PreTrainedModel):
     _can_compile_fullgraph = False
 
     def save_pretrained(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> None:
-        """Save weights and config, plus the remote-code files, so the folder loads with `trust_remote_code`."""
+        """Save weights and config, plus the remote-code files, so the folder loads with `trust_remote_code`;
+        then run `SAVE_HOOKS` (the `phantom_hf` package registers its model-card writer there)."""
         self.config.auto_map = dict(AUTO_MAP)
         super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
-            source = Path(__file__).parent
-            for name in MODELING_FILES:
-                if (source / name).is_file():
-                    (Path(save_directory) / name).write_text((source / name).read_text())
+            save_remote_code(save_directory)
+            for hook in SAVE_HOOKS:
+                hook(Path(save_directory), self)
 
 
 def anchor_positions(
@@ -738,4 +750,6 @@ __all__ = [
     "PhantomForConditionalGeneration",
     "add_phantom_dimension",
     "anchor_positions",
+    "save_remote_code",
+    "SAVE_HOOKS",
 ]

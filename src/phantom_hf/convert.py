@@ -33,8 +33,7 @@ from safetensors.torch import save_file
 from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from .modeling import PhantomConfig, PhantomForConditionalGeneration
-from .modeling import modeling_phantom
-from .modeling.modeling_phantom import MODELING_FILES
+from .modeling.modeling_phantom import save_remote_code
 from .modeling.processing_phantom import (
     CHAT_TEMPLATES,
     IMAGE_CONTEXT_TOKEN,
@@ -507,15 +506,6 @@ def _write_weights(
     return max(bytes_per_dtype, key=bytes_per_dtype.get)
 
 
-def save_remote_code(folder: str | Path) -> None:
-    """Copy the remote-code files (`MODELING_FILES`) next to the weights, as `PhantomPreTrainedModel.save_pretrained`
-    does, for folders written without a model instance."""
-    source = Path(modeling_phantom.__file__).parent
-    for name in MODELING_FILES:
-        if (source / name).is_file():
-            shutil.copyfile(source / name, Path(folder) / name)
-
-
 def _load_tokenizer(src: Path, trust_remote_code: bool) -> PreTrainedTokenizerBase | None:
     """The checkpoint's tokenizer (running its own tokenizer code only with `trust_remote_code`); None when it
     cannot be loaded."""
@@ -694,5 +684,4 @@ __all__ = [
     "plan_conversion",
     "resolve_config",
     "run_convert",
-    "save_remote_code",
 ]
