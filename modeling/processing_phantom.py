@@ -5,6 +5,11 @@ size (448 px for the published models) whose grid best matches its aspect ratio,
 is more than one tile (transformers' `GotOcr2ImageProcessor`, PIL backend: no torchvision needed). Each
 `<image>` marker in a prompt becomes `<img>` + `<IMG_CONTEXT>` x (image_seq_length x tiles) + `</img>`.
 
+LLaVA-style baselines (spec section 8: CLIP or SigLIP towers, XDP or mlp2x_gelu projectors) see one fixed-size
+image per `<image>`: CLIP images are padded to a square with the mean colour, resized and centre-cropped as
+LLaVA-1.5 and Xmodel-VLM do (`image_aspect_ratio="pad"`; transformers' `LlavaImageProcessor`), SigLIP images are
+resized; the marker becomes `<IMG_CONTEXT>` x image_seq_length alone, as LLaVA puts only image placeholders there.
+
 Hub remote code: this file is uploaded next to the weights and imports only torch, transformers and the
 Python standard library.
 """
@@ -21,6 +26,8 @@ from transformers.image_processing_utils import BatchFeature
 from transformers.image_transforms import convert_to_rgb
 from transformers.image_utils import ChannelDimension, infer_channel_dimension_format, is_pil_image, load_image
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 from transformers.processing_utils import MultiModalData, ProcessorMixin
 from transformers.tokenization_utils_base import VERY_LARGE_INTEGER, PreTrainedTokenizerBase
 from transformers.utils import is_numpy_array
@@ -33,6 +40,13 @@ IMAGE_TOKENS = (IMAGE_START_TOKEN, IMAGE_END_TOKEN, IMAGE_CONTEXT_TOKEN)
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
+OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+SIGLIP_MEAN = [0.5, 0.5, 0.5]
+SIGLIP_STD = [0.5, 0.5, 0.5]
+# Vision towers by how their images are prepared: InternViT tiles (spec section 4), the others take one image.
+TILING_VISION_MODEL_TYPES = ("internvl_vision",)
+FIXED_SIZE_VISION_MODEL_TYPES = ("clip_vision_model", "siglip_vision_model")
 DEFAULT_TILE_SIZE = 448
 DEFAULT_MIN_PATCHES = 1
 DEFAULT_MAX_PATCHES = 6
@@ -70,17 +84,41 @@ def _turn_template(header: str, end: str, generation_header: str) -> str:
 CHATML_CHAT_TEMPLATE = _turn_template("'<|im_start|>' + message['role'] + '\\n'", "<|im_end|>", "<|im_start|>assistant\\n")
 # Phi-3: <|user|>\n…<|end|><|assistant|>\n
 PHI3_CHAT_TEMPLATE = _turn_template("'<|' + message['role'] + '|>\\n'", "<|end|>", "<|assistant|>\\n")
-CHAT_TEMPLATES = {"chatml": CHATML_CHAT_TEMPLATE, "phi3": PHI3_CHAT_TEMPLATE}
+
+# Vicuna v1, the conversation format of LLaVA-1.5 and Xmodel-VLM (`conv_templates["v1"]` of their code):
+# "{system} USER: <image>\n{question} ASSISTANT: {answer}</s>USER: … ASSISTANT:". An image goes in front of its
+# text followed by a newline, as in their data. The BOS token is not part of the template: the Llama tokenizer
+# adds it when the prompt is tokenized, as their `tokenizer_image_token` does.
+VICUNA_V1_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+VICUNA_V1_CHAT_TEMPLATE = (
+    _CONTENT_MACRO.replace("'" + IMAGE_MARKER + "'", "'" + IMAGE_MARKER + "\\n'")
+    + "{%- if messages and messages[0]['role'] == 'system' -%}"
+    + "{{- render_content(messages[0]['content']) + ' ' -}}{%- set turns = messages[1:] -%}"
+    + "{%- else -%}{{- '" + VICUNA_V1_SYSTEM.replace("'", "\\'") + " ' -}}{%- set turns = messages -%}{%- endif -%}"
+    + "{%- for message in turns -%}"
+    + "{%- if message['role'] == 'assistant' -%}{{- 'ASSISTANT: ' -}}"
+    + "{%- generation -%}{{- render_content(message['content']) + '</s>' -}}{%- endgeneration -%}"
+    + "{%- else -%}{{- 'USER: ' + render_content(message['content']) + ' ' -}}{%- endif -%}"
+    + "{%- endfor -%}"
+    + "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
+)
+CHAT_TEMPLATES = {"chatml": CHATML_CHAT_TEMPLATE, "phi3": PHI3_CHAT_TEMPLATE, "vicuna_v1": VICUNA_V1_CHAT_TEMPLATE}
 # Chat format of each supported decoder type (InternLM2 is loaded as Llama and speaks ChatML).
 CHAT_FORMAT_BY_TEXT_MODEL_TYPE = {"qwen2": "chatml", "qwen3": "chatml", "llama": "chatml", "mistral": "chatml", "phi3": "phi3"}
 
 
 def chat_template_for(config_or_model_type: Any) -> str:
-    """The chat template of a checkpoint: Phi-3's for a `phi3` decoder, ChatML otherwise.
+    """The chat template of a checkpoint: Phi-3's for a `phi3` decoder, ChatML otherwise; Vicuna v1 (LLaVA-1.5,
+    Xmodel-VLM) for a `PhantomConfig` with a LLaVA-style projector ("xdp", "mlp2x_gelu").
 
-    Accepts a format name ("chatml", "phi3"), a decoder `model_type`, or a `PhantomConfig`.
+    Accepts a format name ("chatml", "phi3", "vicuna_v1"), a decoder `model_type`, or a `PhantomConfig`.
     """
     key = config_or_model_type
+    if getattr(key, "projector_type", "phantom") != "phantom":
+        return VICUNA_V1_CHAT_TEMPLATE
     if not isinstance(key, str):
         key = key.get_text_config().model_type if hasattr(key, "get_text_config") else getattr(key, "model_type", None)
     if key in CHAT_TEMPLATES:
@@ -114,6 +152,41 @@ def build_image_processor(
     )
 
 
+def build_fixed_size_image_processor(
+    vision_model_type: str, image_size: int, pad_to_square: bool = True
+) -> LlavaImageProcessorPil | SiglipImageProcessorPil:
+    """One `image_size` x `image_size` image per `<image>` for a CLIP or SigLIP tower, bicubic, RGB.
+
+    CLIP: LLaVA-1.5's preparation (transformers' `LlavaImageProcessor`): with `pad_to_square`, pad to a square
+    with the mean colour (their `image_aspect_ratio="pad"`), then resize the shortest edge to `image_size`,
+    centre-crop, OpenAI CLIP mean/std. SigLIP: resize to `image_size` x `image_size`, mean/std 0.5.
+    """
+    if vision_model_type == "clip_vision_model":
+        return LlavaImageProcessorPil(
+            size={"shortest_edge": image_size},
+            crop_size={"height": image_size, "width": image_size},
+            do_pad=pad_to_square,
+            resample=3,  # PIL bicubic
+            image_mean=OPENAI_CLIP_MEAN,
+            image_std=OPENAI_CLIP_STD,
+            do_convert_rgb=True,
+        )
+    if vision_model_type == "siglip_vision_model":
+        if pad_to_square:
+            raise ValueError("pad_to_square is for CLIP towers; SigLIP images are resized to a square as they are")
+        return SiglipImageProcessorPil(
+            size={"height": image_size, "width": image_size}, resample=3, image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD
+        )
+    raise ValueError(
+        f"no fixed-size image processor for vision model_type {vision_model_type!r}; known: {FIXED_SIZE_VISION_MODEL_TYPES}"
+    )
+
+
+def _is_tiling(image_processor: Any) -> bool:
+    """Whether `image_processor` cuts images into several tiles (InternVL) rather than one image each."""
+    return bool(getattr(image_processor, "crop_to_patches", False))
+
+
 def _single_token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int | None:
     """The id of `token` when the tokenizer encodes it as exactly that one token, else None."""
     token_id = tokenizer.get_vocab().get(token)
@@ -122,15 +195,20 @@ def _single_token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int | No
     return token_id
 
 
-def add_image_tokens(tokenizer: PreTrainedTokenizerBase, model: torch.nn.Module | None = None) -> list[str]:
-    """Add `<img>`, `</img>` and `<IMG_CONTEXT>` to `tokenizer` as special tokens where missing; with `model`,
-    grow its token embeddings (and LM head) to the tokenizer's size if needed and set `config.image_token_id`.
+def add_image_tokens(
+    tokenizer: PreTrainedTokenizerBase, model: torch.nn.Module | None = None, tokens: tuple[str, ...] = IMAGE_TOKENS
+) -> list[str]:
+    """Add `tokens` (default `<img>`, `</img>` and `<IMG_CONTEXT>`; LLaVA-style models need only `<IMG_CONTEXT>`)
+    to `tokenizer` as special tokens where missing; with `model`, grow its token embeddings (and LM head) to the
+    tokenizer's size if needed and set `config.image_token_id`.
 
     Returns the tokens that were added. Embeddings never shrink: published vocabularies are padded larger than
     their tokenizers, and new ids that fit in the matrix need no resize. The new rows are untrained (transformers
     initialises them to the mean of the old ones); train the embeddings before relying on them.
     """
-    missing = [token for token in IMAGE_TOKENS if _single_token_id(tokenizer, token) is None]
+    if IMAGE_CONTEXT_TOKEN not in tokens:
+        raise ValueError(f"tokens must include {IMAGE_CONTEXT_TOKEN}, the image placeholder; got {tokens}")
+    missing = [token for token in tokens if _single_token_id(tokenizer, token) is None]
     if missing:
         tokenizer.add_tokens(missing, special_tokens=True)
     if model is not None:
@@ -199,17 +277,21 @@ def _unmarked(text: str) -> str:
 class PhantomProcessor(ProcessorMixin):
     r"""Builds Phantom's inputs from prompts and images: tiles every image, expands each `<image>` marker into
     `<img>` + `<IMG_CONTEXT>` x (`image_seq_length` x tiles) + `</img>`, tokenizes, and renders chats with the
-    checkpoint's chat template.
+    checkpoint's chat template. For LLaVA-style baselines (a fixed-size image processor) every image is one tile
+    and its marker becomes `<IMG_CONTEXT>` x `image_seq_length`, unwrapped.
 
     Args:
         image_processor: a `GotOcr2ImageProcessor` with `crop_to_patches=True` (default: `build_image_processor()`,
-            448 px tiles, 1-6 tiles + thumbnail). Its tile size must match the vision tower's `image_size`.
-        tokenizer: the language model's tokenizer; it must hold `<img>`, `</img>` and `<IMG_CONTEXT>` as single
-            tokens (see `add_image_tokens`). Its `padding_side` is used as set (left for generation, right for
-            training) and its `model_max_length` bounds the expanded prompts.
+            448 px tiles, 1-6 tiles + thumbnail), or a fixed-size CLIP/SigLIP processor
+            (`build_fixed_size_image_processor`). Its tile size must match the vision tower's `image_size`.
+        tokenizer: the language model's tokenizer; it must hold `<IMG_CONTEXT>` (and, when images are wrapped,
+            `<img>` and `</img>`) as single tokens (see `add_image_tokens`). Its `padding_side` is used as set (left
+            for generation, right for training) and its `model_max_length` bounds the expanded prompts.
         image_seq_length: vision tokens per tile; must equal the model's `config.image_seq_length` (256 for the
-            published models).
-        chat_template: a Jinja chat template (`CHATML_CHAT_TEMPLATE` or `PHI3_CHAT_TEMPLATE`).
+            published models, 144 for Xmodel-VLM).
+        chat_template: a Jinja chat template (`CHATML_CHAT_TEMPLATE`, `PHI3_CHAT_TEMPLATE`, `VICUNA_V1_CHAT_TEMPLATE`).
+        wrap_image_tokens: put `<img>` ... `</img>` around each image's placeholders; default: True for a tiling
+            image processor (Phantom, InternVL), False otherwise (LLaVA, Xmodel-VLM).
 
     Calling it returns `input_ids`, `attention_mask` and, with images, `pixel_values` (all tiles of all images in
     prompt order, shape (num_tiles, 3, tile, tile)) and `num_patches` (tiles per image).
@@ -223,6 +305,7 @@ class PhantomProcessor(ProcessorMixin):
         tokenizer: PreTrainedTokenizerBase | None = None,
         image_seq_length: int = DEFAULT_IMAGE_SEQ_LENGTH,
         chat_template: str | None = None,
+        wrap_image_tokens: bool | None = None,
     ) -> None:
         if tokenizer is None:
             raise ValueError("PhantomProcessor needs a tokenizer")
@@ -230,20 +313,26 @@ class PhantomProcessor(ProcessorMixin):
             image_processor = build_image_processor()
         if isinstance(image_seq_length, bool) or not isinstance(image_seq_length, int) or image_seq_length < 1:
             raise ValueError(f"image_seq_length must be a positive int, got {image_seq_length!r}")
+        if wrap_image_tokens is None:
+            wrap_image_tokens = _is_tiling(image_processor)
+        needed = IMAGE_TOKENS if wrap_image_tokens else (IMAGE_CONTEXT_TOKEN,)
         ids = {token: _single_token_id(tokenizer, token) for token in IMAGE_TOKENS}
-        missing = [token for token, token_id in ids.items() if token_id is None]
+        missing = [token for token in needed if ids[token] is None]
         if missing:
             raise ValueError(
-                f"the tokenizer has no single token for {missing}; Phantom needs {list(IMAGE_TOKENS)}. Add them with "
+                f"the tokenizer has no single token for {missing}; this processor needs {list(needed)}. Add them with "
                 "`add_image_tokens(tokenizer, model)` (from processing_phantom, also `PhantomProcessor.add_image_tokens`),"
                 " which also resizes the model's embeddings and sets config.image_token_id"
             )
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
         self.image_seq_length = image_seq_length
-        self.image_start_token_id = ids[IMAGE_START_TOKEN]
-        self.image_end_token_id = ids[IMAGE_END_TOKEN]
+        self.wrap_image_tokens = bool(wrap_image_tokens)
+        self.image_start_token_id = ids[IMAGE_START_TOKEN] if wrap_image_tokens else None
+        self.image_end_token_id = ids[IMAGE_END_TOKEN] if wrap_image_tokens else None
         self.image_token_id = ids[IMAGE_CONTEXT_TOKEN]
-        self.image_token_ids = [self.image_token_id, self.image_start_token_id, self.image_end_token_id]
+        self.image_token_ids = [self.image_token_id]
+        if wrap_image_tokens:
+            self.image_token_ids += [self.image_start_token_id, self.image_end_token_id]
 
     add_image_tokens = staticmethod(add_image_tokens)
 
@@ -253,19 +342,43 @@ class PhantomProcessor(ProcessorMixin):
         config: Any,
         tokenizer: PreTrainedTokenizerBase,
         chat_template: str | None = None,
-        min_patches: int = DEFAULT_MIN_PATCHES,
-        max_patches: int = DEFAULT_MAX_PATCHES,
+        min_patches: int | None = None,
+        max_patches: int | None = None,
+        pad_to_square: bool | None = None,
     ) -> "PhantomProcessor":
-        """The processor matching a `PhantomConfig`: tiles of the vision tower's `image_size`, `image_seq_length`
-        from the config, the chat template of its decoder type (unless given).
+        """The processor matching a `PhantomConfig`: images prepared for its vision tower's type and `image_size`,
+        `image_seq_length` from the config, the chat template of the model (`chat_template_for`, unless given).
 
-        Checks that the tokenizer's `<IMG_CONTEXT>` id is `config.image_token_id`. When the tokenizer has no
-        `model_max_length`, it is set to the decoder's `max_position_embeddings`.
+        InternViT (`internvl_vision`): dynamic tiling with `min_patches`..`max_patches` tiles (default 1..6),
+        `<img>`/`</img>` around each image. CLIP and SigLIP: one image each, no wrapping; CLIP images are padded to
+        a square first unless `pad_to_square=False` (LLaVA-1.5 / Xmodel-VLM "pad"). Checks that the tokenizer's
+        `<IMG_CONTEXT>` id is `config.image_token_id`. When the tokenizer has no `model_max_length`, it is set to
+        the decoder's `max_position_embeddings`.
         """
+        vision_type = config.vision_config.model_type
         image_size = config.vision_config.image_size
         tile_size = image_size if isinstance(image_size, int) else int(image_size[0])
         if not isinstance(image_size, int) and int(image_size[0]) != int(image_size[1]):
             raise ValueError(f"Phantom tiles are square; vision_config.image_size is {image_size}")
+        if vision_type in TILING_VISION_MODEL_TYPES:
+            if pad_to_square is not None:
+                raise ValueError(f"pad_to_square is for fixed-size (CLIP) towers; {vision_type} images are tiled")
+            image_processor = build_image_processor(
+                tile_size,
+                DEFAULT_MIN_PATCHES if min_patches is None else min_patches,
+                DEFAULT_MAX_PATCHES if max_patches is None else max_patches,
+            )
+        elif vision_type in FIXED_SIZE_VISION_MODEL_TYPES:
+            if min_patches is not None or max_patches is not None:
+                raise ValueError(f"min_patches/max_patches set tiling; a {vision_type} tower takes one image, not tiles")
+            if pad_to_square is None:
+                pad_to_square = vision_type == "clip_vision_model"
+            image_processor = build_fixed_size_image_processor(vision_type, tile_size, pad_to_square)
+        else:
+            raise ValueError(
+                f"PhantomProcessor.from_config knows the image preparation of {TILING_VISION_MODEL_TYPES + FIXED_SIZE_VISION_MODEL_TYPES}"
+                f" towers, not {vision_type!r}; build PhantomProcessor(image_processor=..., tokenizer=...) directly"
+            )
         context_id = _single_token_id(tokenizer, IMAGE_CONTEXT_TOKEN)
         if context_id is not None and config.image_token_id is not None and context_id != config.image_token_id:
             raise ValueError(
@@ -276,16 +389,19 @@ class PhantomProcessor(ProcessorMixin):
         if max_positions and tokenizer.model_max_length >= VERY_LARGE_INTEGER:
             tokenizer.model_max_length = max_positions
         return cls(
-            image_processor=build_image_processor(tile_size, min_patches, max_patches),
+            image_processor=image_processor,
             tokenizer=tokenizer,
             image_seq_length=config.image_seq_length,
             chat_template=chat_template if chat_template is not None else chat_template_for(config),
+            wrap_image_tokens=vision_type in TILING_VISION_MODEL_TYPES,
         )
 
     @property
     def tile_size(self) -> int:
         """Side of a square tile in pixels (the vision tower's `image_size`)."""
-        return int(self.image_processor.size["height"])
+        processor = self.image_processor
+        size = processor.crop_size if getattr(processor, "do_center_crop", False) else processor.size
+        return int(size["height"])
 
     @property
     def model_input_names(self) -> list[str]:
@@ -293,7 +409,8 @@ class PhantomProcessor(ProcessorMixin):
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
         tiles = int(image_inputs["num_patches"][image_idx])
-        return IMAGE_START_TOKEN + IMAGE_CONTEXT_TOKEN * (self.image_seq_length * tiles) + IMAGE_END_TOKEN
+        placeholders = IMAGE_CONTEXT_TOKEN * (self.image_seq_length * tiles)
+        return IMAGE_START_TOKEN + placeholders + IMAGE_END_TOKEN if self.wrap_image_tokens else placeholders
 
     def _images_in_prompt_order(self, images: Any, text: list[str]) -> list[Any]:
         """Flatten `images` (one image, a flat list, or one list per prompt) after checking they match the
@@ -354,6 +471,9 @@ class PhantomProcessor(ProcessorMixin):
             images_kwargs = {**merged["images_kwargs"], "return_tensors": return_tensors}
             images_kwargs["input_data_format"] = ChannelDimension.LAST
             processed = self.image_processor(flat_images, **images_kwargs)
+            if "num_patches" not in processed:  # a fixed-size image processor: one tile per image
+                ones = [1] * len(flat_images)
+                processed["num_patches"] = torch.tensor(ones) if return_tensors == "pt" else ones
             data["pixel_values"] = processed["pixel_values"]
             data["num_patches"] = processed["num_patches"]
             replacements = [self.replace_image_token(processed, index) for index in range(len(flat_images))]
@@ -389,9 +509,9 @@ class PhantomProcessor(ProcessorMixin):
                 continue
             placeholders = sample.count(IMAGE_CONTEXT_TOKEN)
             if placeholders or not truncate:
-                images = sample.count(IMAGE_START_TOKEN)
+                images = sample.count(IMAGE_START_TOKEN) if self.wrap_image_tokens else placeholders // self.image_seq_length
                 raise ValueError(
-                    f"prompt {index} is {length} tokens long after expanding its {images} image(s) into {placeholders} "
+                    f"prompt {index} is {length} tokens long after expanding its {images} image tile(s) into {placeholders} "
                     f"{IMAGE_CONTEXT_TOKEN} placeholders: {length - limit} more than the maximum length {limit}. "
                     "Use fewer or smaller images (max_patches), a shorter prompt, or a larger max_length"
                 )
@@ -420,12 +540,17 @@ class PhantomProcessor(ProcessorMixin):
         return self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens, **kwargs)
 
     def _get_num_multimodal_tokens(self, image_sizes: list[list[int]] | None = None, **kwargs: Any) -> MultiModalData:
-        """Placeholder tokens (including `<img>` and `</img>`) and tiles for images of the given (height, width)."""
+        """Placeholder tokens (including `<img>` and `</img>` when wrapped) and tiles for images of the given
+        (height, width)."""
         vision_data = {}
         if image_sizes is not None:
-            images_kwargs = self._merge_kwargs(**kwargs)["images_kwargs"]
-            tiles = [self.image_processor.get_number_of_image_patches(*size, images_kwargs) for size in image_sizes]
-            vision_data["num_image_tokens"] = [2 + self.image_seq_length * count for count in tiles]
+            if _is_tiling(self.image_processor):
+                images_kwargs = self._merge_kwargs(**kwargs)["images_kwargs"]
+                tiles = [self.image_processor.get_number_of_image_patches(*size, images_kwargs) for size in image_sizes]
+            else:
+                tiles = [1] * len(image_sizes)
+            wrap = 2 if self.wrap_image_tokens else 0
+            vision_data["num_image_tokens"] = [wrap + self.image_seq_length * count for count in tiles]
             vision_data["num_image_patches"] = tiles
         return MultiModalData(**vision_data)
 
@@ -436,8 +561,10 @@ __all__ = [
     "CHATML_CHAT_TEMPLATE",
     "CHAT_TEMPLATES",
     "PHI3_CHAT_TEMPLATE",
+    "VICUNA_V1_CHAT_TEMPLATE",
     "PhantomProcessor",
     "add_image_tokens",
+    "build_fixed_size_image_processor",
     "build_image_processor",
     "chat_template_for",
 ]
