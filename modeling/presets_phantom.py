@@ -8,6 +8,12 @@ GELU, Linear) and the InternVL2 tokenizer of its language model, which adds `<im
 
 InternLM2 backbones are Llama decoders (`wqkv` split at conversion, spec section 5); their `rope_scaling`
 "dynamic" (factor 2) is transformers' dynamic-NTK rope, the same scaling InternLM2 implements.
+
+`BASELINE_PRESETS` holds the other system of the project's sources, Xmodel-VLM (spec section 8): the LLaVA-1.5
+paradigm with CLIP ViT-L/14-336, the XDP projector and Xmodel-LM 1.1B, without Phantom Dimension. Its fields come
+from the public XmodelVLM / XmodelLM repositories (`XModelConfig` "xl": 24 layers, 32 heads, 4 key/value heads,
+hidden 2048, intermediate find_multiple(8 * 2048 / 3, 256) = 5632, vocabulary 32000, rotary base 10000, RMSNorm
+eps 1e-5, untied head) and the paper (context 4096). `chat_format` names a key of `processing_phantom.CHAT_TEMPLATES`.
 """
 
 from __future__ import annotations
@@ -35,6 +41,21 @@ INTERNVIT_300M_448PX: dict[str, Any] = {
     "layer_scale_init_value": 0.1,
     "use_absolute_position_embeddings": True,
     "use_mean_pooling": True,
+}
+
+# CLIP ViT-L/14 at 336 px (openai/clip-vit-large-patch14-336) as transformers' `CLIPVisionConfig`.
+CLIP_VIT_L_14_336: dict[str, Any] = {
+    "model_type": "clip_vision_model",
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "image_size": 336,
+    "patch_size": 14,
+    "num_channels": 3,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
+    "projection_dim": 768,
 }
 
 # Chat formats of the published models (spec section 5), by name.
@@ -144,11 +165,61 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 PRESET_NAMES: tuple[str, ...] = tuple(PRESETS)
 
+BASELINE_PRESETS: dict[str, dict[str, Any]] = {
+    "xmodel-vlm-1.1b": {
+        "language_model": "XiaoduoAILab/XmodelLM",
+        # Vicuna v1 (`conv_templates["v1"]`, the `--version v1` of Xmodel-VLM's training scripts).
+        "chat_format": "vicuna_v1",
+        # Xmodel-LM's tokenizer has no image token (LLaVA splices features in at id -200); conversion appends
+        # <IMG_CONTEXT> after its 32000 tokens, and the embedding grows by that one row.
+        "image_token_id": 32000,
+        "vision_config": CLIP_VIT_L_14_336,
+        "projector_type": "xdp",
+        "projector_group_size": 4,
+        "vision_feature_layer": -2,
+        "vision_feature_select_strategy": "default",
+        "text_config": {
+            "model_type": "llama",
+            "vocab_size": 32001,
+            "hidden_size": 2048,
+            "intermediate_size": 5632,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 4,
+            "hidden_act": "silu",
+            "max_position_embeddings": 4096,
+            "rope_theta": 10000.0,
+            "rms_norm_eps": 1e-5,
+            "attention_bias": False,
+            "mlp_bias": False,
+            "tie_word_embeddings": False,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "pad_token_id": 0,
+        },
+    },
+}
+BASELINE_PRESET_NAMES: tuple[str, ...] = tuple(BASELINE_PRESETS)
+ALL_PRESET_NAMES: tuple[str, ...] = PRESET_NAMES + BASELINE_PRESET_NAMES
+
+
+def _unknown(name: str) -> ValueError:
+    return ValueError(f"unknown Phantom preset {name!r}; known presets: {', '.join(ALL_PRESET_NAMES)}")
+
 
 def preset_config_kwargs(name: str) -> dict[str, Any]:
     """`PhantomConfig` keyword arguments of preset `name` (fresh copies: callers may modify them)."""
+    if name in BASELINE_PRESETS:
+        preset = BASELINE_PRESETS[name]
+        keys = ("image_token_id", "projector_type", "projector_group_size", "vision_feature_layer", "vision_feature_select_strategy")
+        return {
+            "text_config": copy.deepcopy(preset["text_config"]),
+            "vision_config": copy.deepcopy(preset["vision_config"]),
+            **{key: preset[key] for key in keys},
+            "phantom_dimension": False,
+        }
     if name not in PRESETS:
-        raise ValueError(f"unknown Phantom preset {name!r}; known presets: {', '.join(PRESET_NAMES)}")
+        raise _unknown(name)
     preset = PRESETS[name]
     return {
         "text_config": copy.deepcopy(preset["text_config"]),
@@ -163,10 +234,22 @@ def preset_config_kwargs(name: str) -> dict[str, Any]:
 
 
 def preset_chat_format(name: str) -> str:
-    """Name of the chat format ("chatml" or "phi3") preset `name` was trained with."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown Phantom preset {name!r}; known presets: {', '.join(PRESET_NAMES)}")
-    return PRESETS[name]["chat_format"]
+    """Name of the chat format ("chatml", "phi3", or "vicuna_v1" for Xmodel-VLM) preset `name` was trained with."""
+    for presets in (PRESETS, BASELINE_PRESETS):
+        if name in presets:
+            return presets[name]["chat_format"]
+    raise _unknown(name)
 
 
-__all__ = ["CHAT_FORMATS", "INTERNVIT_300M_448PX", "PRESETS", "PRESET_NAMES", "preset_chat_format", "preset_config_kwargs"]
+__all__ = [
+    "ALL_PRESET_NAMES",
+    "BASELINE_PRESETS",
+    "BASELINE_PRESET_NAMES",
+    "CHAT_FORMATS",
+    "CLIP_VIT_L_14_336",
+    "INTERNVIT_300M_448PX",
+    "PRESETS",
+    "PRESET_NAMES",
+    "preset_chat_format",
+    "preset_config_kwargs",
+]
