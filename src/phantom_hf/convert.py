@@ -7,6 +7,13 @@ trust_remote_code=True)` loads: config.json with `auto_map`, the remote-code fil
 generation config, and the tokenizer with processor and chat template (when the tokenizer loads without the
 checkpoint's own code).
 
+`convert_checkpoint(src, dst, source="llava")` converts LLaVA-style checkpoints (LLaVA-1.5, Xmodel-VLM; spec
+section 8): `model.mm_projector.*`, `model.vision_tower.vision_tower.vision_model.*`, `model.layers.*`,
+`model.embed_tokens`, `model.norm`, `lm_head`, and a config.json with the Llama fields and `mm_*` settings. The
+image placeholder `<IMG_CONTEXT>` is added to the tokenizer; when its id lies beyond the embedding (LLaVA splices
+image features in at id -200 and has no such token), the embedding and the head grow by that one row, set to the
+mean of the others (the placeholder's embedding is always replaced by vision tokens; its logit is the mean logit).
+
 Everything is checked before anything is written: names and shapes come from the files' headers and from the
 target model built on the meta device. A source tensor without a target, a target left unfilled, or a shape
 that disagrees stops the conversion with a `ValueError` listing them, and the destination is left as it was
@@ -17,6 +24,7 @@ memory stays below one copy of the weights.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import re
@@ -41,7 +49,7 @@ from .modeling.processing_phantom import (
     PhantomProcessor,
     add_image_tokens,
 )
-from .modeling.presets_phantom import PRESET_NAMES, PRESETS
+from .modeling.presets_phantom import ALL_PRESET_NAMES, BASELINE_PRESET_NAMES, BASELINE_PRESETS, PRESET_NAMES, PRESETS
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +65,8 @@ TOKENIZER_FILES = (
 )
 
 # Buffers that older transformers versions saved although they are derived from the config.
-IGNORED_SOURCE_TENSORS = re.compile(r"\.rotary_emb\.inv_freq$")
+IGNORED_SOURCE_TENSORS = re.compile(r"\.rotary_emb\.inv_freq$|\.embeddings\.position_ids$")
+SOURCES = ("phantom", "llava")
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64,
@@ -258,6 +267,8 @@ _CHECKED_FIELDS = (
 def resolve_config(src: str | Path, preset: str | None = None) -> PhantomConfig:
     """The target config of a conversion: from the published config.json when there is one (the preset, if
     given, must then agree with it), otherwise from the preset."""
+    if preset in BASELINE_PRESETS:
+        raise ValueError(f"{preset!r} is a LLaVA-style baseline, not a Phantom checkpoint; convert it with source='llava'")
     if preset is not None and preset not in PRESETS:
         raise ValueError(f"unknown Phantom preset {preset!r}; known presets: {', '.join(PRESET_NAMES)}")
     config_path = Path(src) / "config.json"
@@ -326,11 +337,13 @@ _INTERNLM2_WQKV = re.compile(r"^language_model\.model\.layers\.(\d+)\.attention\
 
 @dataclass(frozen=True)
 class TensorRule:
-    """How one published tensor becomes one or more target tensors: `split` cuts it along dim 0 (None: copy)."""
+    """How one published tensor becomes one or more target tensors: `split` cuts it along dim 0 (None: copy);
+    with `grow_rows`, `split` instead appends that many rows (the source has that many fewer than the target)."""
 
     source: str
     targets: tuple[str, ...]
     split: Callable[[torch.Tensor], list[torch.Tensor]] | None = None
+    grow_rows: int = 0
 
 
 def _split_wqkv(num_heads: int, num_kv_heads: int, head_dim: int) -> Callable[[torch.Tensor], list[torch.Tensor]]:
@@ -370,6 +383,128 @@ def map_published_name(name: str, config: PhantomConfig) -> TensorRule | None:
     return None
 
 
+_LLAVA_RENAMES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
+    (re.compile(pattern), replacement)
+    for pattern, replacement in (
+        # LLaVA-1.5 names mlp2x_gelu `mm_projector.{0,2}`, Xmodel-VLM names XDP `mm_projector.mlp.{0,2}`
+        (r"^model\.mm_projector\.(?:mlp\.)?0\.", "model.multi_modal_projector.linear_1."),
+        (r"^model\.mm_projector\.(?:mlp\.)?2\.", "model.multi_modal_projector.linear_2."),
+        (r"^model\.(embed_tokens|layers|norm)\.", r"model.language_model.\1."),
+        (r"^lm_head\.weight$", "lm_head.weight"),
+    )
+)
+_LLAVA_VISION = re.compile(r"^model\.vision_tower\.vision_tower\.vision_model\.")
+_LLAVA_GROWN = ("model.language_model.embed_tokens.weight", "lm_head.weight")
+
+
+def _append_mean_rows(count: int) -> Callable[[torch.Tensor], list[torch.Tensor]]:
+    def grow(tensor: torch.Tensor) -> list[torch.Tensor]:
+        mean = tensor.double().mean(0, keepdim=True).to(tensor.dtype)
+        return [torch.cat([tensor, mean.expand(count, -1)])]
+
+    return grow
+
+
+def map_llava_name(name: str, vision_prefix: str, grow_rows: int = 0) -> TensorRule | None:
+    """The rule for tensor `name` of a LLaVA-style checkpoint, or None when no rule applies.
+
+    `vision_prefix` is where the vision model's own names start in our model ("model.vision_tower." with
+    transformers 5, whose CLIP/SigLIP vision models dropped the `vision_model.` level). The embedding and the head
+    get `grow_rows` mean rows appended.
+    """
+    if _LLAVA_VISION.search(name):
+        return TensorRule(name, (_LLAVA_VISION.sub(vision_prefix, name, count=1),))
+    for pattern, replacement in _LLAVA_RENAMES:
+        if pattern.search(name):
+            target = pattern.sub(replacement, name, count=1)
+            if grow_rows and target in _LLAVA_GROWN:
+                return TensorRule(name, (target,), _append_mean_rows(grow_rows), grow_rows)
+            return TensorRule(name, (target,))
+    return None
+
+
+# LLaVA `mm_projector_type` -> our `projector_type` (Xmodel-VLM's "xdpnet" / "xdpnetv10_<factor>" is XDP).
+_LLAVA_PROJECTORS = {"mlp2x_gelu": "mlp2x_gelu", "xdpnet": "xdp"}
+_LLAVA_SELECT_FEATURES = {"patch": "default", "cls_patch": "full"}
+_LLAVA_TEXT_KEYS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "hidden_act", "max_position_embeddings", "rms_norm_eps", "rope_theta", "rope_scaling",
+    "attention_bias", "mlp_bias", "bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings",
+    "initializer_range",
+)  # fmt: skip
+# Vision towers a LLaVA config.json names only by their Hub id (`mm_vision_tower`).
+_KNOWN_LLAVA_TOWERS = {"clip-vit-large-patch14-336": "xmodel-vlm-1.1b"}
+
+
+def _llava_vision_config(llava: dict[str, Any]) -> dict[str, Any]:
+    if isinstance(llava.get("vision_config"), dict):
+        vision = {key: value for key, value in llava["vision_config"].items() if key not in _RUNTIME_KEYS - {"model_type"}}
+        vision.setdefault("model_type", "clip_vision_model")
+        return vision
+    tower = str(llava.get("mm_vision_tower") or llava.get("vision_tower") or "")
+    for suffix, preset in _KNOWN_LLAVA_TOWERS.items():
+        if tower.rstrip("/").endswith(suffix):
+            return copy.deepcopy(BASELINE_PRESETS[preset]["vision_config"])
+    raise ValueError(
+        f"config.json names the vision tower {tower!r}, whose dimensions are not known here; add a `vision_config` "
+        f"dict (CLIPVisionConfig fields) to config.json or pass preset= one of {', '.join(BASELINE_PRESET_NAMES)}"
+    )
+
+
+def config_from_llava(llava: dict[str, Any]) -> PhantomConfig:
+    """`PhantomConfig` (no Phantom Dimension) of a LLaVA-style config.json: Llama fields at the top level, the
+    vision tower from `vision_config` or a known `mm_vision_tower`, `mm_projector_type`, `mm_vision_select_layer`,
+    `mm_vision_select_feature`. The XDP group size is read from the weights later (`plan_conversion`)."""
+    if llava.get("mm_use_im_start_end"):
+        raise ValueError("mm_use_im_start_end=True (image start/end tokens around the placeholder) is not supported")
+    projector = str(llava.get("mm_projector_type", "linear"))
+    projector_type = "xdp" if re.fullmatch(r"xdpnet(v10_\d+)?", projector) else _LLAVA_PROJECTORS.get(projector)
+    if projector_type is None:
+        raise ValueError(f"mm_projector_type {projector!r} is not supported; known: mlp2x_gelu, xdpnet")
+    select = llava.get("mm_vision_select_feature", "patch")
+    if select not in _LLAVA_SELECT_FEATURES:
+        raise ValueError(f"mm_vision_select_feature {select!r} is not supported; known: {list(_LLAVA_SELECT_FEATURES)}")
+    vision = _llava_vision_config(llava)
+    if llava.get("mm_hidden_size") not in (None, vision.get("hidden_size")):
+        raise ValueError(f"mm_hidden_size {llava['mm_hidden_size']} differs from the vision tower's {vision.get('hidden_size')}")
+    text = {key: llava[key] for key in _LLAVA_TEXT_KEYS if key in llava}
+    text["model_type"] = "llama"
+    return PhantomConfig(
+        text_config=text,
+        vision_config=vision,
+        projector_type=projector_type,
+        vision_feature_layer=int(llava.get("mm_vision_select_layer", -2)),
+        vision_feature_select_strategy=_LLAVA_SELECT_FEATURES[select],
+        phantom_dimension=False,
+    )
+
+
+def resolve_llava_config(src: str | Path, preset: str | None = None) -> PhantomConfig:
+    """The target config of a LLaVA-style conversion: from config.json (checked against the preset when both are
+    there) or from a baseline preset ("xmodel-vlm-1.1b")."""
+    if preset is not None and preset not in BASELINE_PRESETS:
+        raise ValueError(
+            f"preset {preset!r} is not a LLaVA-style baseline; known: {', '.join(BASELINE_PRESET_NAMES)} "
+            "(Phantom presets convert with source='phantom')"
+        )
+    config_path = Path(src) / "config.json"
+    if not config_path.is_file():
+        if preset is None:
+            raise ValueError(f"{str(src)!r} has no config.json; pass preset= one of {', '.join(BASELINE_PRESET_NAMES)}")
+        return PhantomConfig.from_preset(preset)
+    config = config_from_llava(json.loads(config_path.read_text()))
+    if preset is not None:
+        reference = PhantomConfig.from_preset(preset)
+        disagreements = [
+            f"{sub}.{field}: preset {getattr(getattr(reference, sub), field)!r}, checkpoint {getattr(getattr(config, sub), field)!r}"
+            for sub, field in _CHECKED_FIELDS
+            if getattr(getattr(reference, sub), field) != getattr(getattr(config, sub), field)
+        ]
+        if disagreements:
+            raise ValueError(f"the checkpoint is not a {preset}: " + "; ".join(disagreements))
+    return config
+
+
 # ---------------------------------------------------------------------------------------------------
 # Plan and checks
 # ---------------------------------------------------------------------------------------------------
@@ -393,18 +528,42 @@ def _expected_target_shapes(config: PhantomConfig) -> dict[str, tuple[int, ...]]
     return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items() if name not in tied}
 
 
-def plan_conversion(reader: CheckpointReader, config: PhantomConfig) -> ConversionPlan:
-    """Map every source tensor and check names and shapes; `ValueError` listing every problem found."""
+def _vision_prefix(expected: dict[str, tuple[int, ...]]) -> str:
+    """Where the vision model's own tensor names start in our model (its `vision_model.` level, if it has one)."""
+    nested = any(name.startswith("model.vision_tower.vision_model.") for name in expected)
+    return "model.vision_tower.vision_model." if nested else "model.vision_tower."
+
+
+def plan_conversion(
+    reader: CheckpointReader, config: PhantomConfig, source: str = "phantom", grow_rows: int = 0
+) -> ConversionPlan:
+    """Map every source tensor and check names and shapes; `ValueError` listing every problem found.
+
+    `source`: "phantom" (spec section 6) or "llava" (spec section 8; `grow_rows` rows are appended to the
+    embedding and head, and the XDP group size is read off the projector's first weight).
+    """
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
     names = reader.names()
-    has_head = any(re.match(r"^language_model\.(lm_head|output)\.weight$", name) for name in names)
+    head = r"^lm_head\.weight$" if source == "llava" else r"^language_model\.(lm_head|output)\.weight$"
+    has_head = any(re.match(head, name) for name in names)
     # A stored head is used as it is (untied); without one the head is the input embedding.
     config.tie_word_embeddings = not has_head
     config.text_config.tie_word_embeddings = not has_head
+    if source == "llava" and config.projector_type == "xdp":
+        first = next((name for name in names if re.match(r"^model\.mm_projector\.(?:mlp\.)?0\.weight$", name)), None)
+        channels = config.vision_config.hidden_size
+        if first is not None and len(reader.shape(first)) == 2 and reader.shape(first)[1] % channels == 0:
+            config.projector_group_size = reader.shape(first)[1] // channels
     expected = _expected_target_shapes(config)
+    vision_prefix = _vision_prefix(expected)
 
     rules, ignored, unmapped, mismatched, produced = [], [], [], [], {}
     for name in names:
-        rule = map_published_name(name, config)
+        if source == "llava":
+            rule = map_llava_name(name, vision_prefix, grow_rows)
+        else:
+            rule = map_published_name(name, config)
         if rule is None or any(target not in expected for target in rule.targets):
             if IGNORED_SOURCE_TENSORS.search(name):
                 ignored.append(name)
@@ -412,7 +571,9 @@ def plan_conversion(reader: CheckpointReader, config: PhantomConfig) -> Conversi
                 unmapped.append(name if rule is None else f"{name} (-> {', '.join(rule.targets)})")
             continue
         target_shapes = [expected[target] for target in rule.targets]
-        if rule.split is None:
+        if rule.grow_rows:
+            want = (target_shapes[0][0] - rule.grow_rows, *target_shapes[0][1:])
+        elif rule.split is None:
             want = target_shapes[0]
         elif all(shape[1:] == target_shapes[0][1:] for shape in target_shapes):
             want = (sum(shape[0] for shape in target_shapes), *target_shapes[0][1:])
@@ -545,7 +706,52 @@ def _convert_tokenizer(
     return tokenizer
 
 
-def _write_model_card(folder: Path, src: Path, config: PhantomConfig, plan: ConversionPlan, preset: str | None) -> None:
+def _prepare_llava_tokenizer(
+    src: Path, reader: CheckpointReader, config: PhantomConfig, trust_remote_code: bool
+) -> tuple[PreTrainedTokenizerBase | None, int]:
+    """Add `<IMG_CONTEXT>` to a LLaVA checkpoint's tokenizer and set `config.image_token_id` and the vocabulary
+    size; return the tokenizer (None when the folder has none) and how many rows the embedding must grow (0 or 1).
+
+    Without a tokenizer the placeholder takes the first id past the embedding.
+    """
+    embedding = "model.embed_tokens.weight"
+    rows = reader.shape(embedding)[0] if embedding in reader.names() else config.text_config.vocab_size
+    tokenizer = None
+    if any((src / name).is_file() for name in TOKENIZER_FILES):
+        tokenizer = _load_tokenizer(src, trust_remote_code)
+        if tokenizer is None:
+            raise ValueError(
+                f"the tokenizer in {str(src)!r} needs its own code to load; pass trust_remote_code=True "
+                "(--trust-remote-code) so that <IMG_CONTEXT> can be added to it; nothing was written"
+            )
+        add_image_tokens(tokenizer, tokens=(IMAGE_CONTEXT_TOKEN,))
+        image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_CONTEXT_TOKEN)
+    else:
+        image_token_id = rows
+    if image_token_id > rows:
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens, <IMG_CONTEXT> gets id {image_token_id}, but the embedding has only "
+            f"{rows} rows: ids {rows}..{image_token_id - 1} have no trained embedding; nothing was written"
+        )
+    grow = 1 if image_token_id == rows else 0
+    config.text_config.vocab_size = rows + grow
+    config.image_token_id = image_token_id
+    return tokenizer, grow
+
+
+def _pad_to_square(src: Path, config: PhantomConfig) -> bool | None:
+    """LLaVA's `image_aspect_ratio="pad"` for CLIP towers (Xmodel-VLM trains with it); None for other towers."""
+    if config.vision_config.model_type != "clip_vision_model":
+        return None
+    config_path = src / "config.json"
+    if not config_path.is_file():
+        return True
+    return json.loads(config_path.read_text()).get("image_aspect_ratio") == "pad"
+
+
+def _write_model_card(
+    folder: Path, src: Path, config: PhantomConfig, plan: ConversionPlan, preset: str | None, source: str = "phantom"
+) -> None:
     """README.md with the Hub metadata, via `phantom_hf.hub` (skipped, with a warning, where it is absent)."""
     try:
         from .hub import write_model_card
@@ -554,18 +760,21 @@ def _write_model_card(folder: Path, src: Path, config: PhantomConfig, plan: Conv
         return
     name = preset.replace("phantom", "Phantom").upper().replace("PHANTOM", "Phantom") if preset else src.name
     num_parameters = sum(int(torch.Size(shape).numel()) for shape in plan.target_shapes.values())
+    kind = "LLaVA-style checkpoint" if source == "llava" else "published Phantom checkpoint"
     write_model_card(
         folder,
         config,
         model_name=name,
-        description=f"Converted with `phantom-hf convert` from the published Phantom checkpoint `{src.name}`.",
+        description=f"Converted with `phantom-hf convert` from the {kind} `{src.name}`.",
         num_parameters=num_parameters,
     )
 
 
-def _chat_format(config: PhantomConfig, preset: str | None) -> str:
+def _chat_format(config: PhantomConfig, preset: str | None, source: str = "phantom") -> str:
     if preset is not None:
-        return PRESETS[preset]["chat_format"]
+        return (BASELINE_PRESETS if source == "llava" else PRESETS)[preset]["chat_format"]
+    if source == "llava":
+        return "vicuna_v1"  # LLaVA-1.5 and Xmodel-VLM's conversation format
     return "phi3" if config.text_config.model_type == "phi3" else "chatml"
 
 
@@ -582,20 +791,24 @@ def convert_checkpoint(
     dtype: torch.dtype | str | None = None,
     max_shard_size: int | str = "5GB",
     trust_remote_code: bool = False,
+    source: str = "phantom",
 ) -> PhantomConfig:
-    """Convert the published Phantom checkpoint in folder `src` into a Hub-native folder `dst`.
+    """Convert the published Phantom (or LLaVA-style) checkpoint in folder `src` into a Hub-native folder `dst`.
 
     Args:
-        src: published folder: config.json (`llm_config`, `vision_config`), weights (safetensors or `.bin`,
-            sharded with an index json or not), optionally the tokenizer.
+        src: published folder: config.json (`llm_config`, `vision_config`; for LLaVA the Llama fields and `mm_*`
+            settings), weights (safetensors or `.bin`, sharded with an index json or not), optionally the tokenizer.
         dst: new or empty folder to write.
-        preset: "phantom-0.5b" | "phantom-1.8b" | "phantom-3.8b" | "phantom-7b". Needed when `src` has no
-            published config.json; otherwise checked against it.
+        preset: "phantom-0.5b" | "phantom-1.8b" | "phantom-3.8b" | "phantom-7b" (or "xmodel-vlm-1.1b" for LLaVA).
+            Needed when `src` has no config.json; otherwise checked against it.
         dtype: cast floating-point weights (e.g. "bfloat16"); default keeps the stored dtypes.
         max_shard_size: largest safetensors shard, in bytes or like "5GB" (also the memory a conversion needs
             beyond one tensor).
         trust_remote_code: allow loading a tokenizer that needs the checkpoint's own code (InternLM2's
-            `tokenization_internlm2.py`). Without it such a tokenizer is copied as it is and no processor is written.
+            `tokenization_internlm2.py`). Without it such a tokenizer is copied as it is and no processor is written
+            (a LLaVA conversion refuses instead: it must add `<IMG_CONTEXT>` to the tokenizer).
+        source: "phantom" (spec section 6) or "llava" (LLaVA-1.5 / Xmodel-VLM layout, spec section 8; the result
+            has `phantom_dimension=False`, the baseline; load it with `phantom_dimension=True` for its twin).
 
     Returns the written config. Raises `ValueError` before writing anything when a tensor is left unmapped,
     a target is left unfilled or a shape disagrees (all listed), or when `dst` is a non-empty folder.
@@ -607,19 +820,35 @@ def convert_checkpoint(
             raise ValueError(f"dtype must name a torch dtype such as 'bfloat16', got {dtype!r}")
         dtype = getattr(torch, dtype)
     max_bytes = _parse_size(max_shard_size)
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
     reader = CheckpointReader(src)
-    config = resolve_config(src, preset)
-    plan = plan_conversion(reader, config)
+    chat_format = None
+    if source == "llava":
+        config = resolve_llava_config(src, preset)
+        tokenizer, grow_rows = _prepare_llava_tokenizer(src, reader, config, trust_remote_code)
+        plan = plan_conversion(reader, config, source="llava", grow_rows=grow_rows)
+        chat_format = _chat_format(config, preset, source)
+    else:
+        config = resolve_config(src, preset)
+        plan = plan_conversion(reader, config)
 
     dst.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
     try:
         written_dtype = _write_weights(plan, reader, staging, dtype, max_bytes)
-        tokenizer = _convert_tokenizer(src, staging, config, _chat_format(config, preset), trust_remote_code)
+        if source == "llava":
+            if tokenizer is not None:
+                processor = PhantomProcessor.from_config(
+                    config, tokenizer, chat_template=CHAT_TEMPLATES[chat_format], pad_to_square=_pad_to_square(src, config)
+                )
+                processor.save_pretrained(staging)
+        else:
+            tokenizer = _convert_tokenizer(src, staging, config, _chat_format(config, preset), trust_remote_code)
         config.dtype = written_dtype
         config.save_pretrained(staging)
         save_remote_code(staging)
-        _write_model_card(staging, src, config, plan, preset)
+        _write_model_card(staging, src, config, plan, preset, source)
         generation_config = (
             GenerationConfig.from_pretrained(src) if (src / "generation_config.json").is_file() else GenerationConfig.from_model_config(config.text_config)
         )
@@ -644,9 +873,16 @@ def convert_checkpoint(
 
 def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Arguments of the `convert` sub-command."""
-    parser.add_argument("src", help="folder of a published Phantom checkpoint")
+    parser.add_argument("src", help="folder of a published Phantom (or LLaVA-style) checkpoint")
     parser.add_argument("dst", help="new or empty folder for the converted model")
-    parser.add_argument("--preset", choices=PRESET_NAMES, default=None, help="size, required without config.json")
+    parser.add_argument(
+        "--from",
+        dest="source",
+        choices=SOURCES,
+        default="phantom",
+        help="checkpoint layout: 'phantom' (published Phantom) or 'llava' (LLaVA-1.5, Xmodel-VLM)",
+    )
+    parser.add_argument("--preset", choices=ALL_PRESET_NAMES, default=None, help="size, required without config.json")
     parser.add_argument("--dtype", default=None, help="cast floating-point weights, e.g. bfloat16")
     parser.add_argument("--max-shard-size", default="5GB", help="largest weight shard (default 5GB)")
     parser.add_argument(
@@ -664,6 +900,7 @@ def run_convert(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         max_shard_size=args.max_shard_size,
         trust_remote_code=args.trust_remote_code,
+        source=getattr(args, "source", "phantom"),
     )
     text = config.text_config
     print(
@@ -678,10 +915,13 @@ __all__ = [
     "ConversionPlan",
     "TensorRule",
     "add_convert_arguments",
+    "config_from_llava",
     "config_from_published",
     "convert_checkpoint",
+    "map_llava_name",
     "map_published_name",
     "plan_conversion",
     "resolve_config",
+    "resolve_llava_config",
     "run_convert",
 ]
