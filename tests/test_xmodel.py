@@ -88,3 +88,30 @@ def test_chat_template_renders_the_published_vicuna_v1_format() -> None:
 def test_unknown_preset_lists_the_baseline() -> None:
     with pytest.raises(ValueError, match="phantom-7b, xmodel-vlm-1.1b"):
         PhantomConfig.from_preset("xmodel-vlm-7b")
+
+
+def test_baseline_example_smoke() -> None:
+    """examples/xmodel_baseline.py at a tiny budget: both models are scored on the same held-out questions, and the
+    twin trains exactly the baseline's parameters plus the Phantom modules in both steps."""
+    import importlib.util
+    from pathlib import Path
+
+    from phantom_hf.synthetic import generate_splits
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "xmodel_baseline.py"
+    spec = importlib.util.spec_from_file_location("xmodel_baseline", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    results = example.run(steps=(1, 1), num_images=4, num_held_out=3, batch_size=4)
+    baseline, twin = results["baseline"], results["+Phantom Dimension"]
+    _, held_out = generate_splits(4, 3, seed=0, image_size=example.IMAGE_SIZE, kinds=("color",))
+    assert baseline["questions"] == twin["questions"] == [example.question for example in held_out]
+    for result in (baseline, twin):
+        hits = [answer == example.chosen for answer, example in zip(result["answers"], held_out)]
+        assert result["accuracy"] == sum(hits) / 3
+    phantom = {name for name in twin["trainable"][2] if "phantom" in name}
+    assert len(phantom) == 2 * (3 * 4 + 2 * 2)  # 2 layers: 3 MHCA x 4 linears, 2 gates x (weight, bias)
+    assert all(name.startswith("model.multi_modal_projector.") for name in baseline["trainable"][1])
+    for stage in (1, 2):
+        assert set(twin["trainable"][stage]) - set(baseline["trainable"][stage]) == phantom
+        assert set(baseline["trainable"][stage]) <= set(twin["trainable"][stage])
