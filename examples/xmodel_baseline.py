@@ -10,8 +10,9 @@ the script prints both held-out exact-match accuracies (greedy answers on unseen
     python examples/xmodel_baseline.py                      # a few minutes on 2 CPU cores
     python examples/xmodel_baseline.py --steps 40 80 --po   # PO (Eq. 4) in step 1 for both
 
-Everything is built offline; nothing is downloaded. Toy-scale numbers vary with the seed: they show the pipeline,
-not the paper's effect sizes.
+Everything is built offline; nothing is downloaded. Toy-scale numbers show the pipeline, not the paper's effect
+sizes: at the default budget (about a minute on one CPU thread) both models still answer one colour for every
+question (9.4% each on the 32 held-out questions with seed 0); larger budgets are needed to read the images.
 """
 
 from __future__ import annotations
