@@ -686,12 +686,16 @@ class PhantomForConditionalGeneration(PhantomPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         num_patches: torch.LongTensor | list[int] | None = None,
+        phantom_cache_mode: str | None = None,
         **kwargs: Any,
     ) -> PhantomCausalLMOutputWithPast:
+        """Logits (and the LM loss with `labels`). `phantom_cache_mode` ("expanded" | "compact") overrides the
+        config for the cache this call creates, e.g. `model.generate(..., phantom_cache_mode="compact")`."""
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
             num_patches=num_patches,
+            phantom_cache_mode=phantom_cache_mode,
             attention_mask=attention_mask,
             position_ids=position_ids,
             past_key_values=past_key_values,

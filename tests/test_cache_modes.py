@@ -91,3 +91,13 @@ def test_forward_kwarg_selects_the_mode_and_unknown_mode_is_a_clear_error() -> N
     assert cache.mode == "compact" and cache.layers[0].keys.shape[-1] == model.config.phantom_head_dim
     with pytest.raises(ValueError, match="mode must be 'expanded' or 'compact', got 'tiny'"):
         model(input_ids=input_ids, attention_mask=attention_mask, phantom_cache_mode="tiny")
+
+
+def test_generate_call_selects_the_cache_mode() -> None:
+    model = make_model(seed=9)
+    input_ids, attention_mask = left_padded_batch(LENGTHS, seed=23)
+    uncached = greedy(model, input_ids, attention_mask, use_cache=False).sequences
+    compact = greedy(model, input_ids, attention_mask, phantom_cache_mode="compact")
+    assert compact.past_key_values.mode == "compact"
+    assert compact.past_key_values.layers[0].keys.shape[-1] == model.config.phantom_head_dim
+    assert torch.equal(compact.sequences, uncached)
