@@ -52,14 +52,15 @@ DEFAULT_MIN_PATCHES = 1
 DEFAULT_MAX_PATCHES = 6
 DEFAULT_IMAGE_SEQ_LENGTH = 256
 
-# The published prompt formats (spec section 5): no separator between turns, `<image>` where each image goes.
+# The published prompt formats (spec section 5): no separator between turns, `<image>` followed by a newline
+# where each image goes (InternVL's and LLaVA's convention, and the triples' `"<image>\n" + question`).
 # Assistant turns are wrapped in {% generation %} so that `return_assistant_tokens_mask=True` marks the answer
 # and its end token (what the SFT loss trains on).
 _CONTENT_MACRO = (
     "{%- macro render_content(content) -%}"
     "{%- if content is string -%}{{- content -}}"
     "{%- else -%}{%- for block in content -%}"
-    "{%- if block['type'] == 'image' -%}{{- '" + IMAGE_MARKER + "' -}}"
+    "{%- if block['type'] == 'image' -%}{{- '" + IMAGE_MARKER + "\\n' -}}"
     "{%- elif block['type'] == 'text' -%}{{- block['text'] -}}"
     "{%- endif -%}"
     "{%- endfor -%}{%- endif -%}"
@@ -94,7 +95,7 @@ VICUNA_V1_SYSTEM = (
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
 VICUNA_V1_CHAT_TEMPLATE = (
-    _CONTENT_MACRO.replace("'" + IMAGE_MARKER + "'", "'" + IMAGE_MARKER + "\\n'")
+    _CONTENT_MACRO
     + "{%- if messages and messages[0]['role'] == 'system' -%}"
     + "{{- render_content(messages[0]['content']) + ' ' -}}{%- set turns = messages[1:] -%}"
     + "{%- else -%}{{- '" + VICUNA_V1_SYSTEM.replace("'", "\\'") + " ' -}}{%- set turns = messages -%}{%- endif -%}"

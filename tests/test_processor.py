@@ -339,15 +339,15 @@ def test_chatml_and_phi3_templates():
     assert processor.chat_template == CHATML_CHAT_TEMPLATE
     assert processor.apply_chat_template(CHAT, add_generation_prompt=True) == (
         "<|im_start|>system\nbe brief .<|im_end|>"
-        "<|im_start|>user\n<image>what is in the image ?<|im_end|>"
+        "<|im_start|>user\n<image>\nwhat is in the image ?<|im_end|>"
         "<|im_start|>assistant\na cat .<|im_end|>"
         "<|im_start|>user\nwhat is the dog ?<|im_end|>"
         "<|im_start|>assistant\n"
     )
-    assert processor.apply_chat_template(CHAT[1:2]) == "<|im_start|>user\n<image>what is in the image ?<|im_end|>"
+    assert processor.apply_chat_template(CHAT[1:2]) == "<|im_start|>user\n<image>\nwhat is in the image ?<|im_end|>"
     assert processor.apply_chat_template(CHAT, chat_template=PHI3_CHAT_TEMPLATE, add_generation_prompt=True) == (
         "<|system|>\nbe brief .<|end|>"
-        "<|user|>\n<image>what is in the image ?<|end|>"
+        "<|user|>\n<image>\nwhat is in the image ?<|end|>"
         "<|assistant|>\na cat .<|end|>"
         "<|user|>\nwhat is the dog ?<|end|>"
         "<|assistant|>\n"
