@@ -393,6 +393,18 @@ class PhantomPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _can_compile_fullgraph = False
 
+    def enable_input_require_grads(self) -> None:
+        """Make the language model's input embeddings require grad (activation checkpointing or adapters on a
+        frozen LLM need it). Only the LLM's: transformers' default also hooks the vision tower's patch
+        embeddings, which makes a frozen tower (training stage 1) run its backward for nothing."""
+
+        def make_inputs_require_grads(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+            output.requires_grad_(True)
+
+        self.disable_input_require_grads()
+        self._require_grads_hook = self.get_input_embeddings().register_forward_hook(make_inputs_require_grads)
+        self._require_grads_hooks = [self._require_grads_hook]
+
     def save_pretrained(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> None:
         """Save weights and config, plus the remote-code files, so the folder loads with `trust_remote_code`;
         then run `SAVE_HOOKS` (the `phantom_hf` package registers its model-card writer there)."""

@@ -314,3 +314,15 @@ def test_no_split_modules_name_the_decoder_and_vision_layers(model: PhantomForCo
     randomize_phantom_weights(model)  # Phantom modules live inside the decoder layer: never split from it
     attention_class = type(model.language_model.layers[0].self_attn)
     assert attention_class.__name__ == "PhantomQwen2Attention"
+
+
+def test_input_require_grads_hooks_the_llm_embeddings_only(model: PhantomForConditionalGeneration) -> None:
+    """A frozen vision tower must not run a backward (training stage 1 with checkpointing on)."""
+    model.requires_grad_(False)
+    model.enable_input_require_grads()
+    pixel_values = torch.randn(1, 3, 28, 28, dtype=torch.float64)
+    input_ids = torch.tensor([[11, 12, 13]])
+    assert not model.vision_tower(pixel_values=pixel_values).last_hidden_state.requires_grad
+    assert model.get_input_embeddings()(input_ids).requires_grad
+    model.disable_input_require_grads()
+    assert not model.get_input_embeddings()(input_ids).requires_grad
