@@ -43,6 +43,22 @@ def model() -> PhantomForConditionalGeneration:
     return make_model()
 
 
+NEW_TOKENS = 8
+
+
+def generate_fixed_length(model: PhantomForConditionalGeneration, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs):
+    """`generate` exactly NEW_TOKENS tokens (never an image placeholder: a random model might emit one)."""
+    with torch.no_grad():
+        return model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            suppress_tokens=[IMAGE_TOKEN_ID],
+            **kwargs,
+        )
+
+
 def no_split_modules(model: torch.nn.Module) -> set[str]:
     """The module classes device_map="auto" keeps whole (collected from the submodels; the API moved in v5)."""
     if hasattr(model, "_get_no_split_modules"):

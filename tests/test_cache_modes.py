@@ -8,24 +8,13 @@ import torch
 
 from phantom_hf import PhantomCache
 
-from .conftest import IMAGE_TOKEN_ID, left_padded_batch, make_model
+from .conftest import NEW_TOKENS, generate_fixed_length, left_padded_batch, make_model
 
-NEW_TOKENS = 8
 LENGTHS = [9, 5, 7]
 
 
 def greedy(model, input_ids, attention_mask, **kwargs):
-    with torch.no_grad():
-        return model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            max_new_tokens=NEW_TOKENS,
-            min_new_tokens=NEW_TOKENS,
-            do_sample=False,
-            suppress_tokens=[IMAGE_TOKEN_ID],
-            return_dict_in_generate=True,
-            **kwargs,
-        )
+    return generate_fixed_length(model, input_ids, attention_mask, do_sample=False, return_dict_in_generate=True, **kwargs)
 
 
 def key_value_bytes(cache: PhantomCache) -> int:

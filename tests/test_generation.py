@@ -8,22 +8,8 @@ from transformers import DynamicCache
 
 from phantom_hf import PhantomCache
 
-from .conftest import IMAGE_TOKEN_ID, left_padded_batch, make_model
-
-NEW_TOKENS = 8
-
-
-def generate(model, input_ids, attention_mask, **kwargs) -> torch.Tensor:
-    with torch.no_grad():
-        return model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            max_new_tokens=NEW_TOKENS,
-            min_new_tokens=NEW_TOKENS,
-            suppress_tokens=[IMAGE_TOKEN_ID],  # a random model must not emit image placeholders
-            **kwargs,
-        )
-
+from .conftest import IMAGE_TOKEN_ID, NEW_TOKENS, left_padded_batch, make_model
+from .conftest import generate_fixed_length as generate
 
 def test_greedy_cached_equals_uncached_and_rows_equal_single_prompts() -> None:
     model = make_model()
