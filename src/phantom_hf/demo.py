@@ -226,7 +226,7 @@ def run_demo(out: str | Path, seed: int = 0, budget: str | DemoBudget = "full", 
         accuracy_after_step1, _ = evaluate(model, processor, test_examples)
         print(f"held-out accuracy after step 1: {accuracy_after_step1:.1%}")
         print(f"step 2a: everything trainable, SFT, on the questions that name a cell ({', '.join(CELL_KINDS)}) first")
-        cell_rows = to_dataset([example for example in train_examples if example.kind in CELL_KINDS])
+        cell_rows = image_rows.filter(lambda kind: kind in CELL_KINDS, input_columns="kind", desc="cell questions")
         step2_cells = train_phase(model, processor, cell_rows, scratch / "step2a", 2, budget.step2_cell_steps, budget, seed)
         print("step 2b: everything trainable, SFT, all questions")
         step2 = train_phase(model, processor, image_rows, scratch / "step2b", 2, budget.step2_steps, budget, seed)
