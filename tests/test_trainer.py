@@ -211,6 +211,33 @@ def test_apply_training_stage_validates():
         apply_training_stage(model, 1, freeze_parameters=["."])
 
 
+def test_sft_only_training_runs_chosen_rows_only_with_cpo_loss_and_gradients(tmp_path):
+    """With po_weight=0 a training step skips the rejected rows; loss and gradients equal CPO's full pass."""
+    model = make_model()
+    data = color_triples(6, text_only_every=3)
+    trainer = PhantomPOTrainer(model, make_args(tmp_path, training_stage=2), train_dataset=data, processing_class=make_processor())
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(6)])
+    rows = []
+    model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: rows.append(kwargs["inputs_embeds"].shape[0]), with_kwargs=True
+    )
+
+    def loss_and_grads(train_eval):
+        model.zero_grad()
+        loss, metrics = trainer.get_batch_loss_metrics(trainer.model, batch, train_eval=train_eval)
+        loss.backward()
+        return loss.item(), metrics, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    sft_loss, sft_metrics, sft_grads = loss_and_grads("train")
+    full_loss, full_metrics, full_grads = loss_and_grads("eval")  # evaluation keeps CPO's chosen + rejected pass
+    assert rows == [6, 12]
+    assert abs(sft_loss - full_loss) < 1e-6 and abs(sft_metrics["nll_loss"] - full_metrics["eval_nll_loss"]) < 1e-6
+    assert abs(sft_metrics["logps/chosen"] - full_metrics["eval_logps/chosen"]) < 1e-6
+    assert sft_grads.keys() == full_grads.keys() and len(sft_grads) > 10
+    for name, grad in sft_grads.items():
+        torch.testing.assert_close(grad, full_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
 def test_vision_tower_runs_once_per_triple(tmp_path):
     model = make_model()
     calls = []

@@ -10,7 +10,8 @@ each training stage, and validation of the triples (see `phantom_hf.data`).
 Step 1 (`training_stage=1`): the language model (and by default the vision tower) is frozen; the projector
 and the Phantom Dimension modules train with PO. Step 2 (`training_stage=2`): everything trains (except what
 the user freezes) with plain SFT: the preference weight `po_weight` defaults to 0 there, because the paper's
-Table 4 measures that keeping PO in step 2 hurts.
+Table 4 measures that keeping PO in step 2 hurts. With `po_weight=0` the training steps run the chosen answers only (the
+rejected ones would only feed CPO's reward metrics), so step 2 costs what plain SFT costs.
 """
 
 from __future__ import annotations
@@ -399,6 +400,32 @@ class PhantomPOTrainer(CPOTrainer):
             return super().concatenated_forward(functools.partial(model, pixel_values=pixel_values), batch)
         finally:
             hook.remove()
+
+    def get_batch_loss_metrics(
+        self, model: nn.Module, batch: dict[str, Any], train_eval: str = "train"
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """CPO's loss and metrics; with `po_weight=0` (plain SFT, stage 2's default) training runs the chosen rows only.
+
+        The preference term is then zero, so the rejected rows would only feed CPO's reward metrics at the price
+        of a second forward and backward over the batch. Evaluation keeps the full pass and its metrics.
+        """
+        if self.po_weight or train_eval != "train" or self.aux_loss_enabled:
+            return super().get_batch_loss_metrics(model, batch, train_eval)
+        device = self.accelerator.device
+        inputs: dict[str, Any] = {"attention_mask": batch["chosen_attention_mask"].to(device), "use_cache": False}
+        if batch.get("pixel_values") is not None:
+            inputs["pixel_values"] = batch["pixel_values"].to(device)
+        logits = model(batch["chosen_input_ids"].to(device), **inputs).logits
+        labels = batch["chosen_labels"].to(logits.device)
+        nll_loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+        chosen_logps = self.get_batch_logps(logits, labels, average_log_prob=self.loss_type in ("ipo", "simpo"))
+        gather = self.accelerator.gather_for_metrics
+        metrics = {
+            "nll_loss": gather(nll_loss.detach()).mean().item(),
+            "logps/chosen": gather(chosen_logps.detach()).mean().item(),
+            "logits/chosen": gather(logits.detach().mean()).mean().item(),
+        }
+        return self.cpo_alpha * nll_loss, metrics
 
     def cpo_loss(
         self, policy_chosen_logps: torch.FloatTensor, policy_rejected_logps: torch.FloatTensor
