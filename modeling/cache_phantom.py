@@ -5,10 +5,185 @@ Hub remote code: imports only torch and transformers.
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+import math
+from typing import Any, Callable
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+
+def _check_growth(growth: float, min_spare: int) -> None:
+    if not growth >= 1.0 or min_spare < 0:
+        raise ValueError(f"the cache buffers need growth >= 1 and min_spare >= 0, got growth={growth}, min_spare={min_spare}")
+
+
+class BufferedDynamicLayer(DynamicLayer):
+    """A `DynamicLayer` whose keys and values live in preallocated buffers with spare room for new tokens.
+
+    `DynamicLayer.update` appends with `torch.cat`, which copies the whole cache of the layer at every
+    decode step: a per-step cost that grows with the context (and doubles for Phantom's expanded
+    keys/values of head size 2*head_dim). This layer writes the new tokens in place into buffers of
+    shape (B, H, capacity, D) and returns views of the filled part, so a step copies only its own
+    tokens. When a write does not fit, the buffers are reallocated with capacity
+    `ceil(need * growth) + min_spare` (geometric growth: each token is copied O(1) times on average).
+
+    `keys` / `values` are always views of exactly the filled tokens, `buffer[:, :, :length, :]`:
+    the last dimension stays contiguous, which SDPA and flash attention read in place (measured on CPU:
+    no hidden copy, same speed as a contiguous tensor). Code that assigns new tensors to `keys` /
+    `values` (as the base class's offloading does) keeps working: the layer adopts them as its buffers
+    and reallocates on the next write. In-place writes happen only into buffers the layer allocated
+    itself with autograd off; with autograd recording (a key that requires grad) it falls back to
+    concatenation, so it never overwrites a tensor that a backward pass may need.
+
+    `crop` keeps the capacity (assisted decoding crops and regrows by a few tokens per step).
+    """
+
+    def __init__(self, growth: float = 1.5, min_spare: int = 64, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        _check_growth(growth, min_spare)
+        self.growth = growth
+        self.min_spare = min_spare
+        self._clear_buffers()
+
+    def _clear_buffers(self) -> None:
+        self._key_buffer: torch.Tensor | None = None
+        self._value_buffer: torch.Tensor | None = None
+        self._length = 0
+        self._owned = False  # True when the buffers were allocated here and may be written in place
+        self._published: tuple[Any, Any] = (None, None)
+
+    def _publish(self) -> None:
+        """Point `keys` / `values` at the filled part of the buffers."""
+        self.keys = self._key_buffer[..., : self._length, :]
+        self.values = self._value_buffer[..., : self._length, :]
+        self._published = (self.keys, self.values)
+
+    def _sync(self) -> None:
+        """Adopt tensors that other code assigned to `keys` / `values` since the last publish."""
+        if self.keys is self._published[0] and self.values is self._published[1]:
+            return
+        if self.keys is None or self.values is None or self.keys.dim() != 4:
+            self._key_buffer = self._value_buffer = None
+            self._length = 0
+        else:
+            self._key_buffer, self._value_buffer = self.keys, self.values
+            self._length = self.keys.shape[-2]
+        self._owned = False
+        self._published = (self.keys, self.values)
+
+    @property
+    def capacity(self) -> int:
+        """Tokens the buffers can hold before the next reallocation."""
+        self._sync()
+        return 0 if self._key_buffer is None else self._key_buffer.shape[-2]
+
+    def _capacity_for(self, need: int) -> int:
+        return math.ceil(need * self.growth) + self.min_spare
+
+    def _fits(self, key_states: torch.Tensor, value_states: torch.Tensor, need: int) -> bool:
+        buffer = self._key_buffer
+        return (
+            self._owned
+            and buffer is not None
+            and need <= buffer.shape[-2]
+            and buffer.shape[:2] == key_states.shape[:2]
+            and buffer.shape[-1] == key_states.shape[-1]
+            and self._value_buffer.shape[-1] == value_states.shape[-1]
+            and buffer.dtype == key_states.dtype
+            and buffer.device == key_states.device
+            and (torch.is_inference_mode_enabled() or not buffer.is_inference())
+        )
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new tokens after the filled part (in place when they fit); return keys and values."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self._sync()
+        length, need = self._length, self._length + key_states.shape[-2]
+        if torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad):
+            if length:
+                key_states = torch.cat([self._key_buffer[..., :length, :], key_states], dim=-2)
+                value_states = torch.cat([self._value_buffer[..., :length, :], value_states], dim=-2)
+            self._key_buffer, self._value_buffer, self._owned = key_states, value_states, False
+        else:
+            if not self._fits(key_states, value_states, need):
+                self._key_buffer, self._value_buffer = self._grown(key_states, value_states, need)
+                self._owned = True
+            self._key_buffer[..., length:need, :].copy_(key_states)
+            self._value_buffer[..., length:need, :].copy_(value_states)
+        self._length = need
+        self._publish()
+        return self.keys, self.values
+
+    def _grown(self, key_states: torch.Tensor, value_states: torch.Tensor, need: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """New buffers with room for `need` tokens and spare, holding a copy of the filled part."""
+        capacity = self._capacity_for(need)
+        buffers = []
+        for new, old in ((key_states, self._key_buffer), (value_states, self._value_buffer)):
+            buffer = new.new_empty((*new.shape[:2], capacity, new.shape[-1]))
+            if self._length:
+                buffer[..., : self._length, :].copy_(old[..., : self._length, :])
+            buffers.append(buffer)
+        return buffers[0], buffers[1]
+
+    def get_seq_length(self) -> int:
+        if not self.is_initialized:
+            return 0
+        self._sync()
+        return self._length
+
+    def _map_buffers(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Apply a batch operation to the whole buffers (spare room included: one pass, no regrowth after)."""
+        self._sync()
+        if self._length == 0:
+            return
+        old = self._key_buffer.untyped_storage().data_ptr()
+        self._key_buffer, self._value_buffer = fn(self._key_buffer), fn(self._value_buffer)
+        fresh = self._key_buffer.untyped_storage().data_ptr() != old
+        self._owned = (fresh or self._owned) and not self._key_buffer.requires_grad
+        self._publish()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_buffers(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_buffers(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_buffers(lambda t: t[indices, ...])
+
+    def crop(self, *args: Any, **kwargs: Any) -> None:
+        """`DynamicLayer.crop` (its argument rules for the installed transformers), keeping the buffers."""
+        self._sync()
+        super().crop(*args, **kwargs)
+        if self.keys is not self._published[0]:  # the base class sliced the published views
+            self._length = self.keys.shape[-2]
+            self._publish()
+
+    def reset(self) -> None:
+        """Drop the buffers: the next update starts an empty layer (like `DynamicLayer.reset` in 5.x)."""
+        self.keys = self.values = None
+        self.is_initialized = False
+        self._clear_buffers()
+        super().reset()
+
+    def offload(self) -> None:
+        """Move the whole buffers (spare room included) to the CPU, so writes stay in place after `prefetch`."""
+        self._move_buffers("cpu")
+
+    def prefetch(self) -> None:
+        if self.is_initialized:
+            self._move_buffers(self.device)
+
+    def _move_buffers(self, device: torch.device | str) -> None:
+        self._sync()
+        if not self.is_initialized or self._key_buffer is None:
+            return
+        self._key_buffer = self._key_buffer.to(device, non_blocking=True)
+        self._value_buffer = self._value_buffer.to(device, non_blocking=True)
+        self._publish()
 
 
 class PhantomCache(DynamicCache):
@@ -20,18 +195,38 @@ class PhantomCache(DynamicCache):
     twice the size of the backbone's. In `"compact"` mode it stores the plain k and v (the backbone's
     size) and the attention recomputes the expansions of all cached tokens every step (O(N) extra).
 
+    In both modes the full-attention layers are `BufferedDynamicLayer`s: new tokens are written in place
+    into buffers with spare room (`growth`, `min_spare`) instead of `torch.cat`-copying the whole cache
+    every step as `DynamicLayer` does; `layer.keys` / `layer.values` show only the filled tokens. Sliding-
+    window and other special layers keep transformers' own classes.
+
     The anchors of a layer are a dict of tensors with the batch in dimension 0: the raw anchor
     features (`q`, `k`, `v`, shapes (B, H_q, D), (B, H_kv, D), (B, H_kv, D)) and the anchor-side
     products of the three cross-attentions, computed once at prefill. Every batch operation of the
     cache (beam reorder, repeat-interleave, select, reset, crop to empty) moves them with the rows.
     """
 
-    def __init__(self, *args: Any, mode: str = "expanded", **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args: Any, mode: str = "expanded", growth: float = 1.5, min_spare: int = 64, **kwargs: Any) -> None:
         if mode not in ("expanded", "compact"):
             raise ValueError(f"PhantomCache mode must be 'expanded' or 'compact', got {mode!r}")
+        _check_growth(growth, min_spare)
+        super().__init__(*args, **kwargs)
+        make_layer = functools.partial(BufferedDynamicLayer, growth=growth, min_spare=min_spare)
+        self.layers = [self._buffered(layer, make_layer) for layer in self.layers]
+        if self.layer_class_to_replicate is DynamicLayer:
+            self.layer_class_to_replicate = make_layer
         self.mode = mode
         self.anchors: dict[int, dict[str, torch.Tensor]] = {}
+
+    @staticmethod
+    def _buffered(layer: Any, make_layer: Callable[[], BufferedDynamicLayer]) -> Any:
+        """A full-attention `DynamicLayer` as a `BufferedDynamicLayer` with the same contents; others as they are."""
+        if type(layer) is not DynamicLayer:
+            return layer
+        buffered = make_layer()
+        if layer.get_seq_length() > 0:
+            buffered.update(layer.keys, layer.values)
+        return buffered
 
     def get_anchors(self, layer_idx: int) -> dict[str, torch.Tensor] | None:
         """The anchors stored for `layer_idx` at prefill, or None before prefill."""
@@ -70,4 +265,4 @@ class PhantomCache(DynamicCache):
         self.anchors.clear()
 
 
-__all__ = ["PhantomCache"]
+__all__ = ["BufferedDynamicLayer", "PhantomCache"]
