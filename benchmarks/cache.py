@@ -1,16 +1,23 @@
 """Per-step decode time vs context length for the two PhantomCache modes, and the memory of each cache.
 
-Variants, all on the same random-weight backbone:
-  plain     the backbone without Phantom Dimension (DynamicCache of k, v): the baseline;
-  expanded  Phantom, PhantomCache(mode="expanded"): caches [k, k*] and [v, v*]; a step expands its new token only;
-  compact   Phantom, PhantomCache(mode="compact"): caches plain k, v; a step re-expands every cached token.
+Variants, all on the same random-weight backbone (`--variants` picks a subset; the first is the baseline):
+  plain           the backbone without Phantom Dimension, transformers' DynamicCache (torch.cat per step);
+  plain-buffered  the same backbone with PhantomCache's in-place growing-buffer layers (no Phantom work);
+  expanded        Phantom, PhantomCache(mode="expanded"): caches [k, k*] and [v, v*]; a step expands its new
+                  token only and writes it in place (BufferedDynamicLayer);
+  expanded-cat    the same with transformers' DynamicLayer: every step torch.cat-copies the whole cache (the
+                  previous PhantomCache);
+  compact         Phantom, PhantomCache(mode="compact"): caches plain k, v; a step re-expands every cached token;
+  compact-cat     the same with DynamicLayer.
 
-Each model prefills one random prompt of the largest context once; the compact cache is the expanded one
-cut to its first head_dim features (exactly the plain k, v that compact mode stores; the anchors are the
-same). Contexts are then measured from the largest down, cropping the caches between them: at each
-context every variant decodes `--steps` tokens (timed, per-step milliseconds), interleaved, `--repeats`
-times after `--warmup` rounds, and the cache is rewound. "overhead ms" is a variant's per-step time minus
-plain's in the same round: flat in the context for expanded, growing linearly for compact.
+Each model prefills one random prompt of the largest context once (the base caches). Contexts are then
+measured from the largest down, cropping the base caches between them; at each context every variant gets
+a fresh copy of its base cache's tokens (so buffers hold what a prefill of that context leaves: the
+compact cache is the expanded one cut to its first head_dim features, exactly the plain k, v that compact
+mode stores, with the same anchors). Every variant then decodes `--steps` tokens (timed, per-step
+milliseconds), interleaved, `--repeats` times after `--warmup` rounds, and the cache is rewound.
+"overhead ms" is a variant's per-step time minus the baseline's in the same round; "overhead vs
+plain-buffered ms" the same against plain-buffered (both sides without the torch.cat copies).
 
     python benchmarks/cache.py --contexts 256,1024,2048,4096 --json cache.json
 """
@@ -31,34 +38,39 @@ from common import (  # noqa: E402
     add_model_arguments,
     attn_implementations,
     build_models,
+    cache_bytes,
     format_table,
     interleaved,
     machine_info,
     setup_runtime,
     shape_label,
     text_config_from_args,
+    with_stock_layers,
     write_json,
 )
+from transformers import DynamicCache  # noqa: E402
+
 from phantom_hf import PhantomCache  # noqa: E402
 
-BASELINE = "plain"
-VARIANTS = ("plain", "expanded", "compact")
+VARIANTS = ("plain", "plain-buffered", "expanded", "expanded-cat", "compact", "compact-cat")
+DEFAULT_VARIANTS = "plain,plain-buffered,expanded,expanded-cat,compact"
 
 
-def cache_bytes(cache: Any) -> dict[str, int]:
-    """Bytes held by a cache's tensors: keys and values, and (PhantomCache) the anchors."""
-    key_value = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
-    anchors = sum(t.numel() * t.element_size() for layer in getattr(cache, "anchors", {}).values() for t in layer.values())
-    return {"key_value": key_value, "anchors": anchors}
-
-
-def compact_copy(expanded: PhantomCache, head_dim: int) -> PhantomCache:
-    """The compact cache of the same prefix: the first head_dim features of [k, k*] and [v, v*] are k and v."""
-    cache = PhantomCache(mode="compact")
-    for layer_idx, layer in enumerate(expanded.layers):
-        cache.update(layer.keys[..., :head_dim].contiguous(), layer.values[..., :head_dim].contiguous(), layer_idx)
-    cache.anchors = {layer_idx: dict(tensors) for layer_idx, tensors in expanded.anchors.items()}
-    return cache
+def copy_cache(base: Any, variant: str, head_dim: int) -> Any:
+    """A new cache of `variant` holding `base`'s tokens (`base`: the plain DynamicCache for plain variants,
+    the expanded PhantomCache for Phantom ones)."""
+    family, _, kind = variant.partition("-")
+    if family == "plain":
+        cache = PhantomCache() if kind == "buffered" else DynamicCache()
+    else:
+        cache = PhantomCache(mode=family)
+        cache.anchors = {layer_idx: dict(tensors) for layer_idx, tensors in base.anchors.items()}
+    for layer_idx, layer in enumerate(base.layers):
+        keys, values = layer.keys, layer.values
+        if family == "compact":
+            keys, values = keys[..., :head_dim], values[..., :head_dim]
+        cache.update(keys.contiguous(), values.contiguous(), layer_idx)
+    return with_stock_layers(cache) if kind == "cat" else cache
 
 
 def decode_steps(model: Any, cache: Any, token: torch.Tensor, context: int, steps: int, device: torch.device) -> float:
@@ -86,8 +98,16 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--steps", type=int, default=8, help="decode steps per measurement")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument(
+        "--variants", default=DEFAULT_VARIANTS, help=f"comma-separated, first = baseline; from {', '.join(VARIANTS)}"
+    )
     parser.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON")
     args = parser.parse_args(argv)
+    variants = [name.strip() for name in args.variants.split(",") if name.strip()]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown or not variants:
+        parser.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
+    baseline = variants[0]
     setup_runtime(args)
     device = torch.device(args.device)
     contexts = sorted({int(c) for c in args.contexts.split(",")}, reverse=True)
@@ -100,41 +120,49 @@ def main(argv: list[str] | None = None) -> list[Row]:
         models = build_models(
             text_config, {"phantom": dict(phantom_dimension=True), "plain": dict(phantom_dimension=False)}, args.device, args.dtype, attn
         )
+        family_of = {name: "plain" if name.startswith("plain") else "phantom" for name in variants}
         generator = torch.Generator().manual_seed(args.seed)
         prompt = torch.randint(10, text_config.vocab_size, (args.batch, contexts[0]), generator=generator).to(device)
         token = prompt[:, -1:]
         with torch.inference_mode():
-            caches = {
-                "plain": models["plain"](input_ids=prompt, use_cache=True, logits_to_keep=1).past_key_values,
-                "expanded": models["phantom"](input_ids=prompt, use_cache=True, logits_to_keep=1).past_key_values,
+            bases = {
+                family: models[family](input_ids=prompt, use_cache=True, logits_to_keep=1).past_key_values
+                for family in sorted(set(family_of.values()))
             }
-        caches["compact"] = compact_copy(caches["expanded"], head_dim)
-        variant_model = {"plain": models["plain"], "expanded": models["phantom"], "compact": models["phantom"]}
         current = contexts[0]
         for context in contexts:
-            if context < current:
-                for cache in caches.values():
-                    cache.crop(context - current)
+            for base in bases.values():
+                base.crop(context - current)
             current = context
+            caches = {name: copy_cache(bases[family_of[name]], name, head_dim) for name in variants}
             setting = f"{attn} b{args.batch} ctx{context}"
             samples = interleaved(
-                list(VARIANTS),
+                variants,
                 args.repeats,
                 args.warmup,
-                lambda name: {"ms": 1000 * decode_steps(variant_model[name], caches[name], token, context, args.steps, device)},
+                lambda name: {
+                    "ms": 1000 * decode_steps(models[family_of[name]], caches[name], token, context, args.steps, device)
+                },
             )
-            new_rows = []
-            for name in VARIANTS:
-                new_rows.append(Row(setting, name, "step ms", samples[name]["ms"], False, BASELINE))
-            for name in VARIANTS[1:]:
-                overhead = [a - b for a, b in zip(samples[name]["ms"], samples[BASELINE]["ms"])]
-                new_rows.append(Row(setting, name, "overhead ms", overhead, False, "expanded"))
-            for name in VARIANTS:
+            new_rows = [Row(setting, name, "step ms", samples[name]["ms"], False, baseline) for name in variants]
+            reference = "expanded" if "expanded" in variants else baseline
+            for against, metric in ((baseline, "overhead ms"), ("plain-buffered", "overhead vs plain-buffered ms")):
+                if against not in variants:
+                    continue
+                for name in variants:
+                    if family_of[name] == "plain":
+                        continue
+                    overhead = [a - b for a, b in zip(samples[name]["ms"], samples[against]["ms"])]
+                    new_rows.append(Row(setting, name, metric, overhead, False, reference))
+            for name in variants:
                 sizes = cache_bytes(caches[name])
-                new_rows.append(Row(setting, name, "cache MiB", [sum(sizes.values()) / 2**20], False, BASELINE, extra=sizes))
+                for metric, part in (("cache MiB", "key_value"), ("reserved MiB", "reserved")):
+                    mib = (sizes[part] + sizes["anchors"]) / 2**20
+                    new_rows.append(Row(setting, name, metric, [mib], False, baseline, extra=sizes))
             rows += new_rows
             print(format_table(new_rows, setting), flush=True)
-        del models, caches
+            del caches
+        del models, bases
 
     title = f"cache: {shape_label(text_config)}; {args.dtype} on {device}; {args.steps} steps x {args.repeats} repeats"
     print()

@@ -19,20 +19,25 @@ from typing import Any, Callable
 
 import torch
 import transformers
-from transformers import PretrainedConfig, Qwen2Config
+from transformers import PretrainedConfig
+from transformers.cache_utils import DynamicLayer
 
-from phantom_hf import PhantomConfig, PhantomForConditionalGeneration
+from phantom_hf import PhantomCache, PhantomConfig, PhantomForConditionalGeneration
+from phantom_hf.modeling.cache_phantom import BufferedDynamicLayer
 from phantom_hf.tiny import tiny_vision_config
 
-# Qwen2-0.5B, the language model of Phantom-0.5B (PHANTOM_SPEC section 5).
+# The default decoder: Qwen2-0.5B as in the phantom-0.5b preset (PHANTOM_SPEC section 5); the shape flags
+# default to its dimensions and override them.
+DEFAULT_PRESET = "phantom-0.5b"
+_DEFAULT_TEXT = PhantomConfig.from_preset(DEFAULT_PRESET).text_config
 QWEN2_05B_SHAPE = dict(
-    num_hidden_layers=24,
-    hidden_size=896,
-    num_attention_heads=14,
-    num_key_value_heads=2,
-    head_dim=64,
-    intermediate_size=4864,
-    vocab_size=151936,
+    num_hidden_layers=_DEFAULT_TEXT.num_hidden_layers,
+    hidden_size=_DEFAULT_TEXT.hidden_size,
+    num_attention_heads=_DEFAULT_TEXT.num_attention_heads,
+    num_key_value_heads=_DEFAULT_TEXT.num_key_value_heads,
+    head_dim=getattr(_DEFAULT_TEXT, "head_dim", None) or _DEFAULT_TEXT.hidden_size // _DEFAULT_TEXT.num_attention_heads,
+    intermediate_size=_DEFAULT_TEXT.intermediate_size,
+    vocab_size=_DEFAULT_TEXT.vocab_size,
 )
 
 
@@ -55,7 +60,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--vocab-size",
         type=int,
         default=None,
-        help="vocabulary size (default: the shape's own, 151936 for Qwen2-0.5B); the LM head is a large share of "
+        help=f"vocabulary size (default: the shape's own, {QWEN2_05B_SHAPE['vocab_size']} for phantom-0.5b); the LM head is a large share of "
         "a small model's decode step, so a smaller vocabulary raises Phantom's relative cost",
     )
     group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -97,21 +102,19 @@ def attn_implementations(args: argparse.Namespace) -> list[str]:
 
 
 def text_config_from_args(args: argparse.Namespace) -> PretrainedConfig:
-    """The decoder config: a --preset's text config when given, else a Qwen2 of the flag dimensions."""
+    """The decoder config: a --preset's text config when given, else the phantom-0.5b one with the flag dimensions."""
     if args.preset:
         text = PhantomConfig.from_preset(args.preset).text_config
     else:
-        text = Qwen2Config(
+        shape = dict(
             num_hidden_layers=args.layers,
             hidden_size=args.hidden_size,
             num_attention_heads=args.heads,
             num_key_value_heads=args.kv_heads,
             head_dim=args.head_dim,
             intermediate_size=args.intermediate_size,
-            vocab_size=QWEN2_05B_SHAPE["vocab_size"],
-            max_position_embeddings=32768,
-            tie_word_embeddings=True,
         )
+        text = PhantomConfig.from_preset(DEFAULT_PRESET, text_config=shape).text_config
     if args.vocab_size:
         text.vocab_size = args.vocab_size
     return text
@@ -170,6 +173,37 @@ def build_models(
         models[name] = model
         reference = reference or model
     return models
+
+
+def with_stock_layers(cache: PhantomCache) -> PhantomCache:
+    """`cache` with transformers' `DynamicLayer` (torch.cat on every update, as `DynamicCache`) in place of its
+    `BufferedDynamicLayer`s, holding contiguous copies of the same tokens: PhantomCache as it was before the
+    buffered layers, for before/after comparisons in one run."""
+    layers = []
+    for layer in cache.layers:
+        if isinstance(layer, BufferedDynamicLayer):
+            stock = DynamicLayer()
+            if layer.get_seq_length() > 0:
+                stock.update(layer.keys.contiguous(), layer.values.contiguous())
+            layer = stock
+        layers.append(layer)
+    cache.layers = layers
+    if cache.layer_class_to_replicate is not None:
+        cache.layer_class_to_replicate = DynamicLayer
+    return cache
+
+
+def cache_bytes(cache: Any) -> dict[str, int]:
+    """Bytes of a cache: its filled keys/values ("key_value"), the buffers behind them ("reserved", spare room
+    included; equal to key_value for `DynamicLayer`) and (PhantomCache) the anchors."""
+    key_value = reserved = 0
+    for layer in cache.layers:
+        filled = sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
+        key_value += filled
+        length = layer.get_seq_length()
+        reserved += filled * layer.capacity // length if isinstance(layer, BufferedDynamicLayer) and length else filled
+    anchors = sum(t.numel() * t.element_size() for layer in getattr(cache, "anchors", {}).values() for t in layer.values())
+    return {"key_value": key_value, "reserved": reserved, "anchors": anchors}
 
 
 class Timer:

@@ -6,6 +6,12 @@ tokens/s = batch * new tokens / seconds), rewinding the cache between repeats. V
 interleaved in one process after `--warmup` unmeasured rounds. The weights are random (identical
 backbone tensors in both models); the input is text only.
 
+Variants (`--variants`, the first is the baseline): `plain` (the backbone, transformers' DynamicCache, which
+appends with torch.cat), `phantom` (Phantom Dimension on, its default PhantomCache: expanded, in-place
+growing buffers), and for before/after comparisons `phantom-cat` (PhantomCache with transformers'
+DynamicLayer, torch.cat per step: the previous behaviour) and `plain-buffered` (the backbone with
+PhantomCache's buffered layers).
+
     python benchmarks/decode.py                       # Qwen2-0.5B shape, the CPU default grid
     python benchmarks/decode.py --settings 1x1024 --repeats 5 --json decode.json
 """
@@ -32,11 +38,22 @@ from common import (  # noqa: E402
     setup_runtime,
     shape_label,
     text_config_from_args,
+    with_stock_layers,
     write_json,
 )
+from phantom_hf import PhantomCache  # noqa: E402
 
-BASELINE = "plain"
-VARIANTS = {"phantom": dict(phantom_dimension=True), BASELINE: dict(phantom_dimension=False)}
+MODELS = {"phantom": dict(phantom_dimension=True), "plain": dict(phantom_dimension=False)}
+VARIANTS = ("plain", "phantom", "phantom-cat", "plain-buffered")
+
+
+def new_cache(variant: str) -> Any:
+    """The empty cache a variant prefills into (None: the model's default)."""
+    if variant == "phantom-cat":
+        return with_stock_layers(PhantomCache())
+    if variant == "plain-buffered":
+        return PhantomCache()
+    return None
 DEFAULT_SETTINGS = {"cpu": "1x256,1x1024,8x256", "cuda": "1x256,1x1024,1x4096,8x256,8x1024,8x4096"}
 
 
@@ -55,13 +72,21 @@ def parse_settings(text: str) -> list[tuple[int, int]]:
 class DecodeState:
     """A model's prefilled cache for one setting, from which decoding can be repeated."""
 
-    def __init__(self, model: Any, input_ids: torch.Tensor, max_new_tokens: int, timer_device: torch.device) -> None:
+    def __init__(
+        self, model: Any, input_ids: torch.Tensor, max_new_tokens: int, timer_device: torch.device, cache: Any = None
+    ) -> None:
         self.model = model
         self.device = timer_device
         self.context = input_ids.shape[1]
         self.mask = torch.ones(input_ids.shape[0], self.context + max_new_tokens + 1, dtype=torch.long, device=input_ids.device)
         with torch.inference_mode(), Timer(timer_device) as timer:
-            out = model(input_ids=input_ids, attention_mask=self.mask[:, : self.context], use_cache=True, logits_to_keep=1)
+            out = model(
+                input_ids=input_ids,
+                attention_mask=self.mask[:, : self.context],
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
             self.first_token = out.logits[:, -1].argmax(-1, keepdim=True)
         self.prefill_seconds = timer.seconds
         self.cache = out.past_key_values
@@ -92,8 +117,17 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--repeats", type=int, default=3, help="measured decode repeats per variant and setting")
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured decode rounds before the repeats")
     parser.add_argument("--prefill-repeats", type=int, default=1, help="measured prefills per variant and setting (a short warm-up call precedes all)")
+    parser.add_argument(
+        "--variants", default="plain,phantom", help=f"comma-separated, first = baseline; from {', '.join(VARIANTS)}"
+    )
     parser.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON")
     args = parser.parse_args(argv)
+    names = [name.strip() for name in args.variants.split(",") if name.strip()]
+    unknown = sorted(set(names) - set(VARIANTS))
+    if unknown or not names:
+        parser.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
+    baseline = names[0]
+    model_of = {name: name.partition("-")[0] for name in names}
     setup_runtime(args)
     device = torch.device(args.device)
     settings = args.settings or parse_settings(DEFAULT_SETTINGS["cuda" if device.type == "cuda" else "cpu"])
@@ -102,10 +136,10 @@ def main(argv: list[str] | None = None) -> list[Row]:
 
     rows: list[Row] = []
     for attn in attn_implementations(args):
-        models = build_models(text_config, VARIANTS, args.device, args.dtype, attn)
-        names = [BASELINE, "phantom"]
+        models = build_models(text_config, MODELS, args.device, args.dtype, attn)
         for name in names:  # first-call costs (allocator, kernel selection) stay out of the measurements
-            DecodeState(models[name], torch.ones(1, 16, dtype=torch.long, device=device), 2, device).decode(2)
+            warm = torch.ones(1, 16, dtype=torch.long, device=device)
+            DecodeState(models[model_of[name]], warm, 2, device, new_cache(name)).decode(2)
         for batch, context in settings:
             setting = f"{attn} b{batch} ctx{context}"
             generator = torch.Generator().manual_seed(args.seed)
@@ -115,7 +149,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
             for _ in range(args.prefill_repeats):
                 for name in names:
                     states.pop(name, None)
-                    state = DecodeState(models[name], input_ids, args.new_tokens, device)
+                    state = DecodeState(models[model_of[name]], input_ids, args.new_tokens, device, new_cache(name))
                     prefill[name].append(state.prefill_seconds)
                     states[name] = state
             samples = interleaved(
@@ -125,9 +159,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
                 lambda name: {"tokens/s": batch * args.new_tokens / states[name].decode(args.new_tokens)},
             )
             for name in names:
-                rows.append(Row(setting, name, "decode tokens/s", samples[name]["tokens/s"], True, BASELINE))
+                rows.append(Row(setting, name, "decode tokens/s", samples[name]["tokens/s"], True, baseline))
             for name in names:
-                rows.append(Row(setting, name, "prefill s", prefill[name], False, BASELINE))
+                rows.append(Row(setting, name, "prefill s", prefill[name], False, baseline))
             print(format_table(rows[-2 * len(names) :], setting), flush=True)
         del models
 

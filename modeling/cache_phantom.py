@@ -27,7 +27,10 @@ class BufferedDynamicLayer(DynamicLayer):
     keys/values of head size 2*head_dim). This layer writes the new tokens in place into buffers of
     shape (B, H, capacity, D) and returns views of the filled part, so a step copies only its own
     tokens. When a write does not fit, the buffers are reallocated with capacity
-    `ceil(need * growth) + min_spare` (geometric growth: each token is copied O(1) times on average).
+    `ceil(need * growth) + min_spare` tokens: geometric growth, so a token is copied 1 / (growth - 1)
+    times on average over the life of the cache (4 at the default 1.25) instead of once per step, and
+    the buffers hold at most `growth` times the filled tokens plus `min_spare` (a regrowth briefly holds
+    the old and the new buffers of one layer, as a `torch.cat` does).
 
     `keys` / `values` are always views of exactly the filled tokens, `buffer[:, :, :length, :]`:
     the last dimension stays contiguous, which SDPA and flash attention read in place (measured on CPU:
@@ -40,7 +43,7 @@ class BufferedDynamicLayer(DynamicLayer):
     `crop` keeps the capacity (assisted decoding crops and regrows by a few tokens per step).
     """
 
-    def __init__(self, growth: float = 1.5, min_spare: int = 64, **kwargs: Any) -> None:
+    def __init__(self, growth: float = 1.25, min_spare: int = 64, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         _check_growth(growth, min_spare)
         self.growth = growth
@@ -206,7 +209,7 @@ class PhantomCache(DynamicCache):
     cache (beam reorder, repeat-interleave, select, reset, crop to empty) moves them with the rows.
     """
 
-    def __init__(self, *args: Any, mode: str = "expanded", growth: float = 1.5, min_spare: int = 64, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, mode: str = "expanded", growth: float = 1.25, min_spare: int = 64, **kwargs: Any) -> None:
         if mode not in ("expanded", "compact"):
             raise ValueError(f"PhantomCache mode must be 'expanded' or 'compact', got {mode!r}")
         _check_growth(growth, min_spare)

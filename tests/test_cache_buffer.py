@@ -129,7 +129,7 @@ def test_autograd_and_inference_mode_are_respected() -> None:
 def test_bad_growth_settings_are_a_clear_error() -> None:
     with pytest.raises(ValueError, match="growth >= 1 and min_spare >= 0"):
         BufferedDynamicLayer(growth=0.5)
-    with pytest.raises(ValueError, match="growth >= 1 and min_spare >= 0, got growth=1.5, min_spare=-1"):
+    with pytest.raises(ValueError, match="growth >= 1 and min_spare >= 0, got growth=1.25, min_spare=-1"):
         PhantomCache(min_spare=-1)
 
 
