@@ -25,6 +25,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from datasets import Dataset
 from PIL import Image as PILImage
@@ -227,12 +228,11 @@ class PhantomPOCollator:
         messages = [{"role": "user", "content": prompt}]
         return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
-    def _answer_ids(self, answer: str) -> list[int]:
-        ids = list(self.tokenizer(answer, add_special_tokens=False)["input_ids"])
+    def _answer_ids(self, answers: list[str]) -> list[list[int]]:
+        """Each answer's token ids, ending with the EOS token."""
         eos = self.tokenizer.eos_token_id
-        if eos is not None and (not ids or ids[-1] != eos):
-            ids.append(eos)
-        return ids
+        rows = [list(ids) for ids in self.tokenizer(answers, add_special_tokens=False)["input_ids"]]
+        return [ids + [eos] if eos is not None and (not ids or ids[-1] != eos) else ids for ids in rows]
 
     def _pad(self, rows: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
         width = max(len(row) for row in rows)
@@ -244,22 +244,16 @@ class PhantomPOCollator:
         return out
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        prompts, pixel_values = [], []
-        sequences: dict[str, list[list[int]]] = {"chosen": [], "rejected": []}
-        for row in features:
-            images = [_open_image(ref) for ref in row.get("images") or []]
-            encoded = self.processor(
-                text=[self.format_prompt(row["prompt"])], images=[images] if images else None, return_tensors="pt"
-            )
-            prompt_ids = encoded["input_ids"][0]
-            if "attention_mask" in encoded:
-                prompt_ids = prompt_ids[encoded["attention_mask"][0].bool()]
-            prompt_ids = prompt_ids.tolist()
-            if images:
-                pixel_values.append(encoded["pixel_values"])
-            prompts.append(prompt_ids)
-            for kind in ("chosen", "rejected"):
-                answer = self._answer_ids(row[kind])
+        images = [[_open_image(ref) for ref in row.get("images") or []] for row in features]
+        # One unpadded processor call for the whole batch (per-call overhead dominates with small images).
+        encoded = self.processor(
+            text=[self.format_prompt(row["prompt"]) for row in features], images=images if any(images) else None
+        )
+        prompts = [list(ids) for ids in encoded["input_ids"]]
+        sequences: dict[str, list[list[int]]] = {}
+        for kind in ("chosen", "rejected"):
+            sequences[kind] = []
+            for prompt_ids, answer in zip(prompts, self._answer_ids([row[kind] for row in features])):
                 if self.max_length is not None:
                     answer = answer[: max(0, self.max_length - len(prompt_ids))]
                 if not answer:
@@ -276,8 +270,8 @@ class PhantomPOCollator:
             batch[f"{kind}_labels"] = self._pad(labels, self.label_pad_token_id)
         batch["prompt_input_ids"] = self._pad(prompts, self.pad_token_id, left=True)
         batch["prompt_attention_mask"] = self._pad([[1] * len(row) for row in prompts], 0, left=True)
-        if pixel_values:
-            batch["pixel_values"] = torch.cat(pixel_values)
+        if "pixel_values" in encoded:
+            batch["pixel_values"] = torch.from_numpy(np.stack(encoded["pixel_values"]))
         return batch
 
 
