@@ -62,7 +62,7 @@ class DemoBudget:
 
 BUDGETS = {
     "full": DemoBudget(
-        train_images=1500, test_images=100, warmup_steps=100, step1_steps=200, step2_cell_steps=500, step2_steps=1500
+        train_images=6000, test_images=100, warmup_steps=100, step1_steps=200, step2_cell_steps=500, step2_steps=3000
     ),
     "quick": DemoBudget(
         train_images=400, test_images=40, warmup_steps=30, step1_steps=40, step2_cell_steps=100, step2_steps=200
