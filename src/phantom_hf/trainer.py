@@ -61,7 +61,7 @@ class PhantomPOConfig(CPOConfig):
     Defaults that differ from `CPOConfig`: `loss_type="simpo"`, `beta=2.0`, `learning_rate=1e-5` with a cosine
     schedule down to a tenth of it (`cosine_with_min_lr`, `min_lr_rate=0.1`: 1e-5 -> 1e-6),
     `remove_unused_columns=False` (the collator reads the raw triple columns). `cpo_alpha=1.0`,
-    `simpo_gamma=0.5`, AdamW and gradient checkpointing are CPO's defaults already.
+    `simpo_gamma=0.5`, AdamW and activation (gradient) checkpointing are CPO's defaults already.
 
     Parameters:
         training_stage (`int`, defaults to `1`):
@@ -98,6 +98,9 @@ class PhantomPOConfig(CPOConfig):
         default=True, metadata={"help": "Format each prompt as a user turn with the processor's chat template."}
     )
 
+    gradient_checkpointing: bool | None = field(
+        default=None, metadata={"help": "Deprecated alias of `activation_checkpointing` (transformers)."}
+    )
     learning_rate: float = field(default=1e-5, metadata={"help": "Peak learning rate of AdamW (paper: 1e-5)."})
     lr_scheduler_type: str = field(default="cosine_with_min_lr", metadata={"help": "Learning-rate schedule."})
     loss_type: str = field(
@@ -120,6 +123,8 @@ class PhantomPOConfig(CPOConfig):
             raise ValueError(f"po_weight must be >= 0, got {self.po_weight!r}")
         if self.freeze_vision_tower is None:
             self.freeze_vision_tower = self.training_stage == 1
+        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
+            self.activation_checkpointing = True  # CPO's default, set under transformers' current name
         if self.lr_scheduler_type == "cosine_with_min_lr" and not self.lr_scheduler_kwargs:
             self.lr_scheduler_kwargs = {"min_lr_rate": 0.1}
         if self.remove_unused_columns:
