@@ -94,7 +94,7 @@ def main() -> None:
         max_steps=args.steps,
         per_device_train_batch_size=args.batch_size,
         learning_rate=args.learning_rate,
-        activation_checkpointing=False,
+        gradient_checkpointing=False,
         logging_steps=max(1, args.steps // 4),
         save_strategy="no",
         report_to=[],

@@ -23,8 +23,13 @@ from typing import Any
 import torch
 from transformers import processing_utils
 from transformers.image_processing_utils import BatchFeature
-from transformers.image_transforms import convert_to_rgb
-from transformers.image_utils import ChannelDimension, infer_channel_dimension_format, is_pil_image, load_image
+from transformers.image_utils import (
+    ChannelDimension,
+    infer_channel_dimension_format,
+    is_pil_image,
+    load_image,
+    to_numpy_array,
+)
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
@@ -225,6 +230,38 @@ def _describe(image: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def _chat_has_images(conversation: Any) -> bool:
+    """Whether a chat (or a batch of chats) holds an image part or an `<image>` marker in its text."""
+    chats = conversation if conversation and isinstance(conversation[0], (list, tuple)) else [conversation]
+    for message in (message for chat in chats for message in chat):
+        content = message.get("content") if isinstance(message, dict) else None
+        parts = content if isinstance(content, list) else [{"type": "text", "text": content}]
+        for part in parts:
+            if isinstance(part, dict) and (part.get("type") == "image" or IMAGE_MARKER in str(part.get("text") or "")):
+                return True
+    return False
+
+
+def _rgb_over_white(image: Any) -> Any:
+    """An RGB (H, W, 3) numpy array from a PIL image or a channels-last array of 1, 3 or 4 channels, transparency
+    laid over white (what transformers' `convert_to_rgb(..., return_numpy=True)` does from 5.21 on; done here so
+    that earlier releases give the same pixels)."""
+    if is_pil_image(image):
+        has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
+        image = to_numpy_array(image.convert("RGBA" if has_alpha else "RGB"))
+    if image.shape[-1] == 1:
+        return image.repeat(3, axis=-1)
+    if image.shape[-1] != 4:
+        return image
+    floating = image.dtype.kind == "f"
+    if floating and (image.min() < 0.0 or image.max() > 1.0):
+        raise ValueError(f"an RGBA float image must hold values in [0, 1], got [{image.min()}, {image.max()}]")
+    white = 1.0 if floating else 255
+    alpha = image[..., 3:4] / white
+    blended = alpha * image[..., :3] + (1 - alpha) * white
+    return blended.astype(image.dtype) if floating else blended.round().astype(image.dtype)
+
+
 def _to_rgb_array(image: Any, index: int) -> Any:
     """Decode one image into an RGB (H, W, 3) numpy array; grayscale and alpha images are converted (alpha over
     white), undecodable or zero-sized images raise `ValueError`, unknown types `TypeError`."""
@@ -246,7 +283,7 @@ def _to_rgb_array(image: Any, index: int) -> Any:
             raise ValueError(f"{where} cannot be decoded (truncated or corrupt image data: {error})") from error
         if min(image.size) == 0:
             raise ValueError(f"{where} has zero size ({image.size[0]}x{image.size[1]} pixels)")
-        return convert_to_rgb(image, return_numpy=True)
+        return _rgb_over_white(image)
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu().numpy()
     if not is_numpy_array(image):
@@ -266,7 +303,7 @@ def _to_rgb_array(image: Any, index: int) -> Any:
         raise ValueError(f"{where} of shape {tuple(image.shape)} has no axis of 1, 3 or 4 channels") from error
     if channel_format == ChannelDimension.FIRST:
         image = image.transpose(1, 2, 0)
-    return convert_to_rgb(image, return_numpy=True, input_data_format=ChannelDimension.LAST)
+    return _rgb_over_white(image)
 
 
 def _unmarked(text: str) -> str:
@@ -444,6 +481,20 @@ class PhantomProcessor(ProcessorMixin):
             )
         return list(images)
 
+    def apply_chat_template(self, conversation: Any, chat_template: str | None = None, **kwargs: Any) -> Any:
+        """transformers' `apply_chat_template`; refuses `return_assistant_tokens_mask` on a chat with images before
+        transformers 5.23, whose releases place the mask by the text before image placeholders are expanded."""
+        if (
+            kwargs.get("return_assistant_tokens_mask")
+            and not hasattr(ProcessorMixin, "_adjust_assistant_masks_indices")
+            and _chat_has_images(conversation)
+        ):
+            raise ValueError(
+                "return_assistant_tokens_mask with PhantomProcessor needs transformers >= 5.23: earlier releases "
+                "misplace the mask once <image> markers are expanded. Upgrade transformers, or mask with the labels"
+            )
+        return super().apply_chat_template(conversation, chat_template, **kwargs)
+
     def __call__(self, images: Any = None, text: str | list[str] | None = None, **kwargs: Any) -> BatchFeature:
         """Tile the images, expand the `<image>` markers of `text` and tokenize.
 
@@ -460,11 +511,13 @@ class PhantomProcessor(ProcessorMixin):
         flat_images = self._images_in_prompt_order(images, text)
         flat_images = [_to_rgb_array(image, index) for index, image in enumerate(flat_images)]
 
-        merged = self._merge_kwargs(tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
+        merged = self._merge_kwargs(
+            self.valid_processor_kwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs
+        )
         text_kwargs = merged["text_kwargs"]
         return_tensors = text_kwargs.pop("return_tensors", None)
-        return_mm_token_type_ids = text_kwargs.pop("return_mm_token_type_ids", merged["return_mm_token_type_ids"])
-        return_offsets = text_kwargs.pop("return_text_replacement_offsets", merged["return_text_replacement_offsets"])
+        return_mm_token_type_ids = text_kwargs.pop("return_mm_token_type_ids", merged.get("return_mm_token_type_ids", False))
+        return_offsets = text_kwargs.pop("return_text_replacement_offsets", merged.get("return_text_replacement_offsets", False))
 
         data: dict[str, Any] = {}
         replacements: list[str] = []
@@ -546,7 +599,7 @@ class PhantomProcessor(ProcessorMixin):
         vision_data = {}
         if image_sizes is not None:
             if _is_tiling(self.image_processor):
-                images_kwargs = self._merge_kwargs(**kwargs)["images_kwargs"]
+                images_kwargs = self._merge_kwargs(self.valid_processor_kwargs, **kwargs)["images_kwargs"]
                 tiles = [self.image_processor.get_number_of_image_patches(*size, images_kwargs) for size in image_sizes]
             else:
                 tiles = [1] * len(image_sizes)

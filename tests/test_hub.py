@@ -107,7 +107,7 @@ def test_describe_training_args_keeps_what_was_used() -> None:
         learning_rate=1e-5, lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1},
         max_steps=-1, num_train_epochs=1.0, warmup_ratio=0.0, warmup_steps=0, gradient_accumulation_steps=4,
         per_device_train_batch_size=32, loss_type="simpo", beta=2.0, simpo_gamma=0.5, cpo_alpha=1.0, bf16=False,
-        activation_checkpointing=True,
+        gradient_checkpointing=True,
     )  # fmt: skip
     values = describe_training_args(args, po_weight=1.0)
     assert values["learning_rate"] == 1e-5 and values["beta"] == 2.0 and values["simpo_gamma"] == 0.5

@@ -161,15 +161,14 @@ def test_po_weight_zero_in_stage_two_is_sft_only(tmp_path):
 
 def test_paper_defaults():
     with warnings.catch_warnings():
-        warnings.simplefilter("error", FutureWarning)  # the checkpointing default is set under its current name
+        warnings.simplefilter("error", FutureWarning)  # neither checkpointing name warns, on any supported release
         args = PhantomPOConfig(output_dir="unused", bf16=False)
-    assert args.gradient_checkpointing is True  # the deprecated alias mirrors it
-    with pytest.warns(FutureWarning, match="activation_checkpointing"):
-        assert PhantomPOConfig(output_dir="unused", bf16=False, gradient_checkpointing=False).activation_checkpointing is False
+        assert PhantomPOConfig(output_dir="unused", bf16=False, gradient_checkpointing=False).gradient_checkpointing is False
+    assert getattr(args, "activation_checkpointing", True) is True
     assert (args.loss_type, args.beta, args.simpo_gamma, args.cpo_alpha) == ("simpo", 2.0, 0.5, 1.0)
     assert args.learning_rate == 1e-5 and args.lr_scheduler_kwargs == {"min_lr_rate": 0.1}
     assert str(args.lr_scheduler_type.value) == "cosine_with_min_lr"
-    assert args.activation_checkpointing and args.optim.value.startswith("adamw")
+    assert args.gradient_checkpointing and args.optim.value.startswith("adamw")
     assert args.po_weight == 1.0 and args.freeze_vision_tower is True and args.training_stage == 1
     with pytest.raises(ValueError, match="training_stage"):
         PhantomPOConfig(output_dir="unused", bf16=False, training_stage=3)
@@ -260,7 +259,7 @@ def test_reward_accuracy_rises_above_chance(tmp_path):
     train, held_out = color_triples(64, seed=1), color_triples(32, seed=2)
     args = make_args(
         tmp_path, max_steps=150, per_device_train_batch_size=8, learning_rate=3e-3, lr_scheduler_type="constant",
-        per_device_eval_batch_size=16, activation_checkpointing=False,
+        per_device_eval_batch_size=16, gradient_checkpointing=False,
     )
     trainer = PhantomPOTrainer(make_model(), args, train_dataset=train, eval_dataset=held_out, processing_class=make_processor())
     before = trainer.evaluate()["eval_rewards/accuracies"]

@@ -164,7 +164,7 @@ def _trainer_config(output_dir: Path, stage: int, steps: int, budget: DemoBudget
         per_device_train_batch_size=budget.batch_size,
         learning_rate=budget.learning_rate,
         warmup_steps=min(20, steps // 10),
-        activation_checkpointing=False,  # a tiny model: memory is not the constraint, time is
+        gradient_checkpointing=False,  # a tiny model: memory is not the constraint, time is
         logging_steps=max(1, steps // 10),
         save_strategy="no",
         report_to=[],

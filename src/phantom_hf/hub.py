@@ -41,7 +41,7 @@ TRAINING_ARGUMENT_FIELDS = (
     "optim",
     "per_device_train_batch_size",
     "gradient_accumulation_steps",
-    "activation_checkpointing",
+    "gradient_checkpointing",
     "bf16",
     "fp16",
     "loss_type",
@@ -179,7 +179,7 @@ def describe_training_args(args: Any, **extra: Any) -> dict[str, Any]:
         value = getattr(args, field, None)
         if value is None or (field == "max_steps" and value == -1) or (field.startswith("warmup") and not value):
             continue
-        if field in ("bf16", "fp16", "activation_checkpointing") and not value:
+        if field in ("bf16", "fp16", "gradient_checkpointing") and not value:
             continue
         if field == "lr_scheduler_kwargs" and not value:
             continue

@@ -99,7 +99,7 @@ class PhantomPOConfig(CPOConfig):
     )
 
     gradient_checkpointing: bool | None = field(
-        default=None, metadata={"help": "Deprecated alias of `activation_checkpointing` (transformers)."}
+        default=None, metadata={"help": "Checkpoint activations (default True); `activation_checkpointing` in transformers >= 5.23."}
     )
     learning_rate: float = field(default=1e-5, metadata={"help": "Peak learning rate of AdamW (paper: 1e-5)."})
     lr_scheduler_type: str = field(default="cosine_with_min_lr", metadata={"help": "Learning-rate schedule."})
@@ -123,8 +123,15 @@ class PhantomPOConfig(CPOConfig):
             raise ValueError(f"po_weight must be >= 0, got {self.po_weight!r}")
         if self.freeze_vision_tower is None:
             self.freeze_vision_tower = self.training_stage == 1
-        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
-            self.activation_checkpointing = True  # CPO's default, set under transformers' current name
+        if hasattr(self, "activation_checkpointing"):
+            # transformers 5.23 renamed gradient_checkpointing; both names work here, on every supported release,
+            # and CPO's default (on) is set under the current one, so neither name warns
+            if self.activation_checkpointing is None:
+                on = self.gradient_checkpointing
+                self.activation_checkpointing = True if on is None else on
+            self.gradient_checkpointing = None
+        elif self.gradient_checkpointing is None:
+            self.gradient_checkpointing = True
         if self.lr_scheduler_type == "cosine_with_min_lr" and not self.lr_scheduler_kwargs:
             self.lr_scheduler_kwargs = {"min_lr_rate": 0.1}
         if self.remove_unused_columns:
