@@ -264,6 +264,18 @@ _CHECKED_FIELDS = (
 )
 
 
+def _check_against_preset(config: PhantomConfig, preset: str) -> None:
+    """Raise `ValueError` listing every `_CHECKED_FIELDS` value in which `config` differs from `preset`."""
+    reference = PhantomConfig.from_preset(preset)
+    disagreements = [
+        f"{sub}.{field}: preset {getattr(getattr(reference, sub), field)!r}, checkpoint {getattr(getattr(config, sub), field)!r}"
+        for sub, field in _CHECKED_FIELDS
+        if getattr(getattr(reference, sub), field) != getattr(getattr(config, sub), field)
+    ]
+    if disagreements:
+        raise ValueError(f"the checkpoint is not a {preset}: " + "; ".join(disagreements))
+
+
 def resolve_config(src: str | Path, preset: str | None = None) -> PhantomConfig:
     """The target config of a conversion: from the published config.json when there is one (the preset, if
     given, must then agree with it), otherwise from the preset."""
@@ -282,14 +294,7 @@ def resolve_config(src: str | Path, preset: str | None = None) -> PhantomConfig:
         return PhantomConfig.from_preset(preset)
     config = config_from_published(published)
     if preset is not None:
-        reference = PhantomConfig.from_preset(preset)
-        disagreements = [
-            f"{sub}.{field}: preset {getattr(getattr(reference, sub), field)!r}, checkpoint {getattr(getattr(config, sub), field)!r}"
-            for sub, field in _CHECKED_FIELDS
-            if getattr(getattr(reference, sub), field) != getattr(getattr(config, sub), field)
-        ]
-        if disagreements:
-            raise ValueError(f"the checkpoint is not a {preset}: " + "; ".join(disagreements))
+        _check_against_preset(config, preset)
     return config
 
 
@@ -494,14 +499,7 @@ def resolve_llava_config(src: str | Path, preset: str | None = None) -> PhantomC
         return PhantomConfig.from_preset(preset)
     config = config_from_llava(json.loads(config_path.read_text()))
     if preset is not None:
-        reference = PhantomConfig.from_preset(preset)
-        disagreements = [
-            f"{sub}.{field}: preset {getattr(getattr(reference, sub), field)!r}, checkpoint {getattr(getattr(config, sub), field)!r}"
-            for sub, field in _CHECKED_FIELDS
-            if getattr(getattr(reference, sub), field) != getattr(getattr(config, sub), field)
-        ]
-        if disagreements:
-            raise ValueError(f"the checkpoint is not a {preset}: " + "; ".join(disagreements))
+        _check_against_preset(config, preset)
     return config
 
 
