@@ -42,11 +42,11 @@ from common import (  # noqa: E402
     format_table,
     interleaved,
     machine_info,
+    report,
     setup_runtime,
     shape_label,
     text_config_from_args,
     with_stock_layers,
-    write_json,
 )
 from transformers import DynamicCache  # noqa: E402
 
@@ -165,9 +165,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         del models, bases
 
     title = f"cache: {shape_label(text_config)}; {args.dtype} on {device}; {args.steps} steps x {args.repeats} repeats"
-    print()
-    print(format_table(rows, title))
-    write_json(args.json, {"benchmark": "cache", "args": vars(args), "machine": machine_info(device)}, rows)
+    report("cache", title, rows, args, device)
     return rows
 
 

@@ -300,10 +300,13 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     return info
 
 
-def write_json(path: str | None, payload: dict[str, Any], rows: list[Row]) -> None:
-    if not path:
+def report(benchmark: str, title: str, rows: list[Row], args: argparse.Namespace, device: torch.device) -> None:
+    """Print the final table of a benchmark and, with `--json PATH`, write its rows, arguments and machine there."""
+    print()
+    print(format_table(rows, title))
+    if not args.json:
         return
-    payload = dict(payload)
+    payload = {"benchmark": benchmark, "args": vars(args), "machine": machine_info(device)}
     payload["rows"] = [dict(asdict(row), median=row.median) for row in rows]
-    Path(path).write_text(json.dumps(payload, indent=2, default=str))
-    print(f"wrote {path}")
+    Path(args.json).write_text(json.dumps(payload, indent=2, default=str))
+    print(f"wrote {args.json}")

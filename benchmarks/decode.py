@@ -35,11 +35,11 @@ from common import (  # noqa: E402
     format_table,
     interleaved,
     machine_info,
+    report,
     setup_runtime,
     shape_label,
     text_config_from_args,
     with_stock_layers,
-    write_json,
 )
 from phantom_hf import PhantomCache  # noqa: E402
 
@@ -166,9 +166,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         del models
 
     title = f"decode: {shape_label(text_config)}; {args.dtype} on {device}; {args.new_tokens} new tokens x {args.repeats} repeats"
-    print()
-    print(format_table(rows, title))
-    write_json(args.json, {"benchmark": "decode", "args": vars(args), "machine": machine_info(device)}, rows)
+    report("decode", title, rows, args, device)
     return rows
 
 

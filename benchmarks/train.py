@@ -66,10 +66,10 @@ from common import (  # noqa: E402
     format_table,
     interleaved,
     machine_info,
+    report,
     setup_runtime,
     shape_label,
     text_config_from_args,
-    write_json,
 )
 from phantom_hf import PhantomConfig, PhantomForConditionalGeneration  # noqa: E402
 from phantom_hf.modeling.presets_phantom import INTERNVIT_300M_448PX  # noqa: E402
@@ -361,9 +361,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         gc.collect()
 
     title = f"train: one PO step, {args.batch} triples x 1 tile; {args.dtype} on {device}; {args.repeats} repeats"
-    print()
-    print(format_table(rows, title))
-    write_json(args.json, {"benchmark": "train", "args": vars(args), "machine": machine_info(device)}, rows)
+    report("train", title, rows, args, device)
     return rows
 
 
