@@ -31,13 +31,12 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
-from transformers import LlamaConfig  # noqa: E402
 
 from .hub import describe_training_args, write_model_card  # noqa: E402
 from .modeling import PhantomConfig, PhantomForConditionalGeneration  # noqa: E402
 from .modeling.processing_phantom import PhantomProcessor  # noqa: E402
 from .synthetic import SyntheticExample, generate_splits, to_dataset, vocabulary  # noqa: E402
-from .tiny import tiny_vision_config  # noqa: E402
+from .tiny import tiny_text_config, tiny_vision_config  # noqa: E402
 from .tokenization import build_tokenizer  # noqa: E402
 
 CHANCE_NOTE = "chance: 1/4 for colour and position, 1/3 for shape and count"
@@ -87,13 +86,12 @@ class DemoResult:
 
 def build_model(tokenizer: Any, image_size: int = 28, seed: int = 0) -> PhantomForConditionalGeneration:
     """A small Phantom model: 4-layer Llama (GQA) + 2-layer InternViT on `image_size` px tiles of 7 px patches."""
-    text_config = LlamaConfig(
+    text_config = tiny_text_config(
+        "llama",
         vocab_size=len(tokenizer),
         hidden_size=128,
         intermediate_size=256,
         num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=256,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
