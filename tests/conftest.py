@@ -46,14 +46,20 @@ def model() -> PhantomForConditionalGeneration:
 NEW_TOKENS = 8
 
 
-def generate_fixed_length(model: PhantomForConditionalGeneration, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs):
-    """`generate` exactly NEW_TOKENS tokens (never an image placeholder: a random model might emit one)."""
+def generate_fixed_length(
+    model: PhantomForConditionalGeneration,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    new_tokens: int = NEW_TOKENS,
+    **kwargs,
+):
+    """`generate` exactly `new_tokens` tokens (never an image placeholder: a random model might emit one)."""
     with torch.no_grad():
         return model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            max_new_tokens=NEW_TOKENS,
-            min_new_tokens=NEW_TOKENS,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
             suppress_tokens=[IMAGE_TOKEN_ID],
             **kwargs,
         )

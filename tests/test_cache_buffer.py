@@ -14,7 +14,7 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from phantom_hf import PhantomCache
 from phantom_hf.modeling.cache_phantom import BufferedDynamicLayer
 
-from .conftest import IMAGE_TOKEN_ID, left_padded_batch, make_model
+from .conftest import generate_fixed_length, left_padded_batch, make_model
 
 
 def states(batch: int, tokens: int, seed: int, heads: int = 2, dim: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,19 +153,6 @@ def stock_cache(model, mode: str) -> PhantomCache:
     return cache
 
 
-def generate(model, input_ids, attention_mask, new_tokens: int, **kwargs):
-    with torch.no_grad():
-        return model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            suppress_tokens=[IMAGE_TOKEN_ID],
-            return_dict_in_generate=True,
-            **kwargs,
-        )
-
-
 @pytest.fixture
 def flush_denormals():
     """The tiny float64 models with large Phantom weights produce subnormal numbers, which make the uncached
@@ -193,7 +180,9 @@ def test_generate_with_the_buffer_cache_matches_uncached_and_torch_cat(mode: str
 
     def run(**cache_kwargs):
         torch.manual_seed(3)
-        return generate(model, input_ids, attention_mask, new_tokens, **strategy, **cache_kwargs)
+        return generate_fixed_length(
+            model, input_ids, attention_mask, new_tokens, return_dict_in_generate=True, **strategy, **cache_kwargs
+        )
 
     buffered = run(past_key_values=PhantomCache(config=model.config.text_config, mode=mode, growth=1.2, min_spare=0))
     per_layer_growths = len(growths) / model.config.text_config.num_hidden_layers
