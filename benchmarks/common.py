@@ -19,11 +19,14 @@ from typing import Any, Callable
 
 import torch
 import transformers
-from transformers import PretrainedConfig
+from transformers import AttentionInterface, PretrainedConfig
 from transformers.cache_utils import DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from phantom_hf import PhantomCache, PhantomConfig, PhantomForConditionalGeneration
 from phantom_hf.modeling.cache_phantom import BufferedDynamicLayer
+from phantom_hf.modeling.modeling_phantom import sdpa_packed_gqa_decode
 from phantom_hf.tiny import tiny_vision_config
 
 # The default decoder: Qwen2-0.5B as in the phantom-0.5b preset (PHANTOM_SPEC section 5); the shape flags
@@ -39,6 +42,29 @@ QWEN2_05B_SHAPE = dict(
     intermediate_size=_DEFAULT_TEXT.intermediate_size,
     vocab_size=_DEFAULT_TEXT.vocab_size,
 )
+
+
+PACKED_SDPA = "sdpa_packed_gqa"
+
+
+def _sdpa_with_packed_decode(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers' sdpa, except decode steps over grouped key/value heads, which run the packed form that
+    Phantom attention uses for them on CPU (`sdpa_packed_gqa_decode`)."""
+    if query.shape[2] == 1 and key.shape[1] < query.shape[1]:
+        return sdpa_packed_gqa_decode(module, query, key, value, attention_mask, **kwargs)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+# `attn_implementation=PACKED_SDPA` gives the plain backbone the same decode attention as Phantom's
+AttentionInterface.register(PACKED_SDPA, _sdpa_with_packed_decode)
+AttentionMaskInterface.register(PACKED_SDPA, sdpa_mask)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -136,7 +162,8 @@ def build_models(
     dtype: str,
     attn_implementation: str,
 ) -> dict[str, PhantomForConditionalGeneration]:
-    """One random-weight model per variant (PhantomConfig overrides), all sharing the same backbone tensors.
+    """One random-weight model per variant (PhantomConfig overrides, plus an optional `attn_implementation` in
+    place of `attn_implementation`), all sharing the same backbone tensors.
 
     The first variant is built and initialised; every other one is built on the meta device and takes the
     first one's tensors by reference (`assign=True`), so the backbones are identical and memory is paid
@@ -147,11 +174,13 @@ def build_models(
     models: dict[str, PhantomForConditionalGeneration] = {}
     reference: PhantomForConditionalGeneration | None = None
     for name, overrides in variants.items():
+        overrides = dict(overrides)
+        implementation = overrides.pop("attn_implementation", attn_implementation)
         config = PhantomConfig(
             text_config=text_config.to_dict(), vision_config=tiny_vision_config(), image_token_id=None, **overrides
         )
-        config._attn_implementation = attn_implementation
-        config.text_config._attn_implementation = attn_implementation
+        config._attn_implementation = implementation
+        config.text_config._attn_implementation = implementation
         if reference is None:
             model = PhantomForConditionalGeneration(config).to(device=device, dtype=torch_dtype)
         else:

@@ -9,8 +9,9 @@ backbone tensors in both models); the input is text only.
 Variants (`--variants`, the first is the baseline): `plain` (the backbone, transformers' DynamicCache, which
 appends with torch.cat), `phantom` (Phantom Dimension on, its default PhantomCache: expanded, in-place
 growing buffers), and for before/after comparisons `phantom-cat` (PhantomCache with transformers'
-DynamicLayer, torch.cat per step: the previous behaviour) and `plain-buffered` (the backbone with
-PhantomCache's buffered layers).
+DynamicLayer, torch.cat per step: the previous behaviour), `plain-buffered` (the backbone with
+PhantomCache's buffered layers) and `plain-packed` (the backbone with the packed-GQA decode attention that
+Phantom uses for sdpa on CPU, where transformers passes enable_gqa; only differs from `plain` there).
 
     python benchmarks/decode.py                       # Qwen2-0.5B shape, the CPU default grid
     python benchmarks/decode.py --settings 1x1024 --repeats 5 --json decode.json
@@ -27,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
+    PACKED_SDPA,
     Row,
     Timer,
     add_model_arguments,
@@ -43,8 +45,18 @@ from common import (  # noqa: E402
 )
 from phantom_hf import PhantomCache  # noqa: E402
 
-MODELS = {"phantom": dict(phantom_dimension=True), "plain": dict(phantom_dimension=False)}
-VARIANTS = ("plain", "phantom", "phantom-cat", "plain-buffered")
+# variant -> the model it decodes with (new_cache gives its cache)
+MODEL_OF = {"plain": "plain", "phantom": "phantom", "phantom-cat": "phantom", "plain-buffered": "plain", "plain-packed": "plain-packed"}
+VARIANTS = tuple(MODEL_OF)
+
+
+def model_specs(attn: str) -> dict[str, dict[str, Any]]:
+    """build_models' variants for one attention implementation (Phantom first: it has the most parameters)."""
+    return {
+        "phantom": dict(phantom_dimension=True),
+        "plain": dict(phantom_dimension=False),
+        "plain-packed": dict(phantom_dimension=False, attn_implementation=PACKED_SDPA if attn == "sdpa" else attn),
+    }
 
 
 def new_cache(variant: str) -> Any:
@@ -127,7 +139,6 @@ def main(argv: list[str] | None = None) -> list[Row]:
     if unknown or not names:
         parser.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
     baseline = names[0]
-    model_of = {name: name.partition("-")[0] for name in names}
     setup_runtime(args)
     device = torch.device(args.device)
     settings = args.settings or parse_settings(DEFAULT_SETTINGS["cuda" if device.type == "cuda" else "cpu"])
@@ -136,10 +147,10 @@ def main(argv: list[str] | None = None) -> list[Row]:
 
     rows: list[Row] = []
     for attn in attn_implementations(args):
-        models = build_models(text_config, MODELS, args.device, args.dtype, attn)
+        models = build_models(text_config, model_specs(attn), args.device, args.dtype, attn)
         for name in names:  # first-call costs (allocator, kernel selection) stay out of the measurements
             warm = torch.ones(1, 16, dtype=torch.long, device=device)
-            DecodeState(models[model_of[name]], warm, 2, device, new_cache(name)).decode(2)
+            DecodeState(models[MODEL_OF[name]], warm, 2, device, new_cache(name)).decode(2)
         for batch, context in settings:
             setting = f"{attn} b{batch} ctx{context}"
             generator = torch.Generator().manual_seed(args.seed)
@@ -149,7 +160,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
             for _ in range(args.prefill_repeats):
                 for name in names:
                     states.pop(name, None)
-                    state = DecodeState(models[model_of[name]], input_ids, args.new_tokens, device, new_cache(name))
+                    state = DecodeState(models[MODEL_OF[name]], input_ids, args.new_tokens, device, new_cache(name))
                     prefill[name].append(state.prefill_seconds)
                     states[name] = state
             samples = interleaved(

@@ -62,6 +62,37 @@ class PhantomCrossAttention(nn.Module):
         return F.gelu(self.linear_o(mixed))
 
 
+def sdpa_packed_gqa_decode(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """SDPA for one query token per row over grouped key/value heads, as transformers' `sdpa` interface
+    computes it (output (B, 1, H, D_v), no weights), with the query heads of each key/value group packed
+    into the query-length axis: (B, H, 1, D) -> (B, H_kv, H / H_kv, D).
+
+    Every query head then reads its group's keys and values in place. transformers passes `enable_gqa`
+    instead when no mask is needed (always, for an unpadded batch), and torch's CPU kernel repeats the keys
+    and values per query head for it: at decode time on CPU the packed form is 1.3x (head size 64) to 2x
+    (head size 128, Phantom's, 4096 tokens) faster (BENCHMARKS.md). Used by Phantom attention for `sdpa`
+    decode steps on CPU.
+    """
+    batch, heads, _, head_dim = query.shape
+    kv_heads = key.shape[1]
+    query = query.reshape(batch, kv_heads, heads // kv_heads, head_dim)
+    if attention_mask is not None and attention_mask.shape[1] != 1:  # a per-head mask follows its head
+        attention_mask = attention_mask.reshape(batch, kv_heads, heads // kv_heads, attention_mask.shape[-1])
+    output = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling
+    )
+    return output.reshape(batch, 1, heads, value.shape[-1]), None
+
+
 _MHCA_NAMES = {"q": "xattn_query_phantom", "k": "xattn_key_phantom", "v": "xattn_value_phantom"}
 
 
@@ -188,10 +219,12 @@ class PhantomAttentionMixin:
         weight = torch.sigmoid(self.gating_phantom_1(first) - self.gating_phantom_2(second))
         return torch.lerp(second, first, weight)
 
-    def _phantom_attention_interface(self) -> Callable:
+    def _phantom_attention_interface(self, query: torch.Tensor, key: torch.Tensor) -> Callable:
         implementation = self.config._attn_implementation
         if implementation in (None, "eager"):
             return self._phantom_eager
+        if implementation == "sdpa" and query.device.type == "cpu" and query.shape[2] == 1 and key.shape[1] < query.shape[1]:
+            return sdpa_packed_gqa_decode
         if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):
             return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, self._phantom_eager)
         return ALL_ATTENTION_FUNCTIONS[implementation]
@@ -227,7 +260,7 @@ class PhantomAttentionMixin:
                 key, value = past_key_values.update(key, value, self.layer_idx)
 
         sliding_window = getattr(self, "sliding_window", getattr(self.config, "sliding_window", None))
-        attn_output, attn_weights = self._phantom_attention_interface()(
+        attn_output, attn_weights = self._phantom_attention_interface(query, key)(
             self,
             query,
             key,

@@ -6,8 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, Qwen2ForCausalLM
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from phantom_hf import PhantomConfig, PhantomForConditionalGeneration
+from phantom_hf.modeling import modeling_phantom
+from phantom_hf.modeling.modeling_phantom import sdpa_packed_gqa_decode
 from phantom_hf.tiny import tiny_text_config, tiny_vision_config
 
 from .conftest import IMAGE_TOKEN_ID, left_padded_batch, make_model, no_split_modules, randomize_phantom_weights
@@ -140,6 +143,51 @@ def test_sdpa_and_eager_agree_on_padded_batch() -> None:
         eager = model(input_ids=input_ids, attention_mask=attention_mask).logits
     real = attention_mask.bool()
     torch.testing.assert_close(sdpa[real], eager[real], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mask", ["none", "bool", "float", "per-head"])
+def test_packed_decode_attention_equals_transformers_sdpa(mask: str) -> None:
+    """The packed-GQA decode attention gives what transformers' sdpa gives (enable_gqa without a mask, its
+    own GQA handling with one), with value head size 2 x head_dim as Phantom's, in float64."""
+    generator = torch.Generator().manual_seed(0)
+    batch, heads, kv_heads, tokens, dim = 2, 6, 2, 9, 8
+    query = torch.randn(batch, heads, 1, 2 * dim, generator=generator, dtype=torch.float64)
+    key = torch.randn(batch, kv_heads, tokens, 2 * dim, generator=generator, dtype=torch.float64)
+    value = torch.randn(batch, kv_heads, tokens, 2 * dim, generator=generator, dtype=torch.float64)
+    attended = torch.rand(batch, heads if mask == "per-head" else 1, 1, tokens, generator=generator) > 0.3
+    attended[..., -1] = True
+    attention_mask = {
+        "none": None,
+        "bool": attended,
+        "per-head": attended,
+        "float": torch.zeros(attended.shape, dtype=torch.float64).masked_fill(~attended, float("-inf")),
+    }[mask]
+    module = torch.nn.Module()
+    module.num_key_value_groups = heads // kv_heads
+    module.is_causal = True
+    packed, _ = sdpa_packed_gqa_decode(module, query, key, value, attention_mask, scaling=0.25)
+    expected, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=0.25)
+    assert packed.shape == expected.shape == (batch, 1, heads, 2 * dim)
+    torch.testing.assert_close(packed, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_cpu_sdpa_decode_steps_run_packed_and_match_the_uncached_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = make_model(seed=7)
+    input_ids, attention_mask = left_padded_batch([9, 6], seed=3)
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(args[1].shape)
+        return sdpa_packed_gqa_decode(*args, **kwargs)
+
+    monkeypatch.setattr(modeling_phantom, "sdpa_packed_gqa_decode", counting)
+    with torch.no_grad():
+        full = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        assert not calls  # several query tokens: transformers' sdpa
+        cache = model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1]).past_key_values
+        step = model(input_ids=input_ids[:, -1:], attention_mask=attention_mask, past_key_values=cache).logits
+    assert len(calls) == model.config.text_config.num_hidden_layers
+    torch.testing.assert_close(step[:, 0], full[:, -1], rtol=1e-10, atol=1e-10)
 
 
 def test_from_components_reproduces_the_llm() -> None:
