@@ -3,6 +3,9 @@
 Variants, all on the same random-weight backbone (`--variants` picks a subset; the first is the baseline):
   plain           the backbone without Phantom Dimension, transformers' DynamicCache (torch.cat per step);
   plain-buffered  the same backbone with PhantomCache's in-place growing-buffer layers (no Phantom work);
+  plain-matched   plain-buffered with, for sdpa, the packed-GQA decode attention that Phantom attention uses
+                  on CPU (transformers passes enable_gqa there): the backbone with all of Phantom's decode
+                  machinery, so that the overhead against it is Phantom Dimension's own;
   expanded        Phantom, PhantomCache(mode="expanded"): caches [k, k*] and [v, v*]; a step expands its new
                   token only and writes it in place (BufferedDynamicLayer);
   expanded-cat    the same with transformers' DynamicLayer: every step torch.cat-copies the whole cache (the
@@ -17,7 +20,8 @@ compact cache is the expanded one cut to its first head_dim features, exactly th
 mode stores, with the same anchors). Every variant then decodes `--steps` tokens (timed, per-step
 milliseconds), interleaved, `--repeats` times after `--warmup` rounds, and the cache is rewound.
 "overhead ms" is a variant's per-step time minus the baseline's in the same round; "overhead vs
-plain-buffered ms" the same against plain-buffered (both sides without the torch.cat copies).
+plain-buffered ms" the same against plain-buffered (both sides without the torch.cat copies) and "overhead vs plain-matched ms" against
+plain-matched.
 
     python benchmarks/cache.py --contexts 256,1024,2048,4096 --json cache.json
 """
@@ -42,6 +46,7 @@ from common import (  # noqa: E402
     format_table,
     interleaved,
     machine_info,
+    model_specs,
     report,
     setup_runtime,
     shape_label,
@@ -52,8 +57,10 @@ from transformers import DynamicCache  # noqa: E402
 
 from phantom_hf import PhantomCache  # noqa: E402
 
-VARIANTS = ("plain", "plain-buffered", "expanded", "expanded-cat", "compact", "compact-cat")
-DEFAULT_VARIANTS = "plain,plain-buffered,expanded,expanded-cat,compact"
+VARIANTS = ("plain", "plain-buffered", "plain-matched", "expanded", "expanded-cat", "compact", "compact-cat")
+DEFAULT_VARIANTS = "plain,plain-buffered,plain-matched,expanded,expanded-cat,compact"
+# variant -> the model (of common.model_specs) it decodes with
+MODEL_OF = {name: "phantom" for name in VARIANTS} | {"plain": "plain", "plain-buffered": "plain", "plain-matched": "plain-packed"}
 
 
 def copy_cache(base: Any, variant: str, head_dim: int) -> Any:
@@ -61,7 +68,7 @@ def copy_cache(base: Any, variant: str, head_dim: int) -> Any:
     the expanded PhantomCache for Phantom ones)."""
     family, _, kind = variant.partition("-")
     if family == "plain":
-        cache = PhantomCache() if kind == "buffered" else DynamicCache()
+        cache = PhantomCache() if kind in ("buffered", "matched") else DynamicCache()
     else:
         cache = PhantomCache(mode=family)
         cache.anchors = {layer_idx: dict(tensors) for layer_idx, tensors in base.anchors.items()}
@@ -117,9 +124,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
 
     rows: list[Row] = []
     for attn in attn_implementations(args):
-        models = build_models(
-            text_config, {"phantom": dict(phantom_dimension=True), "plain": dict(phantom_dimension=False)}, args.device, args.dtype, attn
-        )
+        models = build_models(text_config, model_specs(attn), args.device, args.dtype, attn)
         family_of = {name: "plain" if name.startswith("plain") else "phantom" for name in variants}
         generator = torch.Generator().manual_seed(args.seed)
         prompt = torch.randint(10, text_config.vocab_size, (args.batch, contexts[0]), generator=generator).to(device)
@@ -141,12 +146,16 @@ def main(argv: list[str] | None = None) -> list[Row]:
                 args.repeats,
                 args.warmup,
                 lambda name: {
-                    "ms": 1000 * decode_steps(models[family_of[name]], caches[name], token, context, args.steps, device)
+                    "ms": 1000 * decode_steps(models[MODEL_OF[name]], caches[name], token, context, args.steps, device)
                 },
             )
             new_rows = [Row(setting, name, "step ms", samples[name]["ms"], False, baseline) for name in variants]
             reference = "expanded" if "expanded" in variants else baseline
-            for against, metric in ((baseline, "overhead ms"), ("plain-buffered", "overhead vs plain-buffered ms")):
+            for against, metric in (
+                (baseline, "overhead ms"),
+                ("plain-buffered", "overhead vs plain-buffered ms"),
+                ("plain-matched", "overhead vs plain-matched ms"),
+            ):
                 if against not in variants:
                     continue
                 for name in variants:

@@ -67,6 +67,17 @@ AttentionInterface.register(PACKED_SDPA, _sdpa_with_packed_decode)
 AttentionMaskInterface.register(PACKED_SDPA, sdpa_mask)
 
 
+def model_specs(attn: str) -> dict[str, dict[str, Any]]:
+    """`build_models` variants for one attention implementation: Phantom (first: it has the most parameters),
+    the plain backbone, and the plain backbone with Phantom's decode attention ("plain-packed"; differs from
+    "plain" only for sdpa, where it gets `PACKED_SDPA`)."""
+    return {
+        "phantom": dict(phantom_dimension=True),
+        "plain": dict(phantom_dimension=False),
+        "plain-packed": dict(phantom_dimension=False, attn_implementation=PACKED_SDPA if attn == "sdpa" else attn),
+    }
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags for the model shape, device, dtype and attention implementation."""
     group = parser.add_argument_group("model")

@@ -10,8 +10,9 @@ Variants (`--variants`, the first is the baseline): `plain` (the backbone, trans
 appends with torch.cat), `phantom` (Phantom Dimension on, its default PhantomCache: expanded, in-place
 growing buffers), and for before/after comparisons `phantom-cat` (PhantomCache with transformers'
 DynamicLayer, torch.cat per step: the previous behaviour), `plain-buffered` (the backbone with
-PhantomCache's buffered layers) and `plain-packed` (the backbone with the packed-GQA decode attention that
-Phantom uses for sdpa on CPU, where transformers passes enable_gqa; only differs from `plain` there).
+PhantomCache's buffered layers) and `plain-matched` (the backbone with all of Phantom's decode machinery:
+the buffered layers and, for sdpa, the packed-GQA decode attention that Phantom attention uses on CPU, where
+transformers passes enable_gqa; phantom vs plain-matched is the cost of Phantom Dimension itself).
 
     python benchmarks/decode.py                       # Qwen2-0.5B shape, the CPU default grid
     python benchmarks/decode.py --settings 1x1024 --repeats 5 --json decode.json
@@ -28,7 +29,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    PACKED_SDPA,
     Row,
     Timer,
     add_model_arguments,
@@ -37,6 +37,7 @@ from common import (  # noqa: E402
     format_table,
     interleaved,
     machine_info,
+    model_specs,
     report,
     setup_runtime,
     shape_label,
@@ -45,25 +46,16 @@ from common import (  # noqa: E402
 )
 from phantom_hf import PhantomCache  # noqa: E402
 
-# variant -> the model it decodes with (new_cache gives its cache)
-MODEL_OF = {"plain": "plain", "phantom": "phantom", "phantom-cat": "phantom", "plain-buffered": "plain", "plain-packed": "plain-packed"}
+# variant -> the model (of common.model_specs) it decodes with; new_cache gives its cache
+MODEL_OF = {"plain": "plain", "phantom": "phantom", "phantom-cat": "phantom", "plain-buffered": "plain", "plain-matched": "plain-packed"}
 VARIANTS = tuple(MODEL_OF)
-
-
-def model_specs(attn: str) -> dict[str, dict[str, Any]]:
-    """build_models' variants for one attention implementation (Phantom first: it has the most parameters)."""
-    return {
-        "phantom": dict(phantom_dimension=True),
-        "plain": dict(phantom_dimension=False),
-        "plain-packed": dict(phantom_dimension=False, attn_implementation=PACKED_SDPA if attn == "sdpa" else attn),
-    }
 
 
 def new_cache(variant: str) -> Any:
     """The empty cache a variant prefills into (None: the model's default)."""
     if variant == "phantom-cat":
         return with_stock_layers(PhantomCache())
-    if variant == "plain-buffered":
+    if variant in ("plain-buffered", "plain-matched"):
         return PhantomCache()
     return None
 DEFAULT_SETTINGS = {"cpu": "1x256,1x1024,8x256", "cuda": "1x256,1x1024,1x4096,8x256,8x1024,8x4096"}
