@@ -67,7 +67,7 @@ def attention_forms(groups: int) -> dict[str, AttentionForm]:
 def main(argv: list[str] | None = None) -> list[Row]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
-    parser.add_argument("--contexts", default="256,1024,4096", help="cached tokens, comma-separated")
+    parser.add_argument("--contexts", default="256,1024,2048,4096", help="cached tokens, comma-separated")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--calls", type=int, default=10, help="decode steps (all layers each) per measurement")
     parser.add_argument("--repeats", type=int, default=9)

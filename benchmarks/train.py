@@ -9,7 +9,10 @@ Variants, on one random-weight model (the same tensors for all of them), one bat
           half), so the tower and projector encode every image twice: the baseline of the ratio column;
   vision  not a training step: the vision pass alone, `get_image_features` on the batch's tiles and its
           backward, on the trainer's model as the trainer left it (train mode, activation checkpointing, the
-          input-gradient hooks TRL and transformers add): the work the naive step does twice, the shared once.
+          input-gradient hooks TRL and transformers add): the work the naive step does twice, the shared once;
+  sft     stage 2 only: the trainer with stage 2's default `po_weight=0` (plain SFT), whose training steps run the
+          chosen rows only (no rejected rows, so nothing to share). shared and naive keep the preference term
+          (`po_weight=1`) in both stages, so that stage 2 measures what sharing saves when PO is kept there.
 
 A step is what the trainer's loop does per batch, minus data loading and logging: `training_step` (forward,
 CPO/SimPO loss, backward), gradient clipping, optimizer step (fused AdamW), scheduler step, `zero_grad`. Both
@@ -83,7 +86,8 @@ with warnings.catch_warnings():
 from phantom_hf.trainer import PhantomPOConfig, PhantomPOTrainer  # noqa: E402
 
 BASELINE = "naive"
-STEP_VARIANTS = ("naive", "shared")
+# training-step variants per stage -> po_weight
+STEP_VARIANTS = {1: {"naive": 1.0, "shared": 1.0}, 2: {"naive": 1.0, "shared": 1.0, "sft": 0.0}}
 WORDS = [f"w{index}" for index in range(200)]
 # The tiny decoder of the default shape: cheap next to the vision tower, so the vision share is plain to see.
 TINY_TEXT_DEFAULTS = dict(layers=2, hidden_size=512, heads=8, kv_heads=2, head_dim=64, intermediate_size=1536)
@@ -197,10 +201,11 @@ def peak_step_mib(step: Any, device: torch.device) -> float:
 def check_same_loss(
     trainers: dict[str, PhantomPOTrainer], batch: dict[str, torch.Tensor], model: Any, dtype: str
 ) -> dict[str, float]:
-    """Correctness guard: both variants' losses on the batch agree, and the naive one encodes twice the tiles."""
+    """Correctness guard: the shared and naive losses on the batch agree, and the naive step encodes twice the tiles."""
     tiles: dict[str, list[int]] = {}
     losses: dict[str, float] = {}
-    for name, trainer in trainers.items():
+    for name in ("shared", "naive"):
+        trainer = trainers[name]
         calls: list[int] = []
         hook = model.model.vision_tower.register_forward_pre_hook(
             lambda module, args, kwargs: calls.append(kwargs["pixel_values"].shape[0]), with_kwargs=True
@@ -234,10 +239,13 @@ def run_stage(
 ) -> list[Row]:
     """Set up both trainers for `stage` on `model`, check the losses, time the variants interleaved, measure memory."""
     trainers: dict[str, PhantomPOTrainer] = {}
-    for name, trainer_class in (("shared", PhantomPOTrainer), ("naive", NaivePOTrainer)):
+    variants = STEP_VARIANTS[stage]
+    for name, po_weight in variants.items():
+        trainer_class = NaivePOTrainer if name == "naive" else PhantomPOTrainer
         po_args = PhantomPOConfig(
             output_dir=os.path.join(workdir, f"stage{stage}-{name}"),
             training_stage=stage,
+            po_weight=po_weight,
             per_device_train_batch_size=args.batch,
             max_steps=1,
             bf16=False,
@@ -271,9 +279,9 @@ def run_stage(
                 po_step(trainers[name], batch)
         return {"s": timer.seconds}
 
-    samples = interleaved([*STEP_VARIANTS, "vision"], args.repeats, args.warmup, run)
+    samples = interleaved([*variants, "vision"], args.repeats, args.warmup, run)
     rows = []
-    for name in STEP_VARIANTS:
+    for name in variants:
         rows.append(Row(setting, name, "samples/s", [args.batch / s for s in samples[name]["s"]], True, BASELINE))
         rows.append(Row(setting, name, "step s", samples[name]["s"], False, BASELINE))
     vision, naive, shared = samples["vision"]["s"], samples["naive"]["s"], samples["shared"]["s"]
@@ -285,7 +293,7 @@ def run_stage(
     rows.append(Row(setting, "shared", "measured speed-up", [n / s for n, s in zip(naive, shared)], True, "-"))
 
     memory_metric = "peak MiB (cuda max allocated)" if device.type == "cuda" else "peak MiB (profiler allocations)"
-    for name in STEP_VARIANTS:
+    for name in variants:
         peak = peak_step_mib(functools.partial(po_step, trainers[name], batch), device)
         rows.append(Row(setting, name, memory_metric, [peak], False, BASELINE))
     del trainers

@@ -78,7 +78,7 @@ def sdpa_packed_gqa_decode(
 
     Every query head then reads its group's keys and values in place. transformers passes `enable_gqa`
     instead when no mask is needed (always, for an unpadded batch), and torch's CPU kernel repeats the keys
-    and values per query head for it: on CPU the packed form takes 0.69-0.74 of that time at head size 64
+    and values per query head for it: on CPU the packed form takes 0.6-0.8 of that time at head size 64
     and 128, 256 to 4096 cached tokens (benchmarks/attention.py, BENCHMARKS.md). Used by Phantom attention
     for `sdpa` decode steps on CPU.
     """
