@@ -33,10 +33,12 @@ from common import (  # noqa: E402
     Row,
     Timer,
     add_model_arguments,
+    add_variants_argument,
     format_table,
     interleaved,
     machine_info,
     report,
+    selected_variants,
     setup_runtime,
     shape_label,
     text_config_from_args,
@@ -72,13 +74,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--calls", type=int, default=10, help="decode steps (all layers each) per measurement")
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, first = baseline; from {', '.join(VARIANTS)}")
-    parser.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON")
+    add_variants_argument(parser, VARIANTS, ",".join(VARIANTS))
     args = parser.parse_args(argv)
-    names = [name.strip() for name in args.variants.split(",") if name.strip()]
-    unknown = sorted(set(names) - set(VARIANTS))
-    if unknown or not names:
-        parser.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
+    names = selected_variants(parser, args, VARIANTS)
     setup_runtime(args)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)

@@ -40,6 +40,7 @@ from common import (  # noqa: E402
     Row,
     Timer,
     add_model_arguments,
+    add_variants_argument,
     attn_implementations,
     build_models,
     cache_bytes,
@@ -48,6 +49,7 @@ from common import (  # noqa: E402
     machine_info,
     model_specs,
     report,
+    selected_variants,
     setup_runtime,
     shape_label,
     text_config_from_args,
@@ -105,15 +107,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--steps", type=int, default=8, help="decode steps per measurement")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument(
-        "--variants", default=DEFAULT_VARIANTS, help=f"comma-separated, first = baseline; from {', '.join(VARIANTS)}"
-    )
-    parser.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON")
+    add_variants_argument(parser, VARIANTS, DEFAULT_VARIANTS)
     args = parser.parse_args(argv)
-    variants = [name.strip() for name in args.variants.split(",") if name.strip()]
-    unknown = sorted(set(variants) - set(VARIANTS))
-    if unknown or not variants:
-        parser.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
+    variants = selected_variants(parser, args, VARIANTS)
     baseline = variants[0]
     setup_runtime(args)
     device = torch.device(args.device)

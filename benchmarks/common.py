@@ -118,6 +118,21 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, default=0)
 
 
+def add_variants_argument(parser: argparse.ArgumentParser, choices: tuple[str, ...], default: str) -> None:
+    """`--variants` (comma-separated from `choices`, the first is the baseline) and `--json OUT`."""
+    parser.add_argument("--variants", default=default, help=f"comma-separated, first = baseline; from {', '.join(choices)}")
+    parser.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON")
+
+
+def selected_variants(parser: argparse.ArgumentParser, args: argparse.Namespace, choices: tuple[str, ...]) -> list[str]:
+    """The `--variants` list, in order; an unknown or empty list is a usage error."""
+    names = [name.strip() for name in args.variants.split(",") if name.strip()]
+    unknown = sorted(set(names) - set(choices))
+    if unknown or not names:
+        parser.error(f"--variants: unknown {unknown}; choose from {', '.join(choices)}")
+    return names
+
+
 def setup_runtime(args: argparse.Namespace) -> None:
     """Apply --threads and --seed; resolve --dtype and --attn defaults in place."""
     if args.threads:

@@ -32,6 +32,7 @@ from common import (  # noqa: E402
     Row,
     Timer,
     add_model_arguments,
+    add_variants_argument,
     attn_implementations,
     build_models,
     format_table,
@@ -39,6 +40,7 @@ from common import (  # noqa: E402
     machine_info,
     model_specs,
     report,
+    selected_variants,
     setup_runtime,
     shape_label,
     text_config_from_args,
@@ -121,15 +123,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--repeats", type=int, default=3, help="measured decode repeats per variant and setting")
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured decode rounds before the repeats")
     parser.add_argument("--prefill-repeats", type=int, default=1, help="measured prefills per variant and setting (a short warm-up call precedes all)")
-    parser.add_argument(
-        "--variants", default="plain,phantom", help=f"comma-separated, first = baseline; from {', '.join(VARIANTS)}"
-    )
-    parser.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON")
+    add_variants_argument(parser, VARIANTS, "plain,phantom")
     args = parser.parse_args(argv)
-    names = [name.strip() for name in args.variants.split(",") if name.strip()]
-    unknown = sorted(set(names) - set(VARIANTS))
-    if unknown or not names:
-        parser.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
+    names = selected_variants(parser, args, VARIANTS)
     baseline = names[0]
     setup_runtime(args)
     device = torch.device(args.device)
