@@ -236,11 +236,14 @@ def _step_config(config_class: type, stage: int, recipe: Mapping[str, Any]) -> A
     # Checkpoints of each step go next to the final folder, never inside it (it is what `push` uploads).
     values.setdefault("output_dir", f"{recipe['output_dir']}-checkpoints/step{stage}")
     values["training_stage"] = stage
-    if "bf16" not in values and "fp16" not in values:
-        import torch
+    import torch
 
+    if "bf16" not in values and "fp16" not in values:
         # TRL turns bf16 on by default, which fails on a CPU-only machine: use it only where it runs.
         values["bf16"] = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    # Pinned memory only helps copies to an accelerator; without one torch warns on every data loader.
+    accelerator = getattr(torch, "accelerator", None)
+    values.setdefault("dataloader_pin_memory", accelerator.is_available() if accelerator else torch.cuda.is_available())
     fields = {field.name for field in dataclasses.fields(config_class)}
     unknown = sorted(set(values) - fields)
     if unknown:
