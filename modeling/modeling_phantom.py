@@ -103,7 +103,8 @@ class PhantomAttentionMixin:
     this mixin first: the backbone's projections, q/k norms, rotary embedding, o_proj, GQA, sliding
     window, mask and attention interface (eager, sdpa, flash_attention_2) are reused as they are; this
     forward only adds the expansions to 2*head_dim, runs attention at the backbone's scale 1/sqrt(D),
-    and folds the output back to head_dim.
+    and folds the output back to head_dim. One exception to the reuse: sdpa decode steps on CPU run
+    `sdpa_packed_gqa_decode`, the same attention without torch's per-head copy of the keys/values.
     """
 
     _phantom_rotary: Callable
