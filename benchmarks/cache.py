@@ -20,8 +20,8 @@ compact cache is the expanded one cut to its first head_dim features, exactly th
 mode stores, with the same anchors). Every variant then decodes `--steps` tokens (timed, per-step
 milliseconds), interleaved, `--repeats` times after `--warmup` rounds, and the cache is rewound.
 "overhead ms" is a variant's per-step time minus the baseline's in the same round; "overhead vs
-plain-buffered ms" the same against plain-buffered (both sides without the torch.cat copies) and "overhead vs plain-matched ms" against
-plain-matched.
+plain-buffered ms" the same against plain-buffered (both sides without the torch.cat copies) and
+"overhead vs plain-matched ms" against plain-matched.
 
     python benchmarks/cache.py --contexts 256,1024,2048,4096 --json cache.json
 """
@@ -63,6 +63,8 @@ VARIANTS = ("plain", "plain-buffered", "plain-matched", "expanded", "expanded-ca
 DEFAULT_VARIANTS = "plain,plain-buffered,plain-matched,expanded,expanded-cat,compact"
 # variant -> the model (of common.model_specs) it decodes with
 MODEL_OF = {name: "phantom" for name in VARIANTS} | {"plain": "plain", "plain-buffered": "plain", "plain-matched": "plain-packed"}
+# variant -> the model whose prefill gives its base cache
+FAMILY_OF = {name: "phantom" if model == "phantom" else "plain" for name, model in MODEL_OF.items()}
 
 
 def copy_cache(base: Any, variant: str, head_dim: int) -> Any:
@@ -121,21 +123,20 @@ def main(argv: list[str] | None = None) -> list[Row]:
     rows: list[Row] = []
     for attn in attn_implementations(args):
         models = build_models(text_config, model_specs(attn), args.device, args.dtype, attn)
-        family_of = {name: "plain" if name.startswith("plain") else "phantom" for name in variants}
         generator = torch.Generator().manual_seed(args.seed)
         prompt = torch.randint(10, text_config.vocab_size, (args.batch, contexts[0]), generator=generator).to(device)
         token = prompt[:, -1:]
         with torch.inference_mode():
             bases = {
                 family: models[family](input_ids=prompt, use_cache=True, logits_to_keep=1).past_key_values
-                for family in sorted(set(family_of.values()))
+                for family in sorted({FAMILY_OF[name] for name in variants})
             }
         current = contexts[0]
         for context in contexts:
             for base in bases.values():
                 base.crop(context - current)
             current = context
-            caches = {name: copy_cache(bases[family_of[name]], name, head_dim) for name in variants}
+            caches = {name: copy_cache(bases[FAMILY_OF[name]], name, head_dim) for name in variants}
             setting = f"{attn} b{args.batch} ctx{context}"
             samples = interleaved(
                 variants,
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
                 if against not in variants:
                     continue
                 for name in variants:
-                    if family_of[name] == "plain":
+                    if FAMILY_OF[name] == "plain":
                         continue
                     overhead = [a - b for a, b in zip(samples[name]["ms"], samples[against]["ms"])]
                     new_rows.append(Row(setting, name, metric, overhead, False, reference))

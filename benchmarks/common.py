@@ -21,12 +21,11 @@ import torch
 import transformers
 from transformers import AttentionInterface, PretrainedConfig
 from transformers.cache_utils import DynamicLayer
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from phantom_hf import PhantomCache, PhantomConfig, PhantomForConditionalGeneration
 from phantom_hf.modeling.cache_phantom import BufferedDynamicLayer
-from phantom_hf.modeling.modeling_phantom import sdpa_packed_gqa_decode
+from phantom_hf.modeling.modeling_phantom import sdpa_attention_packed_decode
 from phantom_hf.tiny import tiny_vision_config
 
 # The default decoder: Qwen2-0.5B as in the phantom-0.5b preset (PHANTOM_SPEC section 5); the shape flags
@@ -45,32 +44,15 @@ QWEN2_05B_SHAPE = dict(
 
 
 PACKED_SDPA = "sdpa_packed_gqa"
-
-
-def _sdpa_with_packed_decode(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
-    """transformers' sdpa, except decode steps over grouped key/value heads, which run the packed form that
-    Phantom attention uses for them on CPU (`sdpa_packed_gqa_decode`)."""
-    if query.shape[2] == 1 and key.shape[1] < query.shape[1]:
-        return sdpa_packed_gqa_decode(module, query, key, value, attention_mask, **kwargs)
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-
-
-# `attn_implementation=PACKED_SDPA` gives the plain backbone the same decode attention as Phantom's
-AttentionInterface.register(PACKED_SDPA, _sdpa_with_packed_decode)
+# `attn_implementation=PACKED_SDPA` gives the plain backbone the same sdpa function as Phantom attention's
+AttentionInterface.register(PACKED_SDPA, sdpa_attention_packed_decode)
 AttentionMaskInterface.register(PACKED_SDPA, sdpa_mask)
 
 
 def model_specs(attn: str) -> dict[str, dict[str, Any]]:
     """`build_models` variants for one attention implementation: Phantom (first: it has the most parameters),
     the plain backbone, and the plain backbone with Phantom's decode attention ("plain-packed"; differs from
-    "plain" only for sdpa, where it gets `PACKED_SDPA`)."""
+    "plain" only for sdpa decode steps on CPU, through `PACKED_SDPA`)."""
     return {
         "phantom": dict(phantom_dimension=True),
         "plain": dict(phantom_dimension=False),

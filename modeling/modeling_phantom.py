@@ -93,6 +93,21 @@ def sdpa_packed_gqa_decode(
     return output.reshape(batch, 1, heads, value.shape[-1]), None
 
 
+def sdpa_attention_packed_decode(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """The registered `sdpa` attention function, except decode steps on CPU over grouped key/value heads,
+    which run `sdpa_packed_gqa_decode`. What Phantom attention calls for `sdpa`."""
+    if query.device.type == "cpu" and query.shape[2] == 1 and key.shape[1] < query.shape[1]:
+        return sdpa_packed_gqa_decode(module, query, key, value, attention_mask, **kwargs)
+    return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, **kwargs)
+
+
 _MHCA_NAMES = {"q": "xattn_query_phantom", "k": "xattn_key_phantom", "v": "xattn_value_phantom"}
 
 
@@ -104,7 +119,8 @@ class PhantomAttentionMixin:
     window, mask and attention interface (eager, sdpa, flash_attention_2) are reused as they are; this
     forward only adds the expansions to 2*head_dim, runs attention at the backbone's scale 1/sqrt(D),
     and folds the output back to head_dim. One exception to the reuse: sdpa decode steps on CPU run
-    `sdpa_packed_gqa_decode`, the same attention without torch's per-head copy of the keys/values.
+    `sdpa_packed_gqa_decode` (via `sdpa_attention_packed_decode`), the same attention without torch's
+    per-head copy of the keys/values.
     """
 
     _phantom_rotary: Callable
@@ -220,12 +236,12 @@ class PhantomAttentionMixin:
         weight = torch.sigmoid(self.gating_phantom_1(first) - self.gating_phantom_2(second))
         return torch.lerp(second, first, weight)
 
-    def _phantom_attention_interface(self, query: torch.Tensor, key: torch.Tensor) -> Callable:
+    def _phantom_attention_interface(self) -> Callable:
         implementation = self.config._attn_implementation
         if implementation in (None, "eager"):
             return self._phantom_eager
-        if implementation == "sdpa" and query.device.type == "cpu" and query.shape[2] == 1 and key.shape[1] < query.shape[1]:
-            return sdpa_packed_gqa_decode
+        if implementation == "sdpa":
+            return sdpa_attention_packed_decode
         if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):
             return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, self._phantom_eager)
         return ALL_ATTENTION_FUNCTIONS[implementation]
@@ -261,7 +277,7 @@ class PhantomAttentionMixin:
                 key, value = past_key_values.update(key, value, self.layer_idx)
 
         sliding_window = getattr(self, "sliding_window", getattr(self.config, "sliding_window", None))
-        attn_output, attn_weights = self._phantom_attention_interface(query, key)(
+        attn_output, attn_weights = self._phantom_attention_interface()(
             self,
             query,
             key,
