@@ -58,6 +58,7 @@ from common import (  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 
 from phantom_hf import PhantomCache  # noqa: E402
+from phantom_hf.modeling.compat_phantom import cache_kwargs, cache_of  # noqa: E402
 
 VARIANTS = ("plain", "plain-buffered", "plain-matched", "expanded", "expanded-cat", "compact", "compact-cat")
 DEFAULT_VARIANTS = "plain,plain-buffered,plain-matched,expanded,expanded-cat,compact"
@@ -92,7 +93,7 @@ def decode_steps(model: Any, cache: Any, token: torch.Tensor, context: int, step
             out = model(
                 input_ids=token,
                 attention_mask=mask[:, : context + step + 1],
-                past_key_values=cache,
+                **cache_kwargs(cache),
                 use_cache=True,
                 logits_to_keep=1,
             )
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         token = prompt[:, -1:]
         with torch.inference_mode():
             bases = {
-                family: models[family](input_ids=prompt, use_cache=True, logits_to_keep=1).past_key_values
+                family: cache_of(models[family](input_ids=prompt, use_cache=True, logits_to_keep=1))
                 for family in sorted({FAMILY_OF[name] for name in variants})
             }
         current = contexts[0]

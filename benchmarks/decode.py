@@ -47,6 +47,7 @@ from common import (  # noqa: E402
     with_stock_layers,
 )
 from phantom_hf import PhantomCache  # noqa: E402
+from phantom_hf.modeling.compat_phantom import cache_kwargs, cache_of  # noqa: E402
 
 # variant -> the model (of common.model_specs) it decodes with; new_cache gives its cache
 MODEL_OF = {"plain": "plain", "phantom": "phantom", "phantom-cat": "phantom", "plain-buffered": "plain", "plain-matched": "plain-packed"}
@@ -89,13 +90,13 @@ class DecodeState:
             out = model(
                 input_ids=input_ids,
                 attention_mask=self.mask[:, : self.context],
-                past_key_values=cache,
+                **cache_kwargs(cache),
                 use_cache=True,
                 logits_to_keep=1,
             )
             self.first_token = out.logits[:, -1].argmax(-1, keepdim=True)
         self.prefill_seconds = timer.seconds
-        self.cache = out.past_key_values
+        self.cache = cache_of(out)
 
     def decode(self, new_tokens: int) -> float:
         """Greedy-decode `new_tokens` tokens after the prefix; returns seconds. Leaves the cache at the prefix."""
@@ -106,7 +107,7 @@ class DecodeState:
                 out = self.model(
                     input_ids=token,
                     attention_mask=self.mask[:, :length],
-                    past_key_values=self.cache,
+                    **cache_kwargs(self.cache),
                     use_cache=True,
                     logits_to_keep=1,
                 )

@@ -17,12 +17,13 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, DynamicCache, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
-from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.internvl.modeling_internvl import InternVLModel, InternVLMultiModalProjector
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from .cache_phantom import PhantomCache
+from .compat_phantom import CACHE_NAME, cache_kwargs, cache_of, take_cache
 from .configuration_phantom import AUTO_MAP, PhantomConfig
 
 # ---------------------------------------------------------------------------------------------------
@@ -242,19 +243,19 @@ class PhantomAttentionMixin:
             return self._phantom_eager
         if implementation == "sdpa":
             return sdpa_attention_packed_decode
-        if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):
-            return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, self._phantom_eager)
-        return ALL_ATTENTION_FUNCTIONS[implementation]
+        return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, self._phantom_eager)
 
     def forward(
         self,
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
+        cache: Cache | None = None,
         past_key_values: Cache | None = None,
         phantom_anchor_index: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        past_key_values = take_cache(cache, past_key_values)  # decoder layers pass `cache` from transformers 5.24 on
         input_shape = hidden_states.shape[:-1]
         query, key, value = self._phantom_project(hidden_states)
         cos, sin = position_embeddings
@@ -404,18 +405,20 @@ class PhantomModelOutputWithPast(BaseModelOutputWithPast):
 
 
 @dataclass
-class PhantomCausalLMOutputWithPast(ModelOutput):
-    """Language-modelling outputs of `PhantomForConditionalGeneration`."""
+class PhantomCausalLMOutputWithPast(CausalLMOutputWithPast):
+    """Language-modelling outputs of `PhantomForConditionalGeneration`, plus the projected vision tokens."""
 
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
     image_hidden_states: torch.FloatTensor | None = None
 
 
-MODELING_FILES = ("configuration_phantom.py", "cache_phantom.py", "modeling_phantom.py", "processing_phantom.py", "presets_phantom.py")
+MODELING_FILES = (
+    "compat_phantom.py",
+    "configuration_phantom.py",
+    "cache_phantom.py",
+    "modeling_phantom.py",
+    "processing_phantom.py",
+    "presets_phantom.py",
+)
 
 # Callables (folder, model) run at the end of `save_pretrained`. Empty in remote code; `import phantom_hf`
 # registers the model-card writer, so folders saved with the package carry a rendered README.md.
@@ -436,7 +439,7 @@ class PhantomPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = False
@@ -566,19 +569,19 @@ class PhantomModel(PhantomPreTrainedModel):
                 f"with image_seq_length={per_tile} (PhantomProcessor.from_config(model.config, tokenizer))"
             )
 
-    def _phantom_cache(self, past_key_values: Cache | None, use_cache: bool, cache_mode: str | None) -> Cache | None:
+    def _phantom_cache(self, cache: Cache | None, use_cache: bool, cache_mode: str | None) -> Cache | None:
         """The cache Phantom attention runs with: a `PhantomCache`, created or converted from an empty one."""
         mode = cache_mode or self.config.phantom_cache_mode
-        if past_key_values is None:
+        if cache is None:
             return PhantomCache(config=self.config.text_config, mode=mode) if use_cache else None
-        if isinstance(past_key_values, PhantomCache):
-            return past_key_values
-        if type(past_key_values) is DynamicCache and past_key_values.get_seq_length() == 0:
+        if isinstance(cache, PhantomCache):
+            return cache
+        if type(cache) is DynamicCache and cache.get_seq_length() == 0:
             return PhantomCache(config=self.config.text_config, mode=mode)
         raise ValueError(
-            f"past_key_values is a {type(past_key_values).__name__} holding {past_key_values.get_seq_length()} tokens; "
-            "Phantom attention needs a PhantomCache (it keeps the anchors and the expanded keys/values). Pass "
-            "PhantomCache(config=model.config.text_config) or leave past_key_values unset."
+            f"the cache is a {type(cache).__name__} holding {cache.get_seq_length()} tokens; Phantom attention needs "
+            "a PhantomCache (it keeps the anchors and the expanded keys/values). Pass "
+            "PhantomCache(config=model.config.text_config) or no cache."
         )
 
     def forward(
@@ -587,12 +590,13 @@ class PhantomModel(PhantomPreTrainedModel):
         pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         phantom_cache_mode: str | None = None,
         image_features: torch.FloatTensor | None = None,
         num_patches: torch.LongTensor | list[int] | None = None,
+        past_key_values: Cache | None = None,
         **kwargs: Any,
     ) -> PhantomModelOutputWithPast:
         """Run the decoder on text whose `<IMG_CONTEXT>` embeddings are replaced by the vision tokens.
@@ -600,8 +604,10 @@ class PhantomModel(PhantomPreTrainedModel):
         `pixel_values` holds the tiles of all images in the batch, in the order of their placeholders;
         `image_features` may be given instead (precomputed `get_image_features`, e.g. shared by the chosen
         and rejected sequences of a preference pair). `num_patches` (tiles per image, from `PhantomProcessor`)
-        is only checked against `pixel_values` and the placeholders.
+        is only checked against `pixel_values` and the placeholders. The cache may be passed as `cache` (the
+        name since transformers 5.24) or `past_key_values` (before).
         """
+        cache = take_cache(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if pixel_values is not None and image_features is not None:
@@ -609,8 +615,8 @@ class PhantomModel(PhantomPreTrainedModel):
         if use_cache is None:
             use_cache = not self.training and self.config.text_config.use_cache
         if self.config.phantom_dimension:
-            past_key_values = self._phantom_cache(past_key_values, use_cache, phantom_cache_mode)
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+            cache = self._phantom_cache(cache, use_cache, phantom_cache_mode)
+        past_length = cache.get_seq_length() if cache is not None else 0
 
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
@@ -625,21 +631,21 @@ class PhantomModel(PhantomPreTrainedModel):
             if n_placeholders:
                 raise ValueError(f"the text has {n_placeholders} image placeholder tokens but no pixel_values")
 
-        if self.config.phantom_dimension and not (isinstance(past_key_values, PhantomCache) and past_key_values.has_anchors()):
+        if self.config.phantom_dimension and not (isinstance(cache, PhantomCache) and cache.has_anchors()):
             kwargs["phantom_anchor_index"] = anchor_positions(
                 input_ids, attention_mask, self.config.phantom_anchor_token_id, inputs_embeds.shape[0], inputs_embeds.device
             )
         outputs = self.language_model(
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            **cache_kwargs(cache),
             **kwargs,
         )
         return PhantomModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
-            past_key_values=outputs.past_key_values if use_cache else None,
+            **cache_kwargs(cache_of(outputs) if use_cache else None),
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_hidden_states=image_features,
@@ -742,17 +748,19 @@ class PhantomForConditionalGeneration(PhantomPreTrainedModel, GenerationMixin):
         pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         num_patches: torch.LongTensor | list[int] | None = None,
         phantom_cache_mode: str | None = None,
+        past_key_values: Cache | None = None,
         **kwargs: Any,
     ) -> PhantomCausalLMOutputWithPast:
         """Logits (and the LM loss with `labels`). `phantom_cache_mode` ("expanded" | "compact") overrides the
-        config for the cache this call creates, e.g. `model.generate(..., phantom_cache_mode="compact")`."""
+        config for the cache this call creates, e.g. `model.generate(..., phantom_cache_mode="compact")`. The
+        cache may be passed as `cache` (the name since transformers 5.24) or `past_key_values` (before)."""
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -760,7 +768,7 @@ class PhantomForConditionalGeneration(PhantomPreTrainedModel, GenerationMixin):
             phantom_cache_mode=phantom_cache_mode,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=take_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,
@@ -774,7 +782,7 @@ class PhantomForConditionalGeneration(PhantomPreTrainedModel, GenerationMixin):
         return PhantomCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **cache_kwargs(cache_of(outputs)),
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_hidden_states=outputs.image_hidden_states,
@@ -783,7 +791,7 @@ class PhantomForConditionalGeneration(PhantomPreTrainedModel, GenerationMixin):
     def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """Images are encoded at prefill only: later steps read their effect from the cache."""
         model_inputs = super().prepare_inputs_for_generation(*args, **kwargs)
-        cache = model_inputs.get("past_key_values")
+        cache = model_inputs.get(CACHE_NAME)
         if cache is not None and cache.get_seq_length() > 0:
             model_inputs.pop("pixel_values", None)
         return model_inputs

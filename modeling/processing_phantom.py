@@ -21,7 +21,6 @@ import os
 from typing import Any
 
 import torch
-from transformers import processing_utils
 from transformers.image_processing_utils import BatchFeature
 from transformers.image_utils import (
     ChannelDimension,
@@ -36,6 +35,8 @@ from transformers.models.siglip.image_processing_pil_siglip import SiglipImagePr
 from transformers.processing_utils import MultiModalData, ProcessorMixin
 from transformers.tokenization_utils_base import VERY_LARGE_INTEGER, PreTrainedTokenizerBase
 from transformers.utils import is_numpy_array
+
+from .compat_phantom import ASSISTANT_MASK_FOLLOWS_EXPANSION, unmarked
 
 IMAGE_MARKER = "<image>"
 IMAGE_START_TOKEN = "<img>"
@@ -306,12 +307,6 @@ def _to_rgb_array(image: Any, index: int) -> Any:
     return _rgb_over_white(image)
 
 
-def _unmarked(text: str) -> str:
-    """`text` without the spans `sanitize_control_tokens` marked as user text (they are not image markers)."""
-    marked = getattr(processing_utils, "_MARKED_RE", None)
-    return marked.sub("", text) if marked is not None else text
-
-
 class PhantomProcessor(ProcessorMixin):
     r"""Builds Phantom's inputs from prompts and images: tiles every image, expands each `<image>` marker into
     `<img>` + `<IMG_CONTEXT>` x (`image_seq_length` x tiles) + `</img>`, tokenizes, and renders chats with the
@@ -453,7 +448,7 @@ class PhantomProcessor(ProcessorMixin):
     def _images_in_prompt_order(self, images: Any, text: list[str]) -> list[Any]:
         """Flatten `images` (one image, a flat list, or one list per prompt) after checking they match the
         `<image>` markers."""
-        markers = [_unmarked(sample).count(IMAGE_MARKER) for sample in text]
+        markers = [unmarked(sample).count(IMAGE_MARKER) for sample in text]
         if images is None:
             if any(markers):
                 raise ValueError(
@@ -486,7 +481,7 @@ class PhantomProcessor(ProcessorMixin):
         transformers 5.23, whose releases place the mask by the text before image placeholders are expanded."""
         if (
             kwargs.get("return_assistant_tokens_mask")
-            and not hasattr(ProcessorMixin, "_adjust_assistant_masks_indices")
+            and not ASSISTANT_MASK_FOLLOWS_EXPANSION
             and _chat_has_images(conversation)
         ):
             raise ValueError(

@@ -13,6 +13,7 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from phantom_hf import PhantomCache
 from phantom_hf.modeling.cache_phantom import BufferedDynamicLayer
+from phantom_hf.modeling.compat_phantom import cache_kwargs, cache_of
 
 from .conftest import generate_fixed_length, left_padded_batch, make_model
 
@@ -178,22 +179,22 @@ def test_generate_with_the_buffer_cache_matches_uncached_and_torch_cat(mode: str
     original = BufferedDynamicLayer._grown
     monkeypatch.setattr(BufferedDynamicLayer, "_grown", lambda self, *a: growths.append(1) or original(self, *a))
 
-    def run(**cache_kwargs):
+    def run(**run_kwargs):
         torch.manual_seed(3)
         return generate_fixed_length(
-            model, input_ids, attention_mask, new_tokens, return_dict_in_generate=True, **strategy, **cache_kwargs
+            model, input_ids, attention_mask, new_tokens, return_dict_in_generate=True, **strategy, **run_kwargs
         )
 
-    buffered = run(past_key_values=PhantomCache(config=model.config.text_config, mode=mode, growth=1.2, min_spare=0))
+    buffered = run(**cache_kwargs(PhantomCache(config=model.config.text_config, mode=mode, growth=1.2, min_spare=0)))
     per_layer_growths = len(growths) / model.config.text_config.num_hidden_layers
     uncached = run(use_cache=False).sequences
-    concatenated = run(past_key_values=stock_cache(model, mode)).sequences
+    concatenated = run(**cache_kwargs(stock_cache(model, mode))).sequences
     assert len({tuple(row[-new_tokens:].tolist()) for row in uncached}) > 1  # rows differ: not a trivial pass
     assert torch.equal(buffered.sequences, uncached)
     assert torch.equal(buffered.sequences, concatenated)
     assert per_layer_growths >= 4
 
-    cache = buffered.past_key_values
+    cache = cache_of(buffered)
     assert all(type(layer) is BufferedDynamicLayer for layer in cache.layers)
     head_dim = model.config.phantom_head_dim
     assert cache.layers[0].keys.shape[-1] == (2 * head_dim if mode == "expanded" else head_dim)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from phantom_hf import PhantomCache
+from phantom_hf.modeling.compat_phantom import cache_kwargs, cache_of
 
 from .conftest import NEW_TOKENS, generate_fixed_length, left_padded_batch, make_model
 
@@ -27,18 +28,18 @@ def test_both_modes_generate_the_uncached_tokens_and_compact_is_half_the_size() 
     uncached = greedy(model, input_ids, attention_mask, use_cache=False).sequences
     expanded = greedy(model, input_ids, attention_mask)
     compact_cache = PhantomCache(config=model.config.text_config, mode="compact")
-    compact = greedy(model, input_ids, attention_mask, past_key_values=compact_cache)
+    compact = greedy(model, input_ids, attention_mask, **cache_kwargs(compact_cache))
     assert len({tuple(row[-NEW_TOKENS:].tolist()) for row in uncached}) > 1  # rows differ: not a trivial pass
     assert torch.equal(expanded.sequences, uncached)
     assert torch.equal(compact.sequences, uncached)
 
-    assert isinstance(expanded.past_key_values, PhantomCache) and expanded.past_key_values.mode == "expanded"
-    assert isinstance(compact.past_key_values, PhantomCache) and compact.past_key_values.mode == "compact"
+    assert isinstance(cache_of(expanded), PhantomCache) and cache_of(expanded).mode == "expanded"
+    assert isinstance(cache_of(compact), PhantomCache) and cache_of(compact).mode == "compact"
     head_dim = model.config.phantom_head_dim
-    assert expanded.past_key_values.layers[0].keys.shape[-1] == 2 * head_dim
-    assert compact.past_key_values.layers[0].keys.shape[-1] == head_dim
-    assert compact.past_key_values.get_seq_length() == expanded.past_key_values.get_seq_length()
-    assert 2 * key_value_bytes(compact.past_key_values) == key_value_bytes(expanded.past_key_values)
+    assert cache_of(expanded).layers[0].keys.shape[-1] == 2 * head_dim
+    assert cache_of(compact).layers[0].keys.shape[-1] == head_dim
+    assert cache_of(compact).get_seq_length() == cache_of(expanded).get_seq_length()
+    assert 2 * key_value_bytes(cache_of(compact)) == key_value_bytes(cache_of(expanded))
 
 
 def test_config_field_selects_compact_and_logits_match_uncached_at_every_step() -> None:
@@ -47,14 +48,14 @@ def test_config_field_selects_compact_and_logits_match_uncached_at_every_step() 
     with torch.no_grad():
         full = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         prefill = model(input_ids=input_ids[:, :6], attention_mask=attention_mask[:, :6], use_cache=True)
-        cache = prefill.past_key_values
+        cache = cache_of(prefill)
         assert cache.mode == "compact"
         steps = [prefill.logits]
         for position in range(6, input_ids.shape[1]):
             out = model(
                 input_ids=input_ids[:, position : position + 1],
                 attention_mask=attention_mask[:, : position + 1],
-                past_key_values=cache,
+                cache=cache,
             )
             steps.append(out.logits)
     real = attention_mask.bool()
@@ -67,7 +68,7 @@ def test_beam_search_in_compact_mode_matches_uncached() -> None:
     input_ids, attention_mask = left_padded_batch([8, 5], seed=22)
     settings = dict(num_beams=3, num_return_sequences=2)
     compact_cache = PhantomCache(config=model.config.text_config, mode="compact")
-    compact = greedy(model, input_ids, attention_mask, past_key_values=compact_cache, **settings).sequences
+    compact = greedy(model, input_ids, attention_mask, **cache_kwargs(compact_cache), **settings).sequences
     uncached = greedy(model, input_ids, attention_mask, use_cache=False, **settings).sequences
     assert torch.equal(compact, uncached)
 
@@ -76,7 +77,7 @@ def test_forward_kwarg_selects_the_mode_and_unknown_mode_is_a_clear_error() -> N
     model = make_model()
     input_ids, attention_mask = left_padded_batch([4], seed=23)
     with torch.no_grad():
-        cache = model(input_ids=input_ids, attention_mask=attention_mask, phantom_cache_mode="compact").past_key_values
+        cache = cache_of(model(input_ids=input_ids, attention_mask=attention_mask, phantom_cache_mode="compact"))
     assert cache.mode == "compact" and cache.layers[0].keys.shape[-1] == model.config.phantom_head_dim
     with pytest.raises(ValueError, match="mode must be 'expanded' or 'compact', got 'tiny'"):
         model(input_ids=input_ids, attention_mask=attention_mask, phantom_cache_mode="tiny")
@@ -87,6 +88,6 @@ def test_generate_call_selects_the_cache_mode() -> None:
     input_ids, attention_mask = left_padded_batch(LENGTHS, seed=23)
     uncached = greedy(model, input_ids, attention_mask, use_cache=False).sequences
     compact = greedy(model, input_ids, attention_mask, phantom_cache_mode="compact")
-    assert compact.past_key_values.mode == "compact"
-    assert compact.past_key_values.layers[0].keys.shape[-1] == model.config.phantom_head_dim
+    assert cache_of(compact).mode == "compact"
+    assert cache_of(compact).layers[0].keys.shape[-1] == model.config.phantom_head_dim
     assert torch.equal(compact.sequences, uncached)

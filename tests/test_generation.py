@@ -7,6 +7,7 @@ import torch
 from transformers import DynamicCache
 
 from phantom_hf import PhantomCache
+from phantom_hf.modeling.compat_phantom import cache_of
 
 from .conftest import IMAGE_TOKEN_ID, NEW_TOKENS, left_padded_batch, make_model
 from .conftest import generate_fixed_length as generate
@@ -70,11 +71,11 @@ def test_prefill_then_decode_equals_one_forward() -> None:
     with torch.no_grad():
         full = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         prefill = model(input_ids=input_ids[:, :7], attention_mask=attention_mask[:, :7], use_cache=True)
-        cache = prefill.past_key_values
+        cache = cache_of(prefill)
         assert isinstance(cache, PhantomCache)
         # expanded keys/values: head size 2 * head_dim
         assert cache.layers[0].keys.shape[-1] == 2 * model.config.phantom_head_dim
-        decode = model(input_ids=input_ids[:, 7:], attention_mask=attention_mask, past_key_values=cache).logits
+        decode = model(input_ids=input_ids[:, 7:], attention_mask=attention_mask, cache=cache).logits
     real = attention_mask.bool()
     torch.testing.assert_close(torch.cat([prefill.logits, decode], dim=1)[real], full[real], rtol=1e-10, atol=1e-10)
 
@@ -83,7 +84,7 @@ def test_cache_batch_operations_move_anchors_with_rows() -> None:
     model = make_model(seed=5)
     input_ids, attention_mask = left_padded_batch([6, 4, 5], seed=15)
     with torch.no_grad():
-        cache = model(input_ids=input_ids, attention_mask=attention_mask).past_key_values
+        cache = cache_of(model(input_ids=input_ids, attention_mask=attention_mask))
     keys = cache.layers[0].keys.clone()
     anchors = {name: tensor.clone() for name, tensor in cache.get_anchors(0).items()}
     cache.reorder_cache(torch.tensor([2, 0, 1]))
@@ -97,7 +98,7 @@ def test_cache_batch_operations_move_anchors_with_rows() -> None:
     cache.crop(-cache.get_seq_length())
     assert not cache.has_anchors()
     with torch.no_grad():
-        cache = model(input_ids=input_ids, attention_mask=attention_mask).past_key_values
+        cache = cache_of(model(input_ids=input_ids, attention_mask=attention_mask))
     cache.reset()
     assert not cache.has_anchors()
 
@@ -106,10 +107,10 @@ def test_plain_dynamic_cache_is_converted_when_empty_and_refused_when_filled() -
     model = make_model(seed=6)
     input_ids, attention_mask = left_padded_batch([6, 6], seed=16)
     with torch.no_grad():
-        output = model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=DynamicCache())
-        assert isinstance(output.past_key_values, PhantomCache)
+        output = model(input_ids=input_ids, attention_mask=attention_mask, cache=DynamicCache())
+        assert isinstance(cache_of(output), PhantomCache)
         filled = DynamicCache()
         filled.update(torch.zeros(2, 2, 6, 16, dtype=torch.float64), torch.zeros(2, 2, 6, 16, dtype=torch.float64), 0)
         with pytest.raises(ValueError, match="DynamicCache holding 6 tokens"):
-            model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=filled)
+            model(input_ids=input_ids, attention_mask=attention_mask, cache=filled)
 

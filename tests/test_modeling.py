@@ -10,6 +10,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from phantom_hf import PhantomConfig, PhantomForConditionalGeneration
 from phantom_hf.modeling import modeling_phantom
+from phantom_hf.modeling.compat_phantom import cache_of
 from phantom_hf.modeling.modeling_phantom import sdpa_packed_gqa_decode
 from phantom_hf.tiny import tiny_text_config, tiny_vision_config
 
@@ -184,8 +185,8 @@ def test_cpu_sdpa_decode_steps_run_packed_and_match_the_uncached_forward(monkeyp
     with torch.no_grad():
         full = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         assert not calls  # several query tokens: transformers' sdpa
-        cache = model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1]).past_key_values
-        step = model(input_ids=input_ids[:, -1:], attention_mask=attention_mask, past_key_values=cache).logits
+        cache = cache_of(model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1]))
+        step = model(input_ids=input_ids[:, -1:], attention_mask=attention_mask, cache=cache).logits
     assert len(calls) == model.config.text_config.num_hidden_layers
     torch.testing.assert_close(step[:, 0], full[:, -1], rtol=1e-10, atol=1e-10)
 
@@ -309,7 +310,7 @@ def test_anchor_token_id_selects_first_occurrence_and_missing_is_an_error() -> N
     input_ids[1, 4] = anchor_id
     with torch.no_grad():
         output = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True)
-    anchors = output.past_key_values.get_anchors(0)
+    anchors = cache_of(output).get_anchors(0)
     layer = model.language_model.layers[0].self_attn
     # the cached anchor keys equal the keys (after rotary) at positions 3 and 4
     with torch.no_grad():
@@ -336,7 +337,8 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     plain = gradients()
-    model.gradient_checkpointing_enable()
+    # transformers 5.23 renamed gradient_checkpointing_enable (deprecated since) to activation_checkpointing_enable
+    getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
     assert model.language_model.gradient_checkpointing
     checkpointed = gradients()
     assert plain.keys() == checkpointed.keys() and any("phantom" in n for n in plain)

@@ -159,6 +159,15 @@ def test_po_weight_zero_in_stage_two_is_sft_only(tmp_path):
     assert abs(loss.item() - out.loss.item()) < 1e-5
 
 
+def test_bf16_default_follows_the_machine():
+    """TRL's CPO turns bf16 on everywhere, which transformers refuses without a bf16 accelerator."""
+    from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
+
+    assert PhantomPOConfig(output_dir="unused").bf16 is (is_torch_bf16_gpu_available() or is_torch_xla_available())
+    assert PhantomPOConfig(output_dir="unused", use_cpu=True).bf16 is False
+    assert PhantomPOConfig(output_dir="unused", bf16=False).bf16 is False
+
+
 def test_paper_defaults():
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)  # neither checkpointing name warns, on any supported release

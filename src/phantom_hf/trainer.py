@@ -31,6 +31,7 @@ from datasets import Dataset
 from PIL import Image as PILImage
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
 
 with warnings.catch_warnings():  # CPO lives in trl.experimental in TRL 1.x; importing it from there is deliberate
     warnings.filterwarnings("ignore", message=".*trl.experimental.*")
@@ -60,7 +61,8 @@ class PhantomPOConfig(CPOConfig):
 
     Defaults that differ from `CPOConfig`: `loss_type="simpo"`, `beta=2.0`, `learning_rate=1e-5` with a cosine
     schedule down to a tenth of it (`cosine_with_min_lr`, `min_lr_rate=0.1`: 1e-5 -> 1e-6),
-    `remove_unused_columns=False` (the collator reads the raw triple columns). `cpo_alpha=1.0`,
+    `remove_unused_columns=False` (the collator reads the raw triple columns), and `bf16` on only where the machine
+    has a bf16 accelerator (CPO turns it on everywhere, which transformers refuses on a CPU-only machine). `cpo_alpha=1.0`,
     `simpo_gamma=0.5`, AdamW and activation (gradient) checkpointing are CPO's defaults already.
 
     Parameters:
@@ -136,6 +138,9 @@ class PhantomPOConfig(CPOConfig):
             self.lr_scheduler_kwargs = {"min_lr_rate": 0.1}
         if self.remove_unused_columns:
             raise ValueError("PhantomPOConfig.remove_unused_columns must be False: the collator reads the triple columns")
+        if self.bf16 is None:
+            # TRL defaults to bf16, which transformers refuses on a machine without a bf16 accelerator
+            self.bf16 = not self.fp16 and not self.use_cpu and (is_torch_bf16_gpu_available() or is_torch_xla_available())
         super().__post_init__()
         if self.generate_during_eval:
             raise ValueError("generate_during_eval is not supported by PhantomPOTrainer (CPO's generation ignores images)")
