@@ -43,7 +43,7 @@ from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBas
 from .modeling import PhantomConfig, PhantomForConditionalGeneration
 from .modeling.modeling_phantom import save_remote_code
 from .modeling.processing_phantom import (
-    CHAT_TEMPLATES,
+    chat_template_for,
     IMAGE_CONTEXT_TOKEN,
     IMAGE_TOKENS,
     PhantomProcessor,
@@ -699,7 +699,7 @@ def _convert_tokenizer(
             "these tokens need trained embeddings the checkpoint does not have"
         )
     config.image_token_id = ids[IMAGE_CONTEXT_TOKEN]
-    processor = PhantomProcessor.from_config(config, tokenizer, chat_template=CHAT_TEMPLATES[chat_format])
+    processor = PhantomProcessor.from_config(config, tokenizer, chat_template=chat_template_for(chat_format))
     processor.save_pretrained(folder)
     return tokenizer
 
@@ -838,7 +838,7 @@ def convert_checkpoint(
         if source == "llava":
             if tokenizer is not None:
                 processor = PhantomProcessor.from_config(
-                    config, tokenizer, chat_template=CHAT_TEMPLATES[chat_format], pad_to_square=_pad_to_square(src, config)
+                    config, tokenizer, chat_template=chat_template_for(chat_format), pad_to_square=_pad_to_square(src, config)
                 )
                 processor.save_pretrained(staging)
         else:
