@@ -123,7 +123,9 @@ PRESETS: dict[str, dict[str, Any]] = {
             "original_max_position_embeddings": 4096,
             "rope_theta": 10000.0,
             "rms_norm_eps": 1e-5,
-            "sliding_window": 2047,
+            # The published config says 2047 and its attention sees 2047 tokens before each token and the token
+            # itself; transformers' sliding_window counts the token itself (phantom_hf.convert.published_sliding_window).
+            "sliding_window": 2048,
             "tie_word_embeddings": False,
             "bos_token_id": 1,
             "eos_token_id": 32000,
