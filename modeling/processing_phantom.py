@@ -47,7 +47,7 @@ from transformers.utils import is_numpy_array
 from .compat_phantom import ASSISTANT_MASK_FOLLOWS_EXPANSION, unmarked
 from .presets_phantom import BASELINE_PRESETS, PRESETS
 
-ALL_PRESETS = {**PRESETS, **BASELINE_PRESETS}
+_ALL_PRESETS = {**PRESETS, **BASELINE_PRESETS}
 
 IMAGE_MARKER = "<image>"
 IMAGE_START_TOKEN = "<img>"
@@ -166,7 +166,7 @@ def chat_format_for(source: Any) -> str:
     if isinstance(source, str):
         if source in CHAT_FORMATS:
             return source
-        preset = ALL_PRESETS.get(source)
+        preset = _ALL_PRESETS.get(source)
         if preset is not None:
             return preset["chat_format"]
         model_type = source

@@ -16,6 +16,11 @@ remaining piece is encoded by SentencePiece on its own (so each gets SentencePie
 and the BPE (or Unigram) model with byte fallback run on each piece. BPE merges are derived from the vocabulary:
 every split of a piece into two pieces, ranked by the merged piece's score, which is how SentencePiece's BPE picks
 its next merge.
+
+One difference remains: a user-defined SentencePiece piece that the config does not list as an added token is
+split off like an added token, so text right after it gets the dummy prefix and text starting with it does not
+(SentencePiece matches it inside the text). InternLM2 lists its placeholder pieces as added tokens, and such a
+piece appears in text only when typed literally (e.g. "[UNUSED_TOKEN_146]").
 """
 
 from __future__ import annotations
