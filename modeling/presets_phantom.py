@@ -13,7 +13,7 @@ InternLM2 backbones are Llama decoders (`wqkv` split at conversion, spec section
 paradigm with CLIP ViT-L/14-336, the XDP projector and Xmodel-LM 1.1B, without Phantom Dimension. Its fields come
 from the public XmodelVLM / XmodelLM repositories (`XModelConfig` "xl": 24 layers, 32 heads, 4 key/value heads,
 hidden 2048, intermediate find_multiple(8 * 2048 / 3, 256) = 5632, vocabulary 32000, rotary base 10000, RMSNorm
-eps 1e-5, untied head) and the paper (context 4096). `chat_format` names a key of `processing_phantom.CHAT_TEMPLATES`.
+eps 1e-5, untied head) and the paper (context 4096). `chat_format` names a key of `processing_phantom.CHAT_FORMATS` (`chat_format_for(preset)` reads it).
 """
 
 from __future__ import annotations
@@ -56,12 +56,6 @@ CLIP_VIT_L_14_336: dict[str, Any] = {
     "hidden_act": "quick_gelu",
     "layer_norm_eps": 1e-5,
     "projection_dim": 768,
-}
-
-# Chat formats of the published models (spec section 5), by name.
-CHAT_FORMATS: dict[str, dict[str, str]] = {
-    "chatml": {"user_start": "<|im_start|>user\n", "turn_end": "<|im_end|>", "assistant_start": "<|im_start|>assistant\n"},
-    "phi3": {"user_start": "<|user|>\n", "turn_end": "<|end|>", "assistant_start": "<|assistant|>\n"},
 }
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -129,7 +123,9 @@ PRESETS: dict[str, dict[str, Any]] = {
             "original_max_position_embeddings": 4096,
             "rope_theta": 10000.0,
             "rms_norm_eps": 1e-5,
-            "sliding_window": 2047,
+            # The published config says 2047 and its attention sees 2047 tokens before each token and the token
+            # itself; transformers' sliding_window counts the token itself (phantom_hf.convert.published_sliding_window).
+            "sliding_window": 2048,
             "tie_word_embeddings": False,
             "bos_token_id": 1,
             "eos_token_id": 32000,
@@ -233,23 +229,13 @@ def preset_config_kwargs(name: str) -> dict[str, Any]:
     }
 
 
-def preset_chat_format(name: str) -> str:
-    """Name of the chat format ("chatml", "phi3", or "vicuna_v1" for Xmodel-VLM) preset `name` was trained with."""
-    for presets in (PRESETS, BASELINE_PRESETS):
-        if name in presets:
-            return presets[name]["chat_format"]
-    raise _unknown(name)
-
-
 __all__ = [
     "ALL_PRESET_NAMES",
     "BASELINE_PRESETS",
     "BASELINE_PRESET_NAMES",
-    "CHAT_FORMATS",
     "CLIP_VIT_L_14_336",
     "INTERNVIT_300M_448PX",
     "PRESETS",
     "PRESET_NAMES",
-    "preset_chat_format",
     "preset_config_kwargs",
 ]

@@ -5,6 +5,13 @@ size (448 px for the published models) whose grid best matches its aspect ratio,
 is more than one tile (transformers' `GotOcr2ImageProcessor`, PIL backend: no torchvision needed). Each
 `<image>` marker in a prompt becomes `<img>` + `<IMG_CONTEXT>` x (image_seq_length x tiles) + `</img>`.
 
+Prompts are written by the chat formats of `CHAT_FORMATS` (`chat_format_for` decides which one a model speaks).
+Models trained with this package write an image as `<image>` + newline; a converted published checkpoint's
+processor (`from_config(..., published_format=True)`, what `phantom-hf convert` writes) feeds the model what the
+published Phantom inference code feeds it: `<image>` glued to the question, no BOS token added by the tokenizer
+(`add_special_tokens=False`, so the template's first token is the Phantom anchor), and several images of one
+prompt pasted side by side into one (`multi_image_layout="side_by_side"`).
+
 LLaVA-style baselines (spec section 8: CLIP or SigLIP towers, XDP or mlp2x_gelu projectors) see one fixed-size
 image per `<image>`: CLIP images are padded to a square with the mean colour, resized and centre-cropped as
 LLaVA-1.5 and Xmodel-VLM do (`image_aspect_ratio="pad"`; transformers' `LlavaImageProcessor`), SigLIP images are
@@ -18,8 +25,9 @@ from __future__ import annotations
 
 import base64
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from transformers.image_processing_utils import BatchFeature
 from transformers.image_utils import (
@@ -37,6 +45,9 @@ from transformers.tokenization_utils_base import VERY_LARGE_INTEGER, PreTrainedT
 from transformers.utils import is_numpy_array
 
 from .compat_phantom import ASSISTANT_MASK_FOLLOWS_EXPANSION, unmarked
+from .presets_phantom import BASELINE_PRESETS, PRESETS
+
+_ALL_PRESETS = {**PRESETS, **BASELINE_PRESETS}
 
 IMAGE_MARKER = "<image>"
 IMAGE_START_TOKEN = "<img>"
@@ -57,26 +68,35 @@ DEFAULT_TILE_SIZE = 448
 DEFAULT_MIN_PATCHES = 1
 DEFAULT_MAX_PATCHES = 6
 DEFAULT_IMAGE_SEQ_LENGTH = 256
+# How several images of one prompt reach the model: "tiles" tiles each image on its own (one `<image>` each);
+# "side_by_side" pastes them into one image first, left to right on black with SIDE_BY_SIDE_MARGIN pixels between
+# them and each centred vertically, then tiles that image, as the published Phantom evaluation does (github
+# ByungKwanLee/Phantom, test.py `EvalDataset.__getitem__` with utils/utils.py `concat_images_horizontally_with_margin`).
+MULTI_IMAGE_LAYOUTS = ("tiles", "side_by_side")
+SIDE_BY_SIDE_MARGIN = 10
 
-# The published prompt formats (spec section 5): no separator between turns, `<image>` followed by a newline
-# where each image goes (InternVL's and LLaVA's convention, and the triples' `"<image>\n" + question`).
-# Assistant turns are wrapped in {% generation %} so that `return_assistant_tokens_mask=True` marks the answer
-# and its end token (what the SFT loss trains on).
-_CONTENT_MACRO = (
-    "{%- macro render_content(content) -%}"
-    "{%- if content is string -%}{{- content -}}"
-    "{%- else -%}{%- for block in content -%}"
-    "{%- if block['type'] == 'image' -%}{{- '" + IMAGE_MARKER + "\\n' -}}"
-    "{%- elif block['type'] == 'text' -%}{{- block['text'] -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}{%- endif -%}"
-    "{%- endmacro -%}"
-)
-
-
-def _turn_template(header: str, end: str, generation_header: str) -> str:
+# Chat templates. Assistant turns are wrapped in {% generation %} so that `return_assistant_tokens_mask=True` marks
+# the answer and its end token (what the SFT loss trains on). An image block renders as `IMAGE_MARKER` followed by
+# `image_separator`: "\n" in the templates this package trains with (InternVL's and LLaVA's convention, and the
+# triples' `"<image>\n" + question`), "" in the published variants, which glue the marker to the question as the
+# published Phantom inference code does (github ByungKwanLee/Phantom, utils/utils.py `make_instruction`:
+# `question = "<image>" + question`, then user_start + question + user_end + assistant_start with split "").
+def _content_macro(image_separator: str) -> str:
     return (
-        _CONTENT_MACRO
+        "{%- macro render_content(content) -%}"
+        "{%- if content is string -%}{{- content -}}"
+        "{%- else -%}{%- for block in content -%}"
+        "{%- if block['type'] == 'image' -%}{{- '" + IMAGE_MARKER + image_separator + "' -}}"
+        "{%- elif block['type'] == 'text' -%}{{- block['text'] -}}"
+        "{%- endif -%}"
+        "{%- endfor -%}{%- endif -%}"
+        "{%- endmacro -%}"
+    )
+
+
+def _turn_template(header: str, end: str, generation_header: str, image_separator: str = "\\n") -> str:
+    return (
+        _content_macro(image_separator)
         + "{%- for message in messages -%}"
         + "{{- " + header + " -}}"
         + "{%- if message['role'] == 'assistant' -%}"
@@ -87,10 +107,12 @@ def _turn_template(header: str, end: str, generation_header: str) -> str:
     )
 
 
+_CHATML_TURN = ("'<|im_start|>' + message['role'] + '\\n'", "<|im_end|>", "<|im_start|>assistant\\n")
+_PHI3_TURN = ("'<|' + message['role'] + '|>\\n'", "<|end|>", "<|assistant|>\\n")
 # ChatML (Qwen2, InternLM2): <|im_start|>user\n…<|im_end|><|im_start|>assistant\n
-CHATML_CHAT_TEMPLATE = _turn_template("'<|im_start|>' + message['role'] + '\\n'", "<|im_end|>", "<|im_start|>assistant\\n")
+CHATML_CHAT_TEMPLATE = _turn_template(*_CHATML_TURN)
 # Phi-3: <|user|>\n…<|end|><|assistant|>\n
-PHI3_CHAT_TEMPLATE = _turn_template("'<|' + message['role'] + '|>\\n'", "<|end|>", "<|assistant|>\\n")
+PHI3_CHAT_TEMPLATE = _turn_template(*_PHI3_TURN)
 
 # Vicuna v1, the conversation format of LLaVA-1.5 and Xmodel-VLM (`conv_templates["v1"]` of their code):
 # "{system} USER: <image>\n{question} ASSISTANT: {answer}</s>USER: … ASSISTANT:". An image goes in front of its
@@ -101,7 +123,7 @@ VICUNA_V1_SYSTEM = (
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
 VICUNA_V1_CHAT_TEMPLATE = (
-    _CONTENT_MACRO
+    _content_macro("\\n")
     + "{%- if messages and messages[0]['role'] == 'system' -%}"
     + "{{- render_content(messages[0]['content']) + ' ' -}}{%- set turns = messages[1:] -%}"
     + "{%- else -%}{{- '" + VICUNA_V1_SYSTEM.replace("'", "\\'") + " ' -}}{%- set turns = messages -%}{%- endif -%}"
@@ -112,30 +134,69 @@ VICUNA_V1_CHAT_TEMPLATE = (
     + "{%- endfor -%}"
     + "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
 )
-CHAT_TEMPLATES = {"chatml": CHATML_CHAT_TEMPLATE, "phi3": PHI3_CHAT_TEMPLATE, "vicuna_v1": VICUNA_V1_CHAT_TEMPLATE}
-# Chat format of each supported decoder type (InternLM2 is loaded as Llama and speaks ChatML).
-CHAT_FORMAT_BY_TEXT_MODEL_TYPE = {"qwen2": "chatml", "qwen3": "chatml", "llama": "chatml", "mistral": "chatml", "phi3": "phi3"}
 
 
-def chat_template_for(config_or_model_type: Any) -> str:
-    """The chat template of a checkpoint: Phi-3's for a `phi3` decoder, ChatML otherwise; Vicuna v1 (LLaVA-1.5,
-    Xmodel-VLM) for a `PhantomConfig` with a LLaVA-style projector ("xdp", "mlp2x_gelu").
+class ChatFormat(NamedTuple):
+    """A conversation format: its chat template, the published variant of it (None where there is none) and the
+    decoder `model_type`s that speak it by default."""
 
-    Accepts a format name ("chatml", "phi3", "vicuna_v1"), a decoder `model_type`, or a `PhantomConfig`.
+    template: str
+    published_template: str | None
+    model_types: tuple[str, ...]
+
+
+# The chat formats by name: the one table that decides how a model's prompts are written (the presets name their
+# format here; `chat_format_for` resolves everything else). InternLM2 is loaded as Llama and speaks ChatML.
+CHAT_FORMATS: dict[str, ChatFormat] = {
+    "chatml": ChatFormat(
+        CHATML_CHAT_TEMPLATE, _turn_template(*_CHATML_TURN, image_separator=""), ("qwen2", "qwen3", "llama", "mistral")
+    ),
+    "phi3": ChatFormat(PHI3_CHAT_TEMPLATE, _turn_template(*_PHI3_TURN, image_separator=""), ("phi3",)),
+    "vicuna_v1": ChatFormat(VICUNA_V1_CHAT_TEMPLATE, None, ()),
+}
+
+
+def chat_format_for(source: Any) -> str:
+    """The name of the chat format ("chatml", "phi3", "vicuna_v1") of `source`, the one place that decides it.
+
+    `source` is a format name, a preset name ("phantom-3.8b": the format it was trained with), a decoder
+    `model_type` ("phi3": Phi-3's; "qwen2", "llama", ...: ChatML), or a `PhantomConfig` (Vicuna v1 for a
+    LLaVA-style projector "xdp" / "mlp2x_gelu", as LLaVA-1.5 and Xmodel-VLM; otherwise by its decoder).
     """
-    key = config_or_model_type
-    if getattr(key, "projector_type", "phantom") != "phantom":
-        return VICUNA_V1_CHAT_TEMPLATE
-    if not isinstance(key, str):
-        key = key.get_text_config().model_type if hasattr(key, "get_text_config") else getattr(key, "model_type", None)
-    if key in CHAT_TEMPLATES:
-        return CHAT_TEMPLATES[key]
-    if key not in CHAT_FORMAT_BY_TEXT_MODEL_TYPE:
-        raise ValueError(
-            f"no Phantom chat format for {key!r}; pass one of {sorted(CHAT_TEMPLATES)} or a decoder model_type in "
-            f"{sorted(CHAT_FORMAT_BY_TEXT_MODEL_TYPE)}"
-        )
-    return CHAT_TEMPLATES[CHAT_FORMAT_BY_TEXT_MODEL_TYPE[key]]
+    if isinstance(source, str):
+        if source in CHAT_FORMATS:
+            return source
+        preset = _ALL_PRESETS.get(source)
+        if preset is not None:
+            return preset["chat_format"]
+        model_type = source
+    elif getattr(source, "projector_type", "phantom") != "phantom":
+        return "vicuna_v1"
+    elif hasattr(source, "get_text_config"):
+        model_type = source.get_text_config().model_type
+    else:
+        model_type = getattr(source, "model_type", None)
+    for name, chat_format in CHAT_FORMATS.items():
+        if model_type in chat_format.model_types:
+            return name
+    known = sorted(m for f in CHAT_FORMATS.values() for m in f.model_types)
+    raise ValueError(
+        f"no Phantom chat format for {model_type!r}; pass one of {sorted(CHAT_FORMATS)}, a preset name, or a decoder "
+        f"model_type in {known}"
+    )
+
+
+def chat_template_for(source: Any, published: bool = False) -> str:
+    """The chat template of `source` (anything `chat_format_for` takes).
+
+    `published=True` gives the variant that writes prompts as the published Phantom inference code does (an image
+    block is `<image>` glued to the text that follows, no newline); a `ValueError` for a format without one.
+    """
+    name = chat_format_for(source)
+    template = CHAT_FORMATS[name].published_template if published else CHAT_FORMATS[name].template
+    if template is None:
+        raise ValueError(f"the {name!r} chat format has no published-Phantom variant")
+    return template
 
 
 def build_image_processor(
@@ -307,6 +368,29 @@ def _to_rgb_array(image: Any, index: int) -> Any:
     return _rgb_over_white(image)
 
 
+def paste_side_by_side(images: list[Any], margin: int = SIDE_BY_SIDE_MARGIN) -> Any:
+    """One (H, W, 3) array holding RGB (H, W, 3) arrays `images` left to right on black, `margin` pixels apart, each
+    centred vertically (offset (max height - height) // 2), the canvas as high as the highest: the published
+    Phantom layout of several images in one prompt. One image is returned as it is."""
+    if len(images) == 1:
+        return images[0]
+    dtypes = {image.dtype for image in images}
+    if len(dtypes) > 1:
+        raise ValueError(
+            f"images pasted side by side must share one pixel type, got {sorted(str(dtype) for dtype in dtypes)}; "
+            "pass them all as uint8 (or all as floats)"
+        )
+    height = max(image.shape[0] for image in images)
+    width = sum(image.shape[1] for image in images) + margin * (len(images) - 1)
+    canvas = np.zeros((height, width, 3), dtype=images[0].dtype)
+    left = 0
+    for image in images:
+        top = (height - image.shape[0]) // 2
+        canvas[top : top + image.shape[0], left : left + image.shape[1]] = image
+        left += image.shape[1] + margin
+    return canvas
+
+
 class PhantomProcessor(ProcessorMixin):
     r"""Builds Phantom's inputs from prompts and images: tiles every image, expands each `<image>` marker into
     `<img>` + `<IMG_CONTEXT>` x (`image_seq_length` x tiles) + `</img>`, tokenizes, and renders chats with the
@@ -322,9 +406,18 @@ class PhantomProcessor(ProcessorMixin):
             for generation, right for training) and its `model_max_length` bounds the expanded prompts.
         image_seq_length: vision tokens per tile; must equal the model's `config.image_seq_length` (256 for the
             published models, 144 for Xmodel-VLM).
-        chat_template: a Jinja chat template (`CHATML_CHAT_TEMPLATE`, `PHI3_CHAT_TEMPLATE`, `VICUNA_V1_CHAT_TEMPLATE`).
+        chat_template: a Jinja chat template (`chat_template_for(name_or_config)`; `CHAT_FORMATS` lists them).
         wrap_image_tokens: put `<img>` ... `</img>` around each image's placeholders; default: True for a tiling
             image processor (Phantom, InternVL), False otherwise (LLaVA, Xmodel-VLM).
+        add_special_tokens: default of the tokenizer's `add_special_tokens` when a call does not set it; None keeps
+            the tokenizer's own default. False (what `phantom-hf convert` writes for published checkpoints) feeds
+            the rendered prompt as it is, without a BOS token in front, so that the first token of the template is
+            the Phantom anchor, as the published inference code tokenizes (`add_special_tokens=False`).
+        multi_image_layout: "tiles" (each image tiled on its own, one `<image>` marker each) or "side_by_side"
+            (the images of a prompt pasted into one, `paste_side_by_side`, then tiled: the published layout, which
+            `phantom-hf convert` writes for published checkpoints). With "side_by_side" a prompt may hold one
+            `<image>` marker for all its images (give them as one list per prompt) or one per image; the pasted
+            image goes where the first marker is and the other markers are dropped.
 
     Calling it returns `input_ids`, `attention_mask` and, with images, `pixel_values` (all tiles of all images in
     prompt order, shape (num_tiles, 3, tile, tile)) and `num_patches` (tiles per image).
@@ -339,9 +432,15 @@ class PhantomProcessor(ProcessorMixin):
         image_seq_length: int = DEFAULT_IMAGE_SEQ_LENGTH,
         chat_template: str | None = None,
         wrap_image_tokens: bool | None = None,
+        add_special_tokens: bool | None = None,
+        multi_image_layout: str = "tiles",
     ) -> None:
         if tokenizer is None:
             raise ValueError("PhantomProcessor needs a tokenizer")
+        if add_special_tokens is not None and not isinstance(add_special_tokens, bool):
+            raise ValueError(f"add_special_tokens must be True, False or None, got {add_special_tokens!r}")
+        if multi_image_layout not in MULTI_IMAGE_LAYOUTS:
+            raise ValueError(f"multi_image_layout must be one of {MULTI_IMAGE_LAYOUTS}, got {multi_image_layout!r}")
         if image_processor is None:
             image_processor = build_image_processor()
         if isinstance(image_seq_length, bool) or not isinstance(image_seq_length, int) or image_seq_length < 1:
@@ -360,6 +459,8 @@ class PhantomProcessor(ProcessorMixin):
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
         self.image_seq_length = image_seq_length
         self.wrap_image_tokens = bool(wrap_image_tokens)
+        self.add_special_tokens = add_special_tokens
+        self.multi_image_layout = multi_image_layout
         self.image_start_token_id = ids[IMAGE_START_TOKEN] if wrap_image_tokens else None
         self.image_end_token_id = ids[IMAGE_END_TOKEN] if wrap_image_tokens else None
         self.image_token_id = ids[IMAGE_CONTEXT_TOKEN]
@@ -378,9 +479,17 @@ class PhantomProcessor(ProcessorMixin):
         min_patches: int | None = None,
         max_patches: int | None = None,
         pad_to_square: bool | None = None,
+        published_format: bool = False,
+        multi_image_layout: str | None = None,
     ) -> "PhantomProcessor":
         """The processor matching a `PhantomConfig`: images prepared for its vision tower's type and `image_size`,
         `image_seq_length` from the config, the chat template of the model (`chat_template_for`, unless given).
+
+        `published_format=True` (what `phantom-hf convert` uses for published Phantom checkpoints) feeds the model
+        what the published inference code feeds it: the published chat template (`<image>` glued to the question),
+        no special tokens added by the tokenizer (the template's first token is the anchor), and several images of
+        a prompt pasted side by side into one. `multi_image_layout` ("tiles" or "side_by_side") overrides the layout
+        this implies.
 
         InternViT (`internvl_vision`): dynamic tiling with `min_patches`..`max_patches` tiles (default 1..6),
         `<img>`/`</img>` around each image. CLIP and SigLIP: one image each, no wrapping; CLIP images are padded to
@@ -425,8 +534,10 @@ class PhantomProcessor(ProcessorMixin):
             image_processor=image_processor,
             tokenizer=tokenizer,
             image_seq_length=config.image_seq_length,
-            chat_template=chat_template if chat_template is not None else chat_template_for(config),
+            chat_template=chat_template if chat_template is not None else chat_template_for(config, published_format),
             wrap_image_tokens=vision_type in TILING_VISION_MODEL_TYPES,
+            add_special_tokens=False if published_format else None,
+            multi_image_layout=multi_image_layout or ("side_by_side" if published_format else "tiles"),
         )
 
     @property
@@ -445,16 +556,18 @@ class PhantomProcessor(ProcessorMixin):
         placeholders = IMAGE_CONTEXT_TOKEN * (self.image_seq_length * tiles)
         return IMAGE_START_TOKEN + placeholders + IMAGE_END_TOKEN if self.wrap_image_tokens else placeholders
 
-    def _images_in_prompt_order(self, images: Any, text: list[str]) -> list[Any]:
-        """Flatten `images` (one image, a flat list, or one list per prompt) after checking they match the
-        `<image>` markers."""
+    def _images_per_prompt(self, images: Any, text: list[str]) -> list[list[Any]]:
+        """`images` (one image, a flat list in marker order, or one list per prompt) as one list per prompt, after
+        checking them against the `<image>` markers: one image per marker, or with `multi_image_layout=
+        "side_by_side"` also several images for a prompt's single marker."""
         markers = [unmarked(sample).count(IMAGE_MARKER) for sample in text]
+        side_by_side = self.multi_image_layout == "side_by_side"
         if images is None:
             if any(markers):
                 raise ValueError(
                     f"the prompts have {sum(markers)} {IMAGE_MARKER} markers (per prompt: {markers}) but no images were given"
                 )
-            return []
+            return [[] for _ in text]
         if not isinstance(images, (list, tuple)):
             images = [images]
         nested = [isinstance(item, (list, tuple)) for item in images]
@@ -462,19 +575,34 @@ class PhantomProcessor(ProcessorMixin):
             if len(images) != len(text):
                 raise ValueError(f"images were given as {len(images)} lists (one per prompt) for {len(text)} prompts")
             for index, (row, count) in enumerate(zip(images, markers)):
-                if len(row) != count:
+                if len(row) != count and not (side_by_side and count == 1 and row):
                     raise ValueError(
                         f"prompt {index} has {count} {IMAGE_MARKER} marker(s) but {len(row)} image(s) were given for it"
                     )
-            return [image for row in images for image in row]
+            return [list(row) for row in images]
         if any(nested):
             raise TypeError("images must be one image, a flat list of images, or one list of images per prompt, not a mix")
+        if side_by_side and len(text) == 1 and markers[0] == 1 and images:
+            return [list(images)]
         if len(images) != sum(markers):
             raise ValueError(
                 f"the prompts have {sum(markers)} {IMAGE_MARKER} marker(s) (per prompt: {markers}) but "
                 f"{len(images)} image(s) were given; put one {IMAGE_MARKER} where each image goes"
             )
-        return list(images)
+        rows, start = [], 0
+        for count in markers:
+            rows.append(list(images[start : start + count]))
+            start += count
+        return rows
+
+    def user_prompt(self, text: str, images: int = 0) -> str:
+        """`text` as a question to the model: one user turn holding `images` image blocks and then `text`, followed
+        by the assistant's generation prompt, rendered by the chat template (so the image markers are written as
+        the model's format writes them). Without a chat template: `<image>` + newline per image, then `text`."""
+        if not self.chat_template:
+            return (IMAGE_MARKER + "\n") * images + text
+        content = [{"type": "image"}] * images + [{"type": "text", "text": text}]
+        return self.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
 
     def apply_chat_template(self, conversation: Any, chat_template: str | None = None, **kwargs: Any) -> Any:
         """transformers' `apply_chat_template`; refuses `return_assistant_tokens_mask` on a chat with images before
@@ -503,13 +631,21 @@ class PhantomProcessor(ProcessorMixin):
         text = [text] if isinstance(text, str) else list(text)
         if not all(isinstance(sample, str) for sample in text):
             raise TypeError("text must be a string or a list of strings")
-        flat_images = self._images_in_prompt_order(images, text)
-        flat_images = [_to_rgb_array(image, index) for index, image in enumerate(flat_images)]
+        rows, index = [], 0
+        for row in self._images_per_prompt(images, text):
+            rows.append([_to_rgb_array(image, index + offset) for offset, image in enumerate(row)])
+            index += len(row)
+        if self.multi_image_layout == "side_by_side":
+            flat_images = [paste_side_by_side(row) for row in rows if row]
+        else:
+            flat_images = [image for row in rows for image in row]
 
         merged = self._merge_kwargs(
             self.valid_processor_kwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs
         )
         text_kwargs = merged["text_kwargs"]
+        if self.add_special_tokens is not None:
+            text_kwargs.setdefault("add_special_tokens", self.add_special_tokens)
         return_tensors = text_kwargs.pop("return_tensors", None)
         return_mm_token_type_ids = text_kwargs.pop("return_mm_token_type_ids", merged.get("return_mm_token_type_ids", False))
         return_offsets = text_kwargs.pop("return_text_replacement_offsets", merged.get("return_text_replacement_offsets", False))
@@ -526,6 +662,12 @@ class PhantomProcessor(ProcessorMixin):
             data["pixel_values"] = processed["pixel_values"]
             data["num_patches"] = processed["num_patches"]
             replacements = [self.replace_image_token(processed, index) for index in range(len(flat_images))]
+            if self.multi_image_layout == "side_by_side":  # a prompt's pasted image at its first marker, no others
+                pasted = iter(replacements)
+                replacements = []
+                for row, sample in zip(rows, text):
+                    if row:
+                        replacements += [next(pasted)] + [""] * (unmarked(sample).count(IMAGE_MARKER) - 1)
         expanded, offsets = self.get_text_with_replacements(text, replacements)
 
         encoding = self._tokenize(expanded, text_kwargs, return_tensors)
@@ -608,12 +750,19 @@ PhantomProcessor.register_for_auto_class("AutoProcessor")
 
 __all__ = [
     "CHATML_CHAT_TEMPLATE",
-    "CHAT_TEMPLATES",
+    "CHAT_FORMATS",
+    "IMAGE_CONTEXT_TOKEN",
+    "IMAGE_END_TOKEN",
+    "IMAGE_MARKER",
+    "IMAGE_START_TOKEN",
+    "MULTI_IMAGE_LAYOUTS",
     "PHI3_CHAT_TEMPLATE",
     "VICUNA_V1_CHAT_TEMPLATE",
     "PhantomProcessor",
     "add_image_tokens",
     "build_fixed_size_image_processor",
     "build_image_processor",
+    "chat_format_for",
     "chat_template_for",
+    "paste_side_by_side",
 ]

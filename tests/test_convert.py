@@ -25,6 +25,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedTokenizerFast
 
 from phantom_hf.convert import add_convert_arguments, convert_checkpoint, run_convert
+from phantom_hf.modeling.compat_phantom import cache_kwargs, cache_of
 
 VOCAB, HIDDEN, INTER, LAYERS, HEADS, KV_HEADS, HEAD_DIM = 96, 64, 96, 2, 4, 2, 16
 VIT_HIDDEN, VIT_HEADS, VIT_INTER, VIT_LAYERS, PATCH, IMAGE = 32, 2, 64, 2, 7, 28
@@ -222,8 +223,11 @@ def mhca(sd: dict[str, torch.Tensor], prefix: str, x: torch.Tensor, anchor: torc
     return F.gelu(torch.einsum("bhna,bad->bhnd", s, va) @ lo.T)
 
 
-def phantom_attention(sd, a, q, k, v, eta):
-    """Spec section 1 steps 2-5 on rotary-applied q (B, H_q, N, D), k, v (B, H_kv, N, D); anchor = position 0."""
+def phantom_attention(sd, a, q, k, v, eta, window=None):
+    """Spec section 1 steps 2-5 on rotary-applied q (B, H_q, N, D), k, v (B, H_kv, N, D); anchor = position 0.
+
+    `window`: the published Phi-3 sliding window (model/arch_3_8b/modeling_phi3.py, flash-attention
+    `window_size=(window, window)` with `causal=True`): query i sees keys i - window ... i, window + 1 of them."""
     q_star = eta * mhca(sd, a + "xattn_query_phantom", q, q[:, :, 0])
     k_star = eta * mhca(sd, a + "xattn_key_phantom", k, k[:, :, 0])
     v_star = v + eta * mhca(sd, a + "xattn_value_phantom", v, v[:, :, 0])
@@ -231,6 +235,8 @@ def phantom_attention(sd, a, q, k, v, eta):
     big_k, big_v = big_k.repeat_interleave(HEADS // KV_HEADS, 1), big_v.repeat_interleave(HEADS // KV_HEADS, 1)
     n = q.shape[2]
     causal = torch.full((n, n), float("-inf")).triu(1)
+    if window is not None:
+        causal = causal.masked_fill(torch.ones(n, n, dtype=torch.bool).tril(-window - 1), float("-inf"))
     out = torch.softmax(big_q @ big_k.transpose(-1, -2) / HEAD_DIM**0.5 + causal, dim=-1) @ big_v
     o1, o2 = out[..., :HEAD_DIM], out[..., HEAD_DIM:]
     f = F.linear(o1, sd[a + "gating_phantom_1.weight"], sd[a + "gating_phantom_1.bias"])
@@ -239,12 +245,14 @@ def phantom_attention(sd, a, q, k, v, eta):
     return (w * o1 + (1 - w) * o2).transpose(1, 2).reshape(q.shape[0], n, HEADS * HEAD_DIM)
 
 
-def reference_logits(arch: str, sd, input_ids, pixel_values, eta: float) -> torch.Tensor:
+def reference_logits(
+    arch: str, sd, input_ids, pixel_values, eta: float, window: int | None = None, image_token_id: int = IMG_CONTEXT
+) -> torch.Tensor:
     """Logits of the published model, computed from its own tensors (no renaming, packed weights used packed)."""
     lm, eps, theta = "language_model.model.", LLM[arch]["rms_norm_eps"], LLM[arch]["rope_theta"]
     x = sd[lm + ("tok_embeddings" if arch == "internlm2" else "embed_tokens") + ".weight"][input_ids]
     x = x.clone()
-    x[input_ids == IMG_CONTEXT] = reference_vision(sd, pixel_values).reshape(-1, HIDDEN)
+    x[input_ids == image_token_id] = reference_vision(sd, pixel_values).reshape(-1, HIDDEN)
     b, n, _ = x.shape
     q_size, kv_size, group = HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, HEADS // KV_HEADS
     for i in range(LAYERS):
@@ -262,7 +270,7 @@ def reference_logits(arch: str, sd, input_ids, pixel_values, eta: float) -> torc
         q = rotate(q.reshape(b, n, HEADS, HEAD_DIM).transpose(1, 2), theta)
         k = rotate(k.reshape(b, n, KV_HEADS, HEAD_DIM).transpose(1, 2), theta)
         v = v.reshape(b, n, KV_HEADS, HEAD_DIM).transpose(1, 2)
-        attn = phantom_attention(sd, a, q, k, v, eta)
+        attn = phantom_attention(sd, a, q, k, v, eta, window)
         x = x + F.linear(attn, sd[a + ("wo" if arch == "internlm2" else "o_proj") + ".weight"])
         h = rms_norm(x, sd[p + ("ffn_norm" if arch == "internlm2" else "post_attention_layernorm") + ".weight"], eps)
         if arch == "internlm2":
@@ -435,3 +443,102 @@ def test_command_line_casts_dtype(tmp_path: Path, qwen2_state, capsys) -> None:
     assert weight.dtype == torch.bfloat16
     torch.testing.assert_close(weight, qwen2_state["vision_proj.1.weight"].to(torch.bfloat16), rtol=0, atol=0)
     assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Phi-3's sliding window, as published
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_phi3_sliding_window_attends_as_published(tmp_path: Path, attn_implementation: str) -> None:
+    """A published window of 3 on a 13-token prompt: the converted model sees what the published flash-attention
+    call sees (4 keys per query), uncached and cached in both cache modes, token by token."""
+    window = 3
+    state = published_state("phi3")
+    src = write_published(tmp_path / "published", "phi3", state, "safetensors")
+    published = published_config("phi3")
+    published["llm_config"]["sliding_window"] = window
+    (src / "config.json").write_text(json.dumps(published))
+    convert_checkpoint(src, tmp_path / "converted")
+    assert json.loads((tmp_path / "converted" / "config.json").read_text())["text_config"]["sliding_window"] == window + 1
+
+    model = AutoModelForImageTextToText.from_pretrained(
+        tmp_path / "converted", trust_remote_code=True, phantom_eta=1.0, dtype=torch.float32, attn_implementation=attn_implementation
+    ).eval()
+    input_ids, pixel_values = inputs()
+    state = {name: tensor.float() for name, tensor in state.items()}
+    expected = reference_logits("phi3", state, input_ids, pixel_values, eta=1.0, window=window)
+    # the window matters here: one key fewer (what copying 3 into transformers' sliding_window gives) is far off
+    assert (expected - reference_logits("phi3", state, input_ids, pixel_values, eta=1.0, window=window - 1)).abs().max() > 1e-2
+    prefill_length = 2 + TOKENS_PER_TILE + 1  # the anchor, the image, and one text token
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=input_ids, pixel_values=pixel_values).logits, expected, rtol=1e-4, atol=1e-4)
+        for mode in ("expanded", "compact"):
+            out = model(input_ids=input_ids[:, :prefill_length], pixel_values=pixel_values, use_cache=True, phantom_cache_mode=mode)
+            cache, steps = cache_of(out), [out.logits]
+            assert cache.mode == mode
+            for position in range(prefill_length, input_ids.shape[1]):
+                out = model(input_ids=input_ids[:, position : position + 1], **cache_kwargs(cache))
+                steps.append(out.logits)
+            torch.testing.assert_close(torch.cat(steps, dim=1), expected, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Writing the destination: in one step, no staging left behind, floating-point dtypes only
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("interrupt_at", [1, 3])
+def test_interrupted_publication_leaves_no_partial_destination(tmp_path: Path, qwen2_state, monkeypatch, interrupt_at: int) -> None:
+    """The N-th rename of the conversion is interrupted (Ctrl-C): the destination is absent, or complete."""
+    src = write_published(tmp_path / "published", "qwen2", qwen2_state, "safetensors")
+    write_tokenizer(src)
+    convert_checkpoint(src, tmp_path / "reference")
+    complete = sorted(path.name for path in (tmp_path / "reference").iterdir())
+    calls = []
+
+    def interrupt(function):
+        def wrapped(*args, **kwargs):
+            calls.append(args)
+            if len(calls) == interrupt_at:
+                raise KeyboardInterrupt
+            return function(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(Path, "rename", interrupt(Path.rename))
+    monkeypatch.setattr(os, "rename", interrupt(os.rename))
+    monkeypatch.setattr(os, "replace", interrupt(os.replace))
+    dst = tmp_path / "converted"
+    try:
+        convert_checkpoint(src, dst)
+    except KeyboardInterrupt:
+        pass
+    monkeypatch.undo()
+    assert not dst.exists() or sorted(path.name for path in dst.iterdir()) == complete
+    assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".")] == []
+
+
+def test_staging_folders_of_killed_conversions_are_removed(tmp_path: Path, qwen2_state, caplog) -> None:
+    src = write_published(tmp_path / "published", "qwen2", qwen2_state, "safetensors")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    left = [tmp_path / ".converted.partial-k3j_9x2a", tmp_path / f".converted.partial-{int(dead.stdout)}-0a1b2c3d"]
+    running = tmp_path / f".converted.partial-{os.getpid()}-0a1b2c3d"  # a conversion of a live process: kept
+    other = tmp_path / ".other.partial-k3j_9x2a"  # another destination's: not ours to judge
+    for folder in [*left, running, other]:
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"x" * 1000)
+    with caplog.at_level("WARNING", logger="phantom_hf.convert"):
+        convert_checkpoint(src, tmp_path / "converted")
+    assert sorted(path.name for path in tmp_path.iterdir() if path.name.startswith(".")) == sorted([running.name, other.name])
+    assert "removed 2 staging folder(s) left by interrupted conversions" in caplog.text
+    assert (tmp_path / "converted" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("dtype", ["int8", torch.int8, "bool", "uint8", "not_a_dtype"])
+def test_non_floating_dtypes_are_refused_before_writing(tmp_path: Path, qwen2_state, dtype) -> None:
+    src = write_published(tmp_path / "published", "qwen2", qwen2_state, "safetensors")
+    with pytest.raises(ValueError, match="dtype must name a floating-point torch dtype .* nothing was written"):
+        convert_checkpoint(src, tmp_path / "converted", dtype=dtype)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["published"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from phantom_hf import PhantomConfig, PhantomForConditionalGeneration
-from phantom_hf.presets import PRESETS, get_preset_config, list_presets, preset_chat_format
+from phantom_hf.presets import PRESETS, chat_format_for, get_preset_config, list_presets
 
 # spec section 5: layers, hidden, H_q, H_kv, D, chat format, text model type
 SPEC_TABLE = {
@@ -44,7 +44,7 @@ def test_dimensions_follow_spec_table(name: str) -> None:
     )  # fmt: skip
     assert config.phantom_head_dim == head_dim
     assert text.model_type == model_type
-    assert preset_chat_format(name) == chat_format
+    assert chat_format_for(name) == chat_format == chat_format_for(config)
     # InternViT-300M-448px: hidden 1024, 24 layers, 16 heads, patch 14, image 448, layer scale, LayerNorm, no qk-norm
     assert (vision.model_type, vision.hidden_size, vision.num_hidden_layers, vision.num_attention_heads) == (
         "internvl_vision", 1024, 24, 16,

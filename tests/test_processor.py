@@ -23,6 +23,7 @@ from phantom_hf.modeling.processing_phantom import (
     PhantomProcessor,
     add_image_tokens,
     build_image_processor,
+    chat_format_for,
     chat_template_for,
 )
 from phantom_hf.tiny import tiny_phantom_config, tiny_vision_config
@@ -370,6 +371,92 @@ def test_chat_template_is_selected_per_checkpoint():
         chat_template_for("gpt2")
 
 
+def test_one_resolver_decides_the_chat_format():
+    tokenizer = make_tokenizer()
+    assert [chat_format_for(name) for name in ("phantom-0.5b", "phantom-1.8b", "phantom-3.8b", "phantom-7b")] == [
+        "chatml", "chatml", "phi3", "chatml",
+    ]  # fmt: skip
+    assert chat_format_for("xmodel-vlm-1.1b") == "vicuna_v1" == chat_format_for(tiny_config(tokenizer, projector_type="mlp2x_gelu"))
+    assert chat_format_for("phi3") == "phi3" and chat_format_for("qwen3") == "chatml" == chat_format_for(tiny_config(tokenizer))
+    with pytest.raises(ValueError, match="no published-Phantom variant"):
+        chat_template_for("vicuna_v1", published=True)
+
+
+# The published prompt rule (github ByungKwanLee/Phantom, utils/utils.py `make_instruction` for its demo and each
+# model's `prompt_rule`): user_start + "<image>" + question + user_end + assistant_start, split "".
+PUBLISHED_RULES = {"chatml": ("<|im_start|>user\n", "<|im_end|>", "<|im_start|>assistant\n"), "phi3": ("<|user|>\n", "<|end|>", "<|assistant|>\n")}
+
+
+@pytest.mark.parametrize("chat_format", ["chatml", "phi3"])
+def test_published_template_glues_the_image_to_the_question(chat_format):
+    user_start, user_end, assistant_start = PUBLISHED_RULES[chat_format]
+    processor = tiny_processor(chat_template=chat_template_for(chat_format, published=True))
+    question = "Describe the image in detail"
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    published = user_start + "<image>" + question + user_end + assistant_start
+    assert processor.apply_chat_template(chat, add_generation_prompt=True) == published
+    assert processor.user_prompt(question, images=1) == published
+    # the template this package trains with puts a newline after the marker; that is the only difference
+    ours = tiny_processor(chat_template=chat_template_for(chat_format))
+    assert ours.user_prompt(question, images=1) == published.replace("<image>", "<image>\n")
+    assert ours.user_prompt("<image>\nw1") == ours.apply_chat_template([{"role": "user", "content": "<image>\nw1"}], add_generation_prompt=True)
+    assert PhantomProcessor(tiny_processor().image_processor, make_tokenizer(), image_seq_length=4).user_prompt("w1", images=2) == "<image>\n<image>\nw1"
+
+
+def test_add_special_tokens_default_is_the_processors():
+    tokenizer = build_tokenizer(WORDS, special_tokens=["<unk>", "<|endoftext|>", "<s>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>"], bos_token="<s>")
+    from tokenizers import processors
+
+    bos = tokenizer.convert_tokens_to_ids("<s>")
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    text = "<|im_start|>user\nw1 w2<|im_end|>"
+    assert tiny_processor(tokenizer)(text=text)["input_ids"][0][0] == bos  # the tokenizer's default adds <s>
+    published = tiny_processor(tokenizer, published_format=True)
+    assert published.add_special_tokens is False
+    ids = published(text=text)["input_ids"][0]
+    assert ids == tokenizer(text, add_special_tokens=False)["input_ids"] and ids[0] == tokenizer.convert_tokens_to_ids("<|im_start|>")
+    assert published(text=text, add_special_tokens=True)["input_ids"][0][0] == bos  # a call's own setting wins
+    chat = [{"role": "user", "content": "w1 w2"}]
+    out = published.apply_chat_template(chat, tokenize=True, return_dict=True, add_generation_prompt=True)
+    assert out["input_ids"][0][0] == tokenizer.convert_tokens_to_ids("<|im_start|>")
+    with pytest.raises(ValueError, match="add_special_tokens must be True, False or None"):
+        PhantomProcessor(published.image_processor, tokenizer, image_seq_length=4, add_special_tokens="no")
+
+
+def published_side_by_side(images: list[Image.Image], margin: int = 10) -> Image.Image:
+    """The published layout (test.py + utils/utils.py `concat_images_horizontally_with_margin`), restated with PIL:
+    black canvas as high as the highest image, images left to right `margin` apart, each centred vertically."""
+    height = max(image.height for image in images)
+    canvas = Image.new("RGB", (sum(image.width for image in images) + margin * (len(images) - 1), height), (0, 0, 0))
+    left = 0
+    for image in images:
+        canvas.paste(image, (left, (height - image.height) // 2))
+        left += image.width + margin
+    return canvas
+
+
+def test_side_by_side_layout_pastes_a_prompts_images_into_one():
+    images = [random_image(40, 30, 1), random_image(25, 57, 2), random_image(31, 20, 3)]
+    tiles = tiny_processor()
+    side = tiny_processor(multi_image_layout="side_by_side")
+    reference = tiles(images=published_side_by_side(images), text="<image>w1", return_tensors="pt")
+    for text, given in (("<image>w1", [images]), ("<image>w1", images), ("<image><image><image>w1", images)):
+        out = side(images=given, text=text, return_tensors="pt")
+        torch.testing.assert_close(out["pixel_values"], reference["pixel_values"], rtol=0, atol=0)
+        assert out["input_ids"].tolist() == reference["input_ids"].tolist()
+        assert out["num_patches"].tolist() == reference["num_patches"].tolist() == [spec_tiles(122, 57, TINY_TILE)]
+    # per prompt in a batch; a prompt with one image is unchanged; tiling each image stays available
+    batch = side(images=[[images[0], images[1]], [images[2]]], text=["<image>w1", "<image>w2"], padding=True, return_tensors="pt")
+    single = tiles(images=[published_side_by_side(images[:2]), images[2]], text=["<image>w1", "<image>w2"], padding=True, return_tensors="pt")
+    for key in batch:
+        torch.testing.assert_close(batch[key], single[key], rtol=0, atol=0)
+    assert tiles(images=images, text="<image><image><image>w1")["num_patches"] == [spec_tiles(*image.size, TINY_TILE) for image in images]
+    with pytest.raises(ValueError, match="prompt 0 has 2 <image> marker\\(s\\) but 3 image\\(s\\)"):
+        side(images=[images], text="<image><image>w1")
+    with pytest.raises(ValueError, match="multi_image_layout must be one of"):
+        tiny_processor(multi_image_layout="grid")
+
+
 def test_apply_chat_template_tokenizes_with_images_and_assistant_mask():
     processor = tiny_processor()
     image = random_image(80, 60)
@@ -404,6 +491,7 @@ def test_batch_decode_strips_prompt_and_special_tokens():
 
 def test_save_load_round_trip(tmp_path):
     processor = tiny_processor(make_tokenizer(padding_side="left"), chat_template=PHI3_CHAT_TEMPLATE, max_patches=4)
+    processor.add_special_tokens, processor.multi_image_layout = False, "side_by_side"
     processor.save_pretrained(tmp_path)
     files = {path.name for path in Path(tmp_path).iterdir()}
     assert {"processor_config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -415,6 +503,7 @@ def test_save_load_round_trip(tmp_path):
     assert type(loaded).__name__ == "PhantomProcessor"
     assert (loaded.image_seq_length, loaded.tile_size, loaded.image_processor.max_patches) == (4, TINY_TILE, 4)
     assert loaded.chat_template == PHI3_CHAT_TEMPLATE and loaded.tokenizer.padding_side == "left"
+    assert (loaded.add_special_tokens, loaded.multi_image_layout) == (False, "side_by_side")
     images = [random_image(80, 60, 1), random_image(30, 90, 2)]
     texts = ["<image> a cat <image>", "be brief ."]
     before = processor(images=images, text=texts, padding=True, return_tensors="pt")

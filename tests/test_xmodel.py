@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from phantom_hf import PhantomConfig, PhantomForConditionalGeneration
-from phantom_hf.modeling.presets_phantom import ALL_PRESET_NAMES, preset_chat_format
-from phantom_hf.modeling.processing_phantom import CHAT_TEMPLATES, PhantomProcessor, chat_template_for
+from phantom_hf.modeling.presets_phantom import ALL_PRESET_NAMES
+from phantom_hf.modeling.processing_phantom import CHAT_FORMATS, PhantomProcessor, chat_format_for, chat_template_for
 from phantom_hf.tokenization import build_tokenizer
 
 NAME = "xmodel-vlm-1.1b"
@@ -40,7 +40,7 @@ def test_dimensions_and_token_count() -> None:
     assert (vision.intermediate_size, vision.patch_size, vision.image_size, vision.hidden_act) == (4096, 14, 336, "quick_gelu")
     assert (config.projector_type, config.projector_group_size, config.vision_feature_layer) == ("xdp", 4, -2)
     assert config.image_seq_length == 144  # (336 / 14)^2 = 576 patches, CLS dropped, 4 per XDP token
-    assert NAME in ALL_PRESET_NAMES and preset_chat_format(NAME) == "vicuna_v1"
+    assert NAME in ALL_PRESET_NAMES and chat_format_for(NAME) == "vicuna_v1" == chat_format_for(config)
 
 
 @pytest.mark.parametrize("phantom_dimension", [False, True])
@@ -63,7 +63,7 @@ def test_chat_template_renders_the_published_vicuna_v1_format() -> None:
     tokenizer = build_tokenizer(["what", "is", "it", "?", "a", "cat", "and", "now"], special_tokens=["<unk>", "<|endoftext|>", "</s>", "<IMG_CONTEXT>"], eos_token="</s>")
     config = PhantomConfig.from_preset(NAME, image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"))
     processor = PhantomProcessor.from_config(config, tokenizer)
-    assert processor.chat_template == CHAT_TEMPLATES["vicuna_v1"] == chat_template_for(config)
+    assert processor.chat_template == CHAT_FORMATS["vicuna_v1"].template == chat_template_for(config)
     messages = [
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is it?"}]},
         {"role": "assistant", "content": "a cat"},

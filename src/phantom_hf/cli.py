@@ -319,16 +319,12 @@ def _add_chat(subparsers: Any) -> None:
 def answer_question(model: Any, processor: Any, image: Any, question: str, max_new_tokens: int = 32) -> str:
     """Greedy answer of `model` to `question` about `image` (a PIL image, or None for a text-only question).
 
-    The prompt is formatted the way `PhantomPOTrainer` trains: `<image>` then the question, wrapped as a user
-    turn by the processor's chat template when it has one.
+    The prompt is the image and the question as one user turn, written by the processor's chat template
+    (`PhantomProcessor.user_prompt`: how the model's format places the image marker).
     """
     if not question or not question.strip():
         raise ValueError("the question is empty")
-    prompt = f"<image>\n{question}" if image is not None else question
-    if getattr(processor, "chat_template", None):
-        prompt = processor.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
+    prompt = processor.user_prompt(question, images=int(image is not None))
     inputs = processor(text=[prompt], images=[[image]] if image is not None else None, return_tensors="pt")
     accepted = inspect.signature(model.forward).parameters
     inputs = {key: value.to(model.device) for key, value in inputs.items() if key in accepted}

@@ -1,24 +1,32 @@
-"""Conversion of the published Phantom checkpoints (research code, PHANTOM_SPEC section 6) to Hub-native folders.
+"""Conversion of the published Phantom checkpoints (and LLaVA-style ones) to Hub-native folders.
 
-`convert_checkpoint(src, dst)` reads a published folder (safetensors or `.bin`, sharded or not), renames every
+`convert_checkpoint(src, dst)` reads a checkpoint folder (safetensors or `.bin`, sharded or not), renames every
 tensor to this package's layout, splits the packed projections our modules keep apart (InternViT `attn.qkv`,
 InternLM2 `wqkv`), and writes a folder that `AutoModelForImageTextToText.from_pretrained(dst,
 trust_remote_code=True)` loads: config.json with `auto_map`, the remote-code files, sharded safetensors weights,
-generation config, and the tokenizer with processor and chat template (when the tokenizer loads without the
-checkpoint's own code).
+generation config, and the processor (tokenizer, image tiling, chat template).
 
-`convert_checkpoint(src, dst, source="llava")` converts LLaVA-style checkpoints (LLaVA-1.5, Xmodel-VLM; spec
-section 8): `model.mm_projector.*`, `model.vision_tower.vision_tower.vision_model.*`, `model.layers.*`,
-`model.embed_tokens`, `model.norm`, `lm_head`, and a config.json with the Llama fields and `mm_*` settings. The
-image placeholder `<IMG_CONTEXT>` is added to the tokenizer; when its id lies beyond the embedding (LLaVA splices
-image features in at id -200 and has no such token), the embedding and the head grow by that one row, set to the
-mean of the others (the placeholder's embedding is always replaced by vision tokens; its logit is the mean logit).
+Each checkpoint layout is one `SourceLayout` object in `SOURCES` (its config, tokenizer, tensor names and
+processor); the pipeline of `convert_checkpoint` is the same for all:
+
+- "phantom" (`PublishedPhantomLayout`): the published Phantom checkpoints (github ByungKwanLee/Phantom). Their
+  processor feeds the model what the published inference code feeds it (`PhantomProcessor.from_config(...,
+  published_format=True)`: the published prompt, no BOS token, several images side by side); a Phi-3 sliding
+  window is written as transformers counts it (`published_sliding_window`); a tokenizer that needs the
+  checkpoint's own code (InternLM2) is rebuilt as a fast tokenizer (`load_tokenizer`).
+- "llava" (`LlavaLayout`): LLaVA-1.5 and Xmodel-VLM: `model.mm_projector.*`,
+  `model.vision_tower.vision_tower.vision_model.*`, `model.layers.*`, `model.embed_tokens`, `model.norm`,
+  `lm_head`, and a config.json with the Llama fields and `mm_*` settings. The image placeholder `<IMG_CONTEXT>` is
+  added to the tokenizer; when its id lies beyond the embedding (LLaVA splices image features in at id -200 and
+  has no such token), the embedding and the head grow by that one row, set to the mean of the others (the
+  placeholder's embedding is always replaced by vision tokens; its logit is the mean logit).
 
 Everything is checked before anything is written: names and shapes come from the files' headers and from the
 target model built on the meta device. A source tensor without a target, a target left unfilled, or a shape
 that disagrees stops the conversion with a `ValueError` listing them, and the destination is left as it was
 (absent or empty). Tensors are then streamed one at a time into shards of at most `max_shard_size` bytes, so
-memory stays below one copy of the weights.
+memory stays below one copy of the weights, into a hidden staging folder beside the destination that becomes the
+destination in one rename once complete.
 """
 
 from __future__ import annotations
@@ -27,9 +35,10 @@ import argparse
 import copy
 import json
 import logging
+import os
 import re
+import secrets
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,13 +52,14 @@ from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBas
 from .modeling import PhantomConfig, PhantomForConditionalGeneration
 from .modeling.modeling_phantom import save_remote_code
 from .modeling.processing_phantom import (
-    CHAT_TEMPLATES,
+    chat_template_for,
     IMAGE_CONTEXT_TOKEN,
     IMAGE_TOKENS,
     PhantomProcessor,
     add_image_tokens,
 )
 from .modeling.presets_phantom import ALL_PRESET_NAMES, BASELINE_PRESET_NAMES, BASELINE_PRESETS, PRESET_NAMES, PRESETS
+from .spm_tokenizer import fast_tokenizer_from_sentencepiece, special_tokens_of
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +76,6 @@ TOKENIZER_FILES = (
 
 # Buffers that older transformers versions saved although they are derived from the config.
 IGNORED_SOURCE_TENSORS = re.compile(r"\.rotary_emb\.inv_freq$|\.embeddings\.position_ids$")
-SOURCES = ("phantom", "llava")
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64,
@@ -212,12 +221,23 @@ def _published_text_config(llm_config: dict[str, Any]) -> dict[str, Any]:
             f"{['InternLM2ForCausalLM', *model_types]}"
         )
     values["model_type"] = model_types[architecture]
+    if values["model_type"] == "phi3" and values.get("sliding_window") is not None:
+        values["sliding_window"] = published_sliding_window(values["sliding_window"])
     scaling = values.get("rope_scaling")
     if isinstance(scaling, dict) and scaling.get("type") == "su":  # Phi-3's old name of LongRoPE
         scaling = {**scaling, "type": "longrope"}
         scaling.setdefault("original_max_position_embeddings", values.get("original_max_position_embeddings"))
         values["rope_scaling"] = scaling
     return values
+
+
+def published_sliding_window(window: int) -> int:
+    """transformers' `sliding_window` for a published Phi-3 `sliding_window`: one more. The published Phi-3
+    attention (github ByungKwanLee/Phantom, model/arch_3_8b/modeling_phi3.py, `flash_attn_func(...,
+    window_size=(sliding_window, sliding_window))`, the implementation its loader selects) lets each token see
+    itself and `sliding_window` tokens before it; transformers counts the token itself in `sliding_window` (its
+    masks keep keys after `q - sliding_window`, its flash path passes `window_size=(w - 1, w - 1)`)."""
+    return int(window) + 1
 
 
 def _published_vision_config(vision_config: dict[str, Any], force_image_size: int | None) -> dict[str, Any]:
@@ -537,31 +557,18 @@ def plan_conversion(
 ) -> ConversionPlan:
     """Map every source tensor and check names and shapes; `ValueError` listing every problem found.
 
-    `source`: "phantom" (spec section 6) or "llava" (spec section 8; `grow_rows` rows are appended to the
-    embedding and head, and the XDP group size is read off the projector's first weight).
+    `source`: "phantom" or "llava" (`SOURCES`); for "llava" `grow_rows` rows are appended to the embedding and
+    head. The config is first fitted to the weights (`SourceLayout.fit_config`).
     """
-    if source not in SOURCES:
-        raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+    layout = source_layout(source)
     names = reader.names()
-    head = r"^lm_head\.weight$" if source == "llava" else r"^language_model\.(lm_head|output)\.weight$"
-    has_head = any(re.match(head, name) for name in names)
-    # A stored head is used as it is (untied); without one the head is the input embedding.
-    config.tie_word_embeddings = not has_head
-    config.text_config.tie_word_embeddings = not has_head
-    if source == "llava" and config.projector_type == "xdp":
-        first = next((name for name in names if re.match(r"^model\.mm_projector\.(?:mlp\.)?0\.weight$", name)), None)
-        channels = config.vision_config.hidden_size
-        if first is not None and len(reader.shape(first)) == 2 and reader.shape(first)[1] % channels == 0:
-            config.projector_group_size = reader.shape(first)[1] // channels
+    layout.fit_config(reader, config)
     expected = _expected_target_shapes(config)
     vision_prefix = _vision_prefix(expected)
 
     rules, ignored, unmapped, mismatched, produced = [], [], [], [], {}
     for name in names:
-        if source == "llava":
-            rule = map_llava_name(name, vision_prefix, grow_rows)
-        else:
-            rule = map_published_name(name, config)
+        rule = layout.map_name(name, config, vision_prefix, grow_rows)
         if rule is None or any(target not in expected for target in rule.targets):
             if IGNORED_SOURCE_TENSORS.search(name):
                 ignored.append(name)
@@ -665,76 +672,179 @@ def _write_weights(
     return max(bytes_per_dtype, key=bytes_per_dtype.get)
 
 
-def _load_tokenizer(src: Path, trust_remote_code: bool) -> PreTrainedTokenizerBase | None:
-    """The checkpoint's tokenizer (running its own tokenizer code only with `trust_remote_code`); None when it
-    cannot be loaded."""
-    try:
-        return AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
-    except Exception as error:  # noqa: BLE001 - any failure means "fall back"
-        if (src / "tokenizer.json").is_file():
-            return PreTrainedTokenizerFast(tokenizer_file=str(src / "tokenizer.json"))
-        logger.warning("tokenizer of %s not loadable without its remote code (%s); copying its files", src, error)
-        return None
+def _needs_own_code(src: Path) -> bool:
+    """Whether the folder's tokenizer class is the checkpoint's own code (`auto_map` in tokenizer_config.json)."""
+    config_path = src / "tokenizer_config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    return "AutoTokenizer" in (config.get("auto_map") or {})
 
 
-def _convert_tokenizer(
-    src: Path, folder: Path, config: PhantomConfig, chat_format: str, trust_remote_code: bool
-) -> PreTrainedTokenizerBase | None:
-    """Write the tokenizer with `<img>`, `</img>`, `<IMG_CONTEXT>` (added when missing, at ids the embedding must
-    already hold) and the processor (tiling, chat template); set `config.image_token_id` to the tokenizer's id."""
-    if not any((src / name).is_file() for name in TOKENIZER_FILES):
-        return None
-    tokenizer = _load_tokenizer(src, trust_remote_code)
-    if tokenizer is None:
-        for path in [*(src / name for name in TOKENIZER_FILES), *src.glob("tokenization_*.py")]:
-            if path.is_file():
-                shutil.copyfile(path, folder / path.name)
-        return None
-    add_image_tokens(tokenizer)
-    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in IMAGE_TOKENS}
-    too_large = {token: index for token, index in ids.items() if index >= config.text_config.vocab_size}
-    if too_large:
-        raise ValueError(
-            f"the tokenizer gives {too_large}, beyond the embedding's {config.text_config.vocab_size} rows; "
-            "these tokens need trained embeddings the checkpoint does not have"
-        )
-    config.image_token_id = ids[IMAGE_CONTEXT_TOKEN]
-    processor = PhantomProcessor.from_config(config, tokenizer, chat_template=CHAT_TEMPLATES[chat_format])
-    processor.save_pretrained(folder)
-    return tokenizer
+def load_tokenizer(src: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase | None:
+    """The tokenizer of checkpoint folder `src`, as a fast tokenizer that loads without the checkpoint's code.
 
-
-def _prepare_llava_tokenizer(
-    src: Path, reader: CheckpointReader, config: PhantomConfig, trust_remote_code: bool
-) -> tuple[PreTrainedTokenizerBase | None, int]:
-    """Add `<IMG_CONTEXT>` to a LLaVA checkpoint's tokenizer and set `config.image_token_id` and the vocabulary
-    size; return the tokenizer (None when the folder has none) and how many rows the embedding must grow (0 or 1).
-
-    Without a tokenizer the placeholder takes the first id past the embedding.
+    A tokenizer transformers knows is loaded as it is. One that needs the checkpoint's own code (InternLM2's
+    `tokenization_internlm2.py`) is rebuilt without it: from its `tokenizer.json`, or from its SentencePiece
+    `tokenizer.model` (`spm_tokenizer.fast_tokenizer_from_sentencepiece`, no sentencepiece needed). Only when
+    neither file is there does `trust_remote_code` load it with its code. None when nothing works.
     """
-    embedding = "model.embed_tokens.weight"
-    rows = reader.shape(embedding)[0] if embedding in reader.names() else config.text_config.vocab_size
-    tokenizer = None
-    if any((src / name).is_file() for name in TOKENIZER_FILES):
-        tokenizer = _load_tokenizer(src, trust_remote_code)
+    src = Path(src)
+    if not _needs_own_code(src):
+        try:
+            return AutoTokenizer.from_pretrained(src)
+        except Exception as error:  # noqa: BLE001 - any failure means "try the files"
+            logger.info("AutoTokenizer cannot load %s (%s); trying its files", src, error)
+    if (src / "tokenizer.json").is_file():
+        return PreTrainedTokenizerFast(tokenizer_file=str(src / "tokenizer.json"), **special_tokens_of(src))
+    if (src / "tokenizer.model").is_file():
+        return fast_tokenizer_from_sentencepiece(src)
+    if trust_remote_code:
+        return AutoTokenizer.from_pretrained(src, trust_remote_code=True)
+    return None
+
+
+def _no_tokenizer_message(src: Path) -> str:
+    return (
+        f"the tokenizer in {str(src)!r} needs the checkpoint's own code and has neither a tokenizer.json nor a "
+        "SentencePiece tokenizer.model to rebuild it from"
+    )
+
+
+class SourceLayout:
+    """One checkpoint layout `convert_checkpoint` reads: how its config, tokenizer and tensor names become ours,
+    and which processor the converted folder gets. `SOURCES` holds one object per layout; the pipeline in
+    `convert_checkpoint` is the same for all."""
+
+    name: str = ""
+    kind: str = ""  # for the model card: "Converted ... from the {kind} ..."
+    head_pattern: str = ""  # the stored LM head's name; without one the head is tied to the embedding
+
+    def resolve_config(self, src: Path, preset: str | None) -> PhantomConfig:
+        raise NotImplementedError
+
+    def prepare_tokenizer(
+        self, src: Path, reader: CheckpointReader, config: PhantomConfig, trust_remote_code: bool
+    ) -> tuple[PreTrainedTokenizerBase | None, int]:
+        """The tokenizer with the image tokens added (None when the folder has none usable) and how many rows the
+        embedding must grow; sets `config.image_token_id` (and the vocabulary size where it grows)."""
+        raise NotImplementedError
+
+    def fit_config(self, reader: CheckpointReader, config: PhantomConfig) -> None:
+        """Settle what the weights decide: a stored head is used as it is (untied)."""
+        has_head = any(re.match(self.head_pattern, name) for name in reader.names())
+        config.tie_word_embeddings = not has_head
+        config.text_config.tie_word_embeddings = not has_head
+
+    def map_name(self, name: str, config: PhantomConfig, vision_prefix: str, grow_rows: int) -> TensorRule | None:
+        raise NotImplementedError
+
+    def processor(self, src: Path, config: PhantomConfig, tokenizer: PreTrainedTokenizerBase, preset: str | None) -> PhantomProcessor:
+        raise NotImplementedError
+
+
+class PublishedPhantomLayout(SourceLayout):
+    """The published Phantom checkpoints (github ByungKwanLee/Phantom; Hub BK-Lee/Phantom-*): `vision_model.*`,
+    `vision_proj.*`, `language_model.*` in the backbone's own naming, config.json with `llm_config` and
+    `vision_config`. The processor feeds the model as the published inference code does (`published_format`)."""
+
+    name, kind = "phantom", "published Phantom checkpoint"
+    head_pattern = r"^language_model\.(lm_head|output)\.weight$"
+
+    def resolve_config(self, src: Path, preset: str | None) -> PhantomConfig:
+        return resolve_config(src, preset)
+
+    def prepare_tokenizer(
+        self, src: Path, reader: CheckpointReader, config: PhantomConfig, trust_remote_code: bool
+    ) -> tuple[PreTrainedTokenizerBase | None, int]:
+        if not any((src / name).is_file() for name in TOKENIZER_FILES):
+            return None, 0
+        tokenizer = load_tokenizer(src, trust_remote_code)
         if tokenizer is None:
+            return None, 0
+        add_image_tokens(tokenizer)
+        ids = {token: tokenizer.convert_tokens_to_ids(token) for token in IMAGE_TOKENS}
+        too_large = {token: index for token, index in ids.items() if index >= config.text_config.vocab_size}
+        if too_large:
             raise ValueError(
-                f"the tokenizer in {str(src)!r} needs its own code to load; pass trust_remote_code=True "
-                "(--trust-remote-code) so that <IMG_CONTEXT> can be added to it; nothing was written"
+                f"the tokenizer gives {too_large}, beyond the embedding's {config.text_config.vocab_size} rows; "
+                "these tokens need trained embeddings the checkpoint does not have"
             )
-        add_image_tokens(tokenizer, tokens=(IMAGE_CONTEXT_TOKEN,))
-        image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_CONTEXT_TOKEN)
-    else:
-        image_token_id = rows
-    if image_token_id > rows:
-        raise ValueError(
-            f"the tokenizer has {len(tokenizer)} tokens, <IMG_CONTEXT> gets id {image_token_id}, but the embedding has only "
-            f"{rows} rows: ids {rows}..{image_token_id - 1} have no trained embedding; nothing was written"
-        )
-    grow = 1 if image_token_id == rows else 0
-    config.text_config.vocab_size = rows + grow
-    config.image_token_id = image_token_id
-    return tokenizer, grow
+        config.image_token_id = ids[IMAGE_CONTEXT_TOKEN]
+        return tokenizer, 0
+
+    def map_name(self, name: str, config: PhantomConfig, vision_prefix: str, grow_rows: int) -> TensorRule | None:
+        return map_published_name(name, config)
+
+    def processor(self, src: Path, config: PhantomConfig, tokenizer: PreTrainedTokenizerBase, preset: str | None) -> PhantomProcessor:
+        template = chat_template_for(preset or config, published=True)
+        return PhantomProcessor.from_config(config, tokenizer, chat_template=template, published_format=True)
+
+
+class LlavaLayout(SourceLayout):
+    """LLaVA-style checkpoints (LLaVA-1.5, Xmodel-VLM): `model.mm_projector.*`, `model.vision_tower.vision_tower.
+    vision_model.*`, `model.layers.*`, `lm_head`, config.json with the Llama fields and `mm_*` settings. The result
+    has no Phantom Dimension (the baseline) and speaks Vicuna v1."""
+
+    name, kind = "llava", "LLaVA-style checkpoint"
+    head_pattern = r"^lm_head\.weight$"
+
+    def resolve_config(self, src: Path, preset: str | None) -> PhantomConfig:
+        return resolve_llava_config(src, preset)
+
+    def prepare_tokenizer(
+        self, src: Path, reader: CheckpointReader, config: PhantomConfig, trust_remote_code: bool
+    ) -> tuple[PreTrainedTokenizerBase | None, int]:
+        """Without a tokenizer the placeholder takes the first id past the embedding."""
+        embedding = "model.embed_tokens.weight"
+        rows = reader.shape(embedding)[0] if embedding in reader.names() else config.text_config.vocab_size
+        tokenizer = None
+        if any((src / name).is_file() for name in TOKENIZER_FILES):
+            tokenizer = load_tokenizer(src, trust_remote_code)
+            if tokenizer is None:
+                raise ValueError(
+                    _no_tokenizer_message(src) + "; pass trust_remote_code=True (--trust-remote-code) so that "
+                    "<IMG_CONTEXT> can be added to it; nothing was written"
+                )
+            add_image_tokens(tokenizer, tokens=(IMAGE_CONTEXT_TOKEN,))
+            image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_CONTEXT_TOKEN)
+        else:
+            image_token_id = rows
+        if image_token_id > rows:
+            raise ValueError(
+                f"the tokenizer has {len(tokenizer)} tokens, <IMG_CONTEXT> gets id {image_token_id}, but the embedding "
+                f"has only {rows} rows: ids {rows}..{image_token_id - 1} have no trained embedding; nothing was written"
+            )
+        grow = 1 if image_token_id == rows else 0
+        config.text_config.vocab_size = rows + grow
+        config.image_token_id = image_token_id
+        return tokenizer, grow
+
+    def fit_config(self, reader: CheckpointReader, config: PhantomConfig) -> None:
+        """Also read the XDP group size off the projector's first weight."""
+        super().fit_config(reader, config)
+        if config.projector_type != "xdp":
+            return
+        pattern = r"^model\.mm_projector\.(?:mlp\.)?0\.weight$"
+        first = next((name for name in reader.names() if re.match(pattern, name)), None)
+        channels = config.vision_config.hidden_size
+        if first is not None and len(reader.shape(first)) == 2 and reader.shape(first)[1] % channels == 0:
+            config.projector_group_size = reader.shape(first)[1] // channels
+
+    def map_name(self, name: str, config: PhantomConfig, vision_prefix: str, grow_rows: int) -> TensorRule | None:
+        return map_llava_name(name, vision_prefix, grow_rows)
+
+    def processor(self, src: Path, config: PhantomConfig, tokenizer: PreTrainedTokenizerBase, preset: str | None) -> PhantomProcessor:
+        template = chat_template_for(preset or config)
+        return PhantomProcessor.from_config(config, tokenizer, chat_template=template, pad_to_square=_pad_to_square(src, config))
+
+
+SOURCES: dict[str, SourceLayout] = {layout.name: layout for layout in (PublishedPhantomLayout(), LlavaLayout())}
+
+
+def source_layout(source: str) -> SourceLayout:
+    """The `SourceLayout` named `source` ("phantom" or "llava")."""
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {tuple(SOURCES)}, got {source!r}")
+    return SOURCES[source]
 
 
 def _pad_to_square(src: Path, config: PhantomConfig) -> bool | None:
@@ -748,7 +858,7 @@ def _pad_to_square(src: Path, config: PhantomConfig) -> bool | None:
 
 
 def _write_model_card(
-    folder: Path, src: Path, config: PhantomConfig, plan: ConversionPlan, preset: str | None, source: str = "phantom"
+    folder: Path, src: Path, config: PhantomConfig, plan: ConversionPlan, preset: str | None, layout: SourceLayout
 ) -> None:
     """README.md with the Hub metadata, via `phantom_hf.hub` (skipped, with a warning, where it is absent)."""
     try:
@@ -758,27 +868,83 @@ def _write_model_card(
         return
     name = preset.replace("phantom", "Phantom").upper().replace("PHANTOM", "Phantom") if preset else src.name
     num_parameters = sum(int(torch.Size(shape).numel()) for shape in plan.target_shapes.values())
-    kind = "LLaVA-style checkpoint" if source == "llava" else "published Phantom checkpoint"
     write_model_card(
         folder,
         config,
         model_name=name,
-        description=f"Converted with `phantom-hf convert` from the {kind} `{src.name}`.",
+        description=f"Converted with `phantom-hf convert` from the {layout.kind} `{src.name}`.",
         num_parameters=num_parameters,
     )
-
-
-def _chat_format(config: PhantomConfig, preset: str | None, source: str = "phantom") -> str:
-    if preset is not None:
-        return (BASELINE_PRESETS if source == "llava" else PRESETS)[preset]["chat_format"]
-    if source == "llava":
-        return "vicuna_v1"  # LLaVA-1.5 and Xmodel-VLM's conversation format
-    return "phi3" if config.text_config.model_type == "phi3" else "chatml"
 
 
 def _check_destination(dst: Path) -> None:
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise ValueError(f"destination {str(dst)!r} exists and is not an empty folder; choose a new one")
+
+
+def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """The floating-point dtype to cast weights to; anything else is refused (an integer cast would zero them)."""
+    if dtype is None:
+        return None
+    value = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise ValueError(
+            f"dtype must name a floating-point torch dtype such as 'bfloat16', 'float16' or 'float32', got {dtype!r}; "
+            "nothing was written"
+        )
+    return value
+
+
+_STAGING = re.compile(r"\.partial-(?:(\d+)-)?[0-9a-z_]+$")
+
+
+def _staging_owner_alive(path: Path) -> bool:
+    """Whether the conversion that made staging folder `path` may still run: its process id (in the name) is
+    alive. Names without one come from versions that did not record it, and count as left behind."""
+    match = _STAGING.search(path.name)
+    if match is None or match[1] is None:
+        return False
+    try:
+        os.kill(int(match[1]), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by another user
+        return True
+    return True
+
+
+def _clear_stale_staging(dst: Path) -> list[Path]:
+    """Remove the staging folders of earlier conversions to `dst` that were killed before they finished (hidden
+    `.{name}.partial-*` folders beside it whose process is gone); returns them. Elsewhere than on POSIX, where a
+    process cannot be probed safely, they are only reported."""
+    prefix = f".{dst.name}.partial-"
+    left = [
+        path for path in dst.parent.iterdir()
+        if path.name.startswith(prefix) and path.is_dir() and _STAGING.search(path.name[len(dst.name) + 1 :])
+    ]  # fmt: skip
+    if os.name != "posix":
+        if left:
+            logger.warning("staging folders of interrupted conversions, safe to delete once none runs: %s", left)
+        return []
+    stale = [path for path in left if not _staging_owner_alive(path)]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    if stale:
+        logger.warning("removed %d staging folder(s) left by interrupted conversions: %s", len(stale), stale)
+    return stale
+
+
+def _publish(staging: Path, dst: Path) -> None:
+    """Make the finished `staging` folder `dst` in one rename: `dst` appears complete or not at all. An empty `dst`
+    is replaced (POSIX renames over an empty folder; elsewhere it is removed first)."""
+    _check_destination(dst)
+    try:
+        os.rename(staging, dst)
+    except OSError:
+        if not (dst.is_dir() and not any(dst.iterdir())):
+            raise
+        dst.rmdir()
+        os.rename(staging, dst)
 
 
 def convert_checkpoint(
@@ -799,68 +965,63 @@ def convert_checkpoint(
         dst: new or empty folder to write.
         preset: "phantom-0.5b" | "phantom-1.8b" | "phantom-3.8b" | "phantom-7b" (or "xmodel-vlm-1.1b" for LLaVA).
             Needed when `src` has no config.json; otherwise checked against it.
-        dtype: cast floating-point weights (e.g. "bfloat16"); default keeps the stored dtypes.
+        dtype: cast floating-point weights to this floating-point dtype (e.g. "bfloat16"); default keeps the stored
+            dtypes. Other dtypes are refused.
         max_shard_size: largest safetensors shard, in bytes or like "5GB" (also the memory a conversion needs
             beyond one tensor).
-        trust_remote_code: allow loading a tokenizer that needs the checkpoint's own code (InternLM2's
-            `tokenization_internlm2.py`). Without it such a tokenizer is copied as it is and no processor is written
-            (a LLaVA conversion refuses instead: it must add `<IMG_CONTEXT>` to the tokenizer).
-        source: "phantom" (spec section 6) or "llava" (LLaVA-1.5 / Xmodel-VLM layout, spec section 8; the result
+        trust_remote_code: allow running the checkpoint's own tokenizer code, needed only for a tokenizer that has
+            neither a `tokenizer.json` nor a SentencePiece `tokenizer.model` (InternLM2's is rebuilt from its
+            `tokenizer.model` without it: `load_tokenizer`).
+        source: "phantom" or "llava" (`SOURCES`: the published Phantom layout, or LLaVA-1.5 / Xmodel-VLM, whose result
             has `phantom_dimension=False`, the baseline; load it with `phantom_dimension=True` for its twin).
 
-    Returns the written config. Raises `ValueError` before writing anything when a tensor is left unmapped,
-    a target is left unfilled or a shape disagrees (all listed), or when `dst` is a non-empty folder.
+    A published Phantom checkpoint's processor feeds the model as the published inference code does
+    (`PhantomProcessor.from_config(..., published_format=True)`). The folder is written beside `dst` under a
+    hidden staging name and renamed to `dst` when complete; staging folders of earlier conversions that were
+    killed are removed. Returns the written config. Raises `ValueError` before writing anything when a tensor is
+    left unmapped, a target is left unfilled or a shape disagrees (all listed), or when `dst` is a non-empty
+    folder or `dtype` is not a floating-point dtype.
     """
     src, dst = Path(src), Path(dst)
-    _check_destination(dst)
-    if isinstance(dtype, str):
-        if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise ValueError(f"dtype must name a torch dtype such as 'bfloat16', got {dtype!r}")
-        dtype = getattr(torch, dtype)
+    layout = source_layout(source)
+    dtype = _parse_dtype(dtype)
     max_bytes = _parse_size(max_shard_size)
-    if source not in SOURCES:
-        raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+    _check_destination(dst)
     reader = CheckpointReader(src)
-    chat_format = None
-    if source == "llava":
-        config = resolve_llava_config(src, preset)
-        tokenizer, grow_rows = _prepare_llava_tokenizer(src, reader, config, trust_remote_code)
-        plan = plan_conversion(reader, config, source="llava", grow_rows=grow_rows)
-        chat_format = _chat_format(config, preset, source)
-    else:
-        config = resolve_config(src, preset)
-        plan = plan_conversion(reader, config)
+    config = layout.resolve_config(src, preset)
+    tokenizer, grow_rows = layout.prepare_tokenizer(src, reader, config, trust_remote_code)
+    plan = plan_conversion(reader, config, source=layout.name, grow_rows=grow_rows)
 
     dst.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    _clear_stale_staging(dst)
+    staging = dst.parent / f".{dst.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+    staging.mkdir()
     try:
         written_dtype = _write_weights(plan, reader, staging, dtype, max_bytes)
-        if source == "llava":
-            if tokenizer is not None:
-                processor = PhantomProcessor.from_config(
-                    config, tokenizer, chat_template=CHAT_TEMPLATES[chat_format], pad_to_square=_pad_to_square(src, config)
-                )
-                processor.save_pretrained(staging)
+        if tokenizer is not None:
+            layout.processor(src, config, tokenizer, preset).save_pretrained(staging)
         else:
-            tokenizer = _convert_tokenizer(src, staging, config, _chat_format(config, preset), trust_remote_code)
+            for path in [*(src / name for name in TOKENIZER_FILES), *src.glob("tokenization_*.py")]:
+                if path.is_file():
+                    shutil.copyfile(path, staging / path.name)
         config.dtype = written_dtype
         config.save_pretrained(staging)
         save_remote_code(staging)
-        _write_model_card(staging, src, config, plan, preset, source)
+        _write_model_card(staging, src, config, plan, preset, layout)
         generation_config = (
             GenerationConfig.from_pretrained(src) if (src / "generation_config.json").is_file() else GenerationConfig.from_model_config(config.text_config)
         )
         generation_config.save_pretrained(staging)
-        _check_destination(dst)
-        dst.mkdir(exist_ok=True)
-        for path in staging.iterdir():
-            path.rename(dst / path.name)
+        _publish(staging, dst)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     if plan.ignored:
         logger.info("skipped %d derived buffers (e.g. %s)", len(plan.ignored), plan.ignored[0])
-    if tokenizer is None:
-        logger.warning("%s: no processor written (no tokenizer loadable without remote code); add one", dst)
+    if tokenizer is None and any((src / name).is_file() for name in TOKENIZER_FILES):
+        logger.warning(
+            "%s: no processor written: %s. Its files were copied; pass --trust-remote-code to load it with its "
+            "code (the converted folder then needs that code too), or add a tokenizer.json", dst, _no_tokenizer_message(src)
+        )
     return config
 
 
@@ -876,7 +1037,7 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     parser.add_argument(
         "--from",
         dest="source",
-        choices=SOURCES,
+        choices=tuple(SOURCES),
         default="phantom",
         help="checkpoint layout: 'phantom' (published Phantom) or 'llava' (LLaVA-1.5, Xmodel-VLM)",
     )
@@ -909,17 +1070,24 @@ def run_convert(args: argparse.Namespace) -> int:
 
 
 __all__ = [
+    "SOURCES",
     "CheckpointReader",
     "ConversionPlan",
+    "LlavaLayout",
+    "PublishedPhantomLayout",
+    "SourceLayout",
     "TensorRule",
     "add_convert_arguments",
     "config_from_llava",
     "config_from_published",
     "convert_checkpoint",
+    "load_tokenizer",
     "map_llava_name",
     "map_published_name",
     "plan_conversion",
+    "published_sliding_window",
     "resolve_config",
     "resolve_llava_config",
     "run_convert",
+    "source_layout",
 ]

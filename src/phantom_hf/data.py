@@ -21,9 +21,11 @@ from typing import Any, Literal
 
 from datasets import Dataset, Image, List
 
+from .modeling.processing_phantom import IMAGE_MARKER
+
 logger = logging.getLogger(__name__)
 
-IMAGE_PLACEHOLDER = "<image>"
+IMAGE_PLACEHOLDER = IMAGE_MARKER
 TRIPLE_COLUMNS = ("prompt", "chosen", "rejected")
 InvalidPolicy = Literal["skip", "raise"]
 

@@ -34,7 +34,7 @@ import torch  # noqa: E402
 
 from .hub import describe_training_args, write_model_card  # noqa: E402
 from .modeling import PhantomConfig, PhantomForConditionalGeneration  # noqa: E402
-from .modeling.processing_phantom import PhantomProcessor  # noqa: E402
+from .modeling.processing_phantom import IMAGE_CONTEXT_TOKEN, PhantomProcessor  # noqa: E402
 from .synthetic import SyntheticExample, generate_splits, to_dataset, vocabulary  # noqa: E402
 from .tiny import tiny_text_config, tiny_vision_config  # noqa: E402
 from .tokenization import build_tokenizer  # noqa: E402
@@ -103,7 +103,7 @@ def build_model(tokenizer: Any, image_size: int = 28, seed: int = 0) -> PhantomF
     config = PhantomConfig(
         text_config=text_config,
         vision_config=vision_config,
-        image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_CONTEXT_TOKEN),
     )
     torch.manual_seed(seed)
     model = PhantomForConditionalGeneration(config)
@@ -118,7 +118,7 @@ def build_model(tokenizer: Any, image_size: int = 28, seed: int = 0) -> PhantomF
 
 def chat_prompt(processor: PhantomProcessor, prompt: str) -> str:
     """The prompt as a user turn with the generation header (how the trainer formats it)."""
-    return processor.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    return processor.user_prompt(prompt)
 
 
 def evaluate(

@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from .modeling import PhantomConfig
-from .modeling.presets_phantom import CHAT_FORMATS, PRESET_NAMES, PRESETS, preset_chat_format
+from .modeling.presets_phantom import PRESET_NAMES, PRESETS
+from .modeling.processing_phantom import CHAT_FORMATS, chat_format_for
 
 
 def get_preset_config(name: str, **overrides: Any) -> PhantomConfig:
@@ -25,4 +26,4 @@ def list_presets() -> list[str]:
     return list(PRESET_NAMES)
 
 
-__all__ = ["CHAT_FORMATS", "PRESETS", "PRESET_NAMES", "get_preset_config", "list_presets", "preset_chat_format"]
+__all__ = ["CHAT_FORMATS", "PRESETS", "PRESET_NAMES", "chat_format_for", "get_preset_config", "list_presets"]

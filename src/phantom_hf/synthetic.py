@@ -21,7 +21,9 @@ from typing import Any, Iterable, Sequence
 
 from PIL import Image, ImageDraw
 
-IMAGE_PLACEHOLDER = "<image>"
+from .modeling.processing_phantom import IMAGE_MARKER
+
+IMAGE_PLACEHOLDER = IMAGE_MARKER
 BACKGROUND = (255, 255, 255)
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),

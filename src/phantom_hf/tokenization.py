@@ -8,6 +8,8 @@ from collections.abc import Iterable
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from .modeling.processing_phantom import IMAGE_TOKENS
+
 UNK_TOKEN = "<unk>"
 PAD_TOKEN = "<|endoftext|>"
 # Turn markers of both published chat formats (ChatML and Phi-3) and the image tokens of spec section 4.
@@ -20,9 +22,7 @@ DEFAULT_SPECIAL_TOKENS = (
     "<|assistant|>",
     "<|system|>",
     "<|end|>",
-    "<img>",
-    "</img>",
-    "<IMG_CONTEXT>",
+    *IMAGE_TOKENS,
 )
 # Role names appear as plain words in ChatML headers (`<|im_start|>user\n`).
 ROLE_WORDS = ("system", "user", "assistant")

@@ -240,10 +240,7 @@ class PhantomPOCollator:
 
     def format_prompt(self, prompt: str) -> str:
         """The prompt as the model sees it: a user turn plus the generation prompt, or as is."""
-        if not self.apply_chat_template:
-            return prompt
-        messages = [{"role": "user", "content": prompt}]
-        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.processor.user_prompt(prompt) if self.apply_chat_template else prompt
 
     def _answer_ids(self, answers: list[str]) -> list[list[int]]:
         """Each answer's token ids, ending with the EOS token."""
