@@ -2,24 +2,28 @@
 loaded the same way.
 
 A random-weight Phantom model at a real shape (Qwen2-0.5B by default, tiny vision tower: text-only input) is
-saved once in bfloat16; every (precision, model) pair is then loaded from that folder with
-`from_pretrained(..., quantization_config=...)` in a process of its own, as a user loads it, and measured there:
+saved once in bfloat16; each precision loads it from that folder with `from_pretrained(..., quantization_config=...)`,
+as a user does, in fresh processes:
 
 - weights MiB: the bytes of every parameter and buffer as stored (a quantized weight's packed data, scales
   and statistics; the kept modules, vision tower, embeddings and `lm_head` in the compute dtype);
 - peak MiB loading / decoding: the peak resident memory of the process while loading, and while decoding, above
   its resident memory before loading (CPU: VmHWM, reset through /proc/self/clear_refs after loading); on a GPU,
-  torch's peak allocated bytes. The decoding peak is what running the model needs (weights, activations,
-  cache); the loading peak is higher where the checkpoint's tensors are converted before quantizing;
+  torch's peak allocated bytes. The decoding peak, after the memory freed by loading went back to the OS, is what
+  running the model needs (weights, activations, cache); the loading peak is higher where the checkpoint's tensors
+  are converted before quantizing, and low where they stay memory-mapped from the file until first use;
 - decode tokens/s: greedy decoding of `--new-tokens` tokens after a `--context`-token random prompt
-  (`decode.py`'s `DecodeState`), `--repeats` times after `--warmup` rounds.
+  (`decode.py`'s `DecodeState`), `--repeats` times after `--warmup` rounds, plain and Phantom interleaved.
 
-"plain" is the same folder loaded with `phantom_dimension=False` (the Phantom weights are left unused). Each
-process holds one model, so plain and Phantom are not measured interleaved: use `--threads 1 --clock process`
-on a shared machine. Precisions (`--precisions`): `float32`, `bfloat16`, `bnb-int8` (bitsandbytes LLM.int8),
-`bnb-nf4` (bitsandbytes nf4, double quantization), `torchao-int8` (weight-only int8, per channel),
-`torchao-int4` (weight-only int4 in groups of 32; on the CPU `IntxWeightOnlyConfig`, whose int4 values are kept
-one per byte, on CUDA `Int4WeightOnlyConfig`). The quantized rows compute in `--dtype`.
+"plain" is the same folder loaded with `phantom_dimension=False` (the Phantom weights are left unused). Memory is
+measured in a process per model that holds that model alone (and decodes `--new-tokens` once); speed in a process
+per precision that holds both models and decodes them interleaved.
+
+Precisions (`--precisions`): `float32`, `bfloat16`, `bnb-int8` (bitsandbytes LLM.int8), `bnb-nf4` (bitsandbytes
+nf4, double quantization), `torchao-int8` (weight-only int8, per channel), `torchao-int4` (weight-only int4 in
+groups of 32; on the CPU `IntxWeightOnlyConfig`, whose int4 values are kept one per byte, on CUDA
+`Int4WeightOnlyConfig`). The quantized rows compute in `--dtype` (their kept modules, the embeddings and `lm_head`
+are stored in it too).
 
     python benchmarks/quantization.py --threads 1 --clock process
     python benchmarks/quantization.py --precisions float32,bnb-nf4 --layers 4 --vocab-size 4096   # a quick look
@@ -28,6 +32,8 @@ one per byte, on CUDA `Int4WeightOnlyConfig`). The quantized rows compute in `--
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import subprocess
 import sys
@@ -135,6 +141,16 @@ class PeakMemory:
         return self._status("VmHWM") - self.base
 
 
+def release_freed_memory() -> None:
+    """Hand memory freed by loading (the checkpoint's converted tensors) back to the OS, so that the decoding peak
+    counts what decoding holds rather than what the allocator kept (glibc's `malloc_trim`; elsewhere a no-op)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def save_random_model(text_config: Any, folder: Path, attn: str) -> None:
     """A random-weight Phantom model at `text_config`'s shape (tiny vision tower), saved in bfloat16."""
     config = PhantomConfig(text_config=text_config.to_dict(), vision_config=tiny_vision_config(), image_token_id=None)
@@ -142,50 +158,72 @@ def save_random_model(text_config: Any, folder: Path, attn: str) -> None:
     PhantomForConditionalGeneration(config).to(torch.bfloat16).save_pretrained(folder)
 
 
-def measure(args: argparse.Namespace) -> dict[str, Any]:
-    """Worker: load one (precision, model) pair from `args.folder`, measure it, return the numbers."""
-    device = torch.device(args.device)
-    compute_dtype = torch.bfloat16 if args.precision == "bfloat16" else getattr(torch, args.dtype)
-    config = quantization_config(args.precision, compute_dtype, device)  # imports the backend before measuring
-    memory = PeakMemory(device)
-    memory.start()
-    model = PhantomForConditionalGeneration.from_pretrained(
+def compute_dtype(args: argparse.Namespace) -> torch.dtype:
+    return getattr(torch, args.precision) if args.precision in ("float32", "bfloat16") else getattr(torch, args.dtype)
+
+
+def load(args: argparse.Namespace, model: str, config: Any) -> PhantomForConditionalGeneration:
+    """One model from `args.folder` in `args.precision`: "phantom", or "plain" (`phantom_dimension=False`)."""
+    return PhantomForConditionalGeneration.from_pretrained(
         args.folder,
-        dtype=compute_dtype,
+        dtype=compute_dtype(args),
         quantization_config=config,
-        phantom_dimension=args.model == "phantom",
+        phantom_dimension=model == "phantom",
         attn_implementation=args.attn,
         device_map=args.device,
     ).eval()
-    load_peak = memory.peak()
-    memory.reset()
+
+
+def prompt(args: argparse.Namespace, vocab_size: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(args.seed)
-    vocab = model.config.text_config.vocab_size
-    input_ids = torch.randint(10, vocab, (args.batch, args.context), generator=generator).to(device)
-    state = DecodeState(model, input_ids, args.new_tokens, device)
-    samples = interleaved(
-        [args.model], args.repeats, args.warmup, lambda name: {"tokens/s": args.batch * args.new_tokens / state.decode(args.new_tokens)}
-    )
+    return torch.randint(10, vocab_size, (args.batch, args.context), generator=generator).to(args.device)
+
+
+def measure_memory(args: argparse.Namespace, model_name: str) -> dict[str, Any]:
+    """Worker: load one model alone, then prefill and decode `--new-tokens` once; its weights and peak memory."""
+    device = torch.device(args.device)
+    config = quantization_config(args.precision, compute_dtype(args), device)  # imports the backend before measuring
+    memory = PeakMemory(device)
+    memory.start()
+    model = load(args, model_name, config)
+    load_peak = memory.peak()
+    release_freed_memory()
+    memory.reset()
+    DecodeState(model, prompt(args, model.config.text_config.vocab_size), args.new_tokens, device).decode(args.new_tokens)
     return {
         "weights": weight_bytes(model),
         "load peak": load_peak,
         "decode peak": memory.peak(),
-        "tokens/s": samples[args.model]["tokens/s"],
-        "prefill s": state.prefill_seconds,
         "quantized": sum(1 for p in model.parameters() if type(p.data) is not torch.Tensor or not p.dtype.is_floating_point),
     }
 
 
+def measure_speed(args: argparse.Namespace) -> dict[str, Any]:
+    """Worker: both models in one process, prefilled with the same prompt, decoding interleaved."""
+    device = torch.device(args.device)
+    config = quantization_config(args.precision, compute_dtype(args), device)
+    states = {}
+    for name in MODELS:
+        model = load(args, name, config)
+        states[name] = DecodeState(model, prompt(args, model.config.text_config.vocab_size), args.new_tokens, device)
+    samples = interleaved(
+        list(MODELS), args.repeats, args.warmup, lambda name: {"tokens/s": args.batch * args.new_tokens / states[name].decode(args.new_tokens)}
+    )
+    return {name: {"tokens/s": samples[name]["tokens/s"], "prefill s": states[name].prefill_seconds} for name in MODELS}
+
+
 def summary_table(rows: list[Row], title: str) -> str:
     """One line per precision: weights, peak memory and tokens/s of the plain backbone and of Phantom side by
-    side, Phantom's tokens/s as a ratio to plain's, and each model's tokens/s against its own float32 row."""
+    side, Phantom's tokens/s as a ratio to plain's, and each model's tokens/s against its own row of the first
+    precision."""
     values = {(row.setting, row.variant, row.metric): row.median for row in rows}
     precisions = list(dict.fromkeys(row.setting for row in rows))
+    reference = precisions[0] if precisions else "-"
     lines = [
         f"### {title}",
         "",
         "| precision | weights MiB plain / phantom | peak MiB loading, plain / phantom | peak MiB decoding, plain / phantom "
-        "| decode tokens/s plain / phantom | phantom vs plain | vs float32 plain / phantom |",
+        f"| decode tokens/s plain / phantom | phantom vs plain | vs {reference} plain / phantom |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for precision in precisions:
@@ -197,7 +235,7 @@ def summary_table(rows: list[Row], title: str) -> str:
         cells.append(f"{phantom / plain:.3f}" if plain and phantom else "-")
         against = []
         for model in MODELS:
-            base, value = values.get(("float32", model, "decode tokens/s")), values.get((precision, model, "decode tokens/s"))
+            base, value = values.get((reference, model, "decode tokens/s")), values.get((precision, model, "decode tokens/s"))
             against.append(f"{value / base:.2f}" if base and value else "-")
         cells.append(" / ".join(against))
         lines.append(f"| {precision} | " + " | ".join(cells) + " |")
@@ -215,14 +253,14 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--folder", default=None, help="where the random model is saved (default: a temporary folder)")
     parser.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON")
-    parser.add_argument("--worker", nargs=2, metavar=("PRECISION", "MODEL"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=2, metavar=("PRECISION", "MODEL|speed"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     setup_runtime(args)
     if len(attns := args.attn.split(",")) > 1:
         parser.error("--attn: one attention implementation at a time")
     if args.worker:
-        args.precision, args.model = args.worker
-        print(json.dumps(measure(args)))
+        args.precision, task = args.worker
+        print(json.dumps(measure_speed(args) if task == "speed" else measure_memory(args, task)))
         return []
 
     precisions = [name.strip() for name in args.precisions.split(",") if name.strip()]
@@ -236,24 +274,33 @@ def main(argv: list[str] | None = None) -> list[Row]:
         if not (folder / "config.json").is_file():
             save_random_model(text_config, folder, attns[0])
         forwarded = list(argv if argv is not None else sys.argv[1:])
+
+        def run_worker(precision: str, task: str) -> dict[str, Any] | None:
+            command = [sys.executable, __file__, *forwarded, "--folder", str(folder), "--worker", precision, task]
+            result = subprocess.run(command, capture_output=True, text=True)
+            if result.returncode != 0:
+                print(f"{precision} {task}: failed\n{result.stderr[-2000:]}", flush=True)
+                return None
+            return json.loads(result.stdout.strip().splitlines()[-1])
+
         rows: list[Row] = []
         for precision in precisions:
+            speed = run_worker(precision, "speed")
             for model in MODELS:
-                command = [sys.executable, __file__, *forwarded, "--folder", str(folder), "--worker", precision, model]
-                result = subprocess.run(command, capture_output=True, text=True)
-                if result.returncode != 0:
-                    print(f"{precision} {model}: failed\n{result.stderr[-2000:]}", flush=True)
+                if speed is not None:
+                    extra = {"prefill_s": speed[model]["prefill s"]}
+                    rows.append(Row(precision, model, "decode tokens/s", speed[model]["tokens/s"], True, "plain", extra))
+                memory = run_worker(precision, model)
+                if memory is None:
                     continue
-                numbers = json.loads(result.stdout.strip().splitlines()[-1])
-                extra = {"quantized_tensors": numbers["quantized"], "prefill_s": numbers["prefill s"]}
-                rows.append(Row(precision, model, "decode tokens/s", numbers["tokens/s"], True, "plain", extra))
-                rows.append(Row(precision, model, "weights MiB", [numbers["weights"] / MIB], False, "plain"))
+                extra = {"quantized_tensors": memory["quantized"]}
+                rows.append(Row(precision, model, "weights MiB", [memory["weights"] / MIB], False, "plain", extra))
                 for metric in ("load peak", "decode peak"):
-                    rows.append(Row(precision, model, f"{metric} MiB", [numbers[metric] / MIB], False, "plain"))
+                    rows.append(Row(precision, model, f"{metric} MiB", [memory[metric] / MIB], False, "plain"))
+                tokens = sorted(speed[model]["tokens/s"]) if speed else "-"
                 print(
-                    f"{precision} {model}: {numbers['weights'] / MIB:.0f} MiB weights, {numbers['load peak'] / MIB:.0f} / "
-                    f"{numbers['decode peak'] / MIB:.0f} MiB peak loading / decoding, "
-                    f"{sorted(numbers['tokens/s'])} tokens/s",
+                    f"{precision} {model}: {memory['weights'] / MIB:.0f} MiB weights, {memory['load peak'] / MIB:.0f} / "
+                    f"{memory['decode peak'] / MIB:.0f} MiB peak loading / decoding, {tokens} tokens/s",
                     flush=True,
                 )
     title = (

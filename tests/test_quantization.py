@@ -27,7 +27,6 @@ from torch import nn
 from transformers import BitsAndBytesConfig, pipeline
 
 from phantom_hf import PhantomForConditionalGeneration, PhantomModel
-from phantom_hf.modeling.compat_phantom import cache_kwargs, cache_of
 
 from .conftest import IMAGE_TOKEN_ID, make_model
 from .test_pipeline import GREEDY, chat_with, generate_reference, make_model_and_processor
@@ -345,3 +344,14 @@ def test_qlora_trains_a_stage_two_step_on_a_quantized_model(tmp_path, bits):
     base = {n.replace("base_model.model.", "").replace(".base_layer", ""): p for n, p in trainer.model.named_parameters()}
     for name, before in quantized_before.items():
         assert torch.equal(base[name].detach(), before), name  # the quantized backbone is frozen
+
+
+@pytest.mark.parametrize("backend, bits", BACKENDS)
+def test_stage_two_freezes_exactly_the_quantized_weights(float_folder, backend, bits):
+    from phantom_hf.trainer import apply_training_stage
+
+    model = PhantomForConditionalGeneration.from_pretrained(float_folder, quantization_config=quantization_config(backend, bits))
+    trainable = set(apply_training_stage(model, 2))
+    expected = {n for n, p in model.named_parameters() if not is_quantized(p) and not n.startswith("model.vision_tower.")}
+    assert trainable == expected
+    assert any(PHANTOM_MODULE.search(n) for n in trainable) and any("language_model.layers" in n and "norm" in n for n in trainable)

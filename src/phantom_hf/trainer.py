@@ -147,8 +147,12 @@ class PhantomPOConfig(CPOConfig):
 
 
 def is_quantized_weight(parameter: torch.Tensor) -> bool:
-    """A weight a quantization backend replaced: integer storage (bitsandbytes) or a tensor subclass (torchao)."""
-    return not parameter.dtype.is_floating_point or type(parameter.data) is not torch.Tensor
+    """A weight a quantization backend replaced: integer storage (bitsandbytes) or a tensor subclass (torchao's),
+    other than a sharded `DTensor` (FSDP 2)."""
+    from torch.distributed.tensor import DTensor
+
+    data = parameter.data
+    return not parameter.dtype.is_floating_point or (type(data) is not torch.Tensor and not isinstance(data, DTensor))
 
 
 def apply_training_stage(
