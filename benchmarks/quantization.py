@@ -9,9 +9,10 @@ as a user does, in fresh processes:
   and statistics; the kept modules, vision tower, embeddings and `lm_head` in the compute dtype);
 - peak MiB loading / decoding: the peak resident memory of the process while loading, and while decoding, above
   its resident memory before loading (CPU: VmHWM, reset through /proc/self/clear_refs after loading); on a GPU,
-  torch's peak allocated bytes. The decoding peak, after the memory freed by loading went back to the OS, is what
-  running the model needs (weights, activations, cache); the loading peak is higher where the checkpoint's tensors
-  are converted before quantizing, and low where they stay memory-mapped from the file until first use;
+  torch's peak allocated bytes. The decoding peak, after the memory-mapped checkpoint was let go and the memory
+  freed by loading went back to the OS, is what running the model needs (weights, activations, cache); the
+  loading peak is higher where the checkpoint's tensors are converted before quantizing, and low where they stay
+  memory-mapped from the file until first use (bfloat16 from a bfloat16 checkpoint);
 - decode tokens/s: greedy decoding of `--new-tokens` tokens after a `--context`-token random prompt
   (`decode.py`'s `DecodeState`), `--repeats` times after `--warmup` rounds, plain and Phantom interleaved.
 
@@ -141,9 +142,15 @@ class PeakMemory:
         return self._status("VmHWM") - self.base
 
 
-def release_freed_memory() -> None:
-    """Hand memory freed by loading (the checkpoint's converted tensors) back to the OS, so that the decoding peak
-    counts what decoding holds rather than what the allocator kept (glibc's `malloc_trim`; elsewhere a no-op)."""
+def release_loading_memory(model: torch.nn.Module) -> None:
+    """Let go of what loading left resident: the memory-mapped checkpoint (tensors loaded without conversion are
+    views of the file, and keep every page of it that loading touched resident; they are copied out) and the
+    memory freed by loading, handed back to the OS (glibc's `malloc_trim`; elsewhere a no-op). The decoding peak
+    then counts what running the model holds."""
+    with torch.no_grad():
+        for tensor in (*model.parameters(), *model.buffers()):
+            if type(tensor.data) is torch.Tensor and tensor.device.type == "cpu":
+                tensor.data = tensor.data.clone()
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -187,7 +194,7 @@ def measure_memory(args: argparse.Namespace, model_name: str) -> dict[str, Any]:
     memory.start()
     model = load(args, model_name, config)
     load_peak = memory.peak()
-    release_freed_memory()
+    release_loading_memory(model)
     memory.reset()
     DecodeState(model, prompt(args, model.config.text_config.vocab_size), args.new_tokens, device).decode(args.new_tokens)
     return {
