@@ -445,6 +445,18 @@ class PhantomPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = False
     _supports_attention_backend = True
     _can_compile_fullgraph = False
+    # Weight quantization (`from_pretrained(..., quantization_config=...)`: bitsandbytes 8/4-bit, torchao, and every
+    # config with a module skip list) leaves these modules in the compute dtype. Regexes matched from the start of a
+    # module or parameter name, as transformers' quantizers read their skip lists (5.11 and 5.24 alike).
+    # The Phantom modules are tiny (1.2M parameters at 0.5B) and the fused MHCA reads `linear_q.weight` as a plain
+    # tensor, so they are always kept; the vision tower, projector and `lm_head` are kept unless the config names
+    # its own list (the published loader kept the projector and `lm_head` too, and quantized the vision tower).
+    _phantom_modules_not_quantized = (r".*\.xattn_(?:query|key|value)_phantom", r".*\.gating_phantom_[12]")
+    _modules_not_quantized = _phantom_modules_not_quantized + (
+        r"(?:model\.)?vision_tower",
+        r"(?:model\.)?multi_modal_projector",
+        "lm_head",
+    )
 
     def enable_input_require_grads(self) -> None:
         """Make the language model's input embeddings require grad (activation checkpointing or adapters on a
@@ -457,6 +469,36 @@ class PhantomPreTrainedModel(PreTrainedModel):
         self.disable_input_require_grads()
         self._require_grads_hook = self.get_input_embeddings().register_forward_hook(make_inputs_require_grads)
         self._require_grads_hooks = [self._require_grads_hook]
+
+    @classmethod
+    def phantom_quantization_config(cls, quantization_config: Any) -> Any:
+        """A copy of `quantization_config` whose module skip list (`llm_int8_skip_modules` of bitsandbytes,
+        `modules_to_not_convert` of torchao and the others) keeps this class's modules unquantized: all of
+        `_modules_not_quantized` when the config names none, else the config's list plus the Phantom modules.
+        Configs without a skip list are returned as they are. `from_pretrained` applies it."""
+        if isinstance(quantization_config, dict):
+            from transformers.quantizers import AutoQuantizationConfig
+
+            quantization_config = AutoQuantizationConfig.from_dict(quantization_config)
+        for field in ("llm_int8_skip_modules", "modules_to_not_convert"):
+            if hasattr(quantization_config, field):
+                break
+        else:
+            return quantization_config
+        skip = getattr(quantization_config, field)
+        kept = list(cls._modules_not_quantized) if skip is None else list(skip)
+        kept += [pattern for pattern in cls._phantom_modules_not_quantized if pattern not in kept]
+        quantization_config = copy.deepcopy(quantization_config)
+        setattr(quantization_config, field, kept)
+        return quantization_config
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *model_args: Any, **kwargs: Any) -> "PhantomPreTrainedModel":
+        """`PreTrainedModel.from_pretrained`, with a `quantization_config` completed by `phantom_quantization_config`
+        (the Phantom modules, vision tower, projector and `lm_head` stay in the compute dtype by default)."""
+        if kwargs.get("quantization_config") is not None:
+            kwargs["quantization_config"] = cls.phantom_quantization_config(kwargs["quantization_config"])
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
     def save_pretrained(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> None:
         """Save weights and config, plus the remote-code files, so the folder loads with `trust_remote_code`;

@@ -146,6 +146,15 @@ class PhantomPOConfig(CPOConfig):
             raise ValueError("generate_during_eval is not supported by PhantomPOTrainer (CPO's generation ignores images)")
 
 
+def is_quantized_weight(parameter: torch.Tensor) -> bool:
+    """A weight a quantization backend replaced: integer storage (bitsandbytes) or a tensor subclass (torchao's),
+    other than a sharded `DTensor` (FSDP 2)."""
+    from torch.distributed.tensor import DTensor
+
+    data = parameter.data
+    return not parameter.dtype.is_floating_point or (type(data) is not torch.Tensor and not isinstance(data, DTensor))
+
+
 def apply_training_stage(
     model: nn.Module,
     training_stage: int,
@@ -156,7 +165,9 @@ def apply_training_stage(
 
     Stage 1: only the projector and the Phantom modules (every parameter whose name contains "phantom"),
     plus the vision tower when `freeze_vision_tower` is False. Stage 2: every parameter, minus the vision tower
-    when `freeze_vision_tower` is True. In both, names matching a regex of `freeze_parameters` stay frozen.
+    when `freeze_vision_tower` is True. In both, names matching a regex of `freeze_parameters` stay frozen, and so do
+    quantized weights (a model loaded with a `quantization_config`): they train through an adapter (QLoRA,
+    `phantom_lora_config`).
     """
     if training_stage not in TRAINING_STAGES:
         raise ValueError(f"training_stage must be 1 or 2, got {training_stage!r}")
@@ -171,7 +182,7 @@ def apply_training_stage(
             train = id(parameter) in projector or "phantom" in name
         else:
             train = True
-        if any(pattern.search(name) for pattern in patterns):
+        if any(pattern.search(name) for pattern in patterns) or is_quantized_weight(parameter):
             train = False
         parameter.requires_grad_(train)
         if train:
