@@ -412,7 +412,9 @@ class PhantomProcessor(ProcessorMixin):
             for generation, right for training) and its `model_max_length` bounds the expanded prompts.
         image_seq_length: vision tokens per tile; must equal the model's `config.image_seq_length` (256 for the
             published models, 144 for Xmodel-VLM).
-        chat_template: a Jinja chat template (`CHATML_CHAT_TEMPLATE`, `PHI3_CHAT_TEMPLATE`, `VICUNA_V1_CHAT_TEMPLATE`).
+        chat_template: a Jinja chat template (`CHATML_CHAT_TEMPLATE`, `PHI3_CHAT_TEMPLATE`, `VICUNA_V1_CHAT_TEMPLATE`);
+            default: ChatML, the format of the Phantom family (Vicuna v1 for a fixed-size, LLaVA-style image
+            processor). `from_config` picks the checkpoint's own (Phi-3's for Phantom-3.8B).
         wrap_image_tokens: put `<img>` ... `</img>` around each image's placeholders; default: True for a tiling
             image processor (Phantom, InternVL), False otherwise (LLaVA, Xmodel-VLM).
 
@@ -447,6 +449,8 @@ class PhantomProcessor(ProcessorMixin):
                 "`add_image_tokens(tokenizer, model)` (from processing_phantom, also `PhantomProcessor.add_image_tokens`),"
                 " which also resizes the model's embeddings and sets config.image_token_id"
             )
+        if chat_template is None:
+            chat_template = CHATML_CHAT_TEMPLATE if wrap_image_tokens else VICUNA_V1_CHAT_TEMPLATE
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
         self.image_seq_length = image_seq_length
         self.wrap_image_tokens = bool(wrap_image_tokens)

@@ -106,3 +106,23 @@ def test_the_trainer_collator_decodes_images_as_the_processor_does(processor, tm
     for ref in (str(tmp_path / "alpha.png"), {"bytes": (tmp_path / "alpha.png").read_bytes(), "path": None}, rgba):
         batch = collator([{"images": [ref], "prompt": "<image> what", "chosen": "a cat", "rejected": "a dog"}])
         torch.testing.assert_close(batch["pixel_values"].to(reference.dtype), reference, rtol=0, atol=0)
+
+
+def test_a_processor_built_without_a_chat_template_speaks_chatml() -> None:
+    from phantom_hf.modeling.processing_phantom import (
+        CHATML_CHAT_TEMPLATE,
+        VICUNA_V1_CHAT_TEMPLATE,
+        PhantomProcessor,
+        build_fixed_size_image_processor,
+        build_image_processor,
+    )
+
+    from .test_processor import make_tokenizer
+
+    processor = PhantomProcessor(image_processor=build_image_processor(28, 1, 1), tokenizer=make_tokenizer(), image_seq_length=4)
+    assert processor.chat_template == CHATML_CHAT_TEMPLATE
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is in the image ?"}]}]
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text == "<|im_start|>user\n<image>\nwhat is in the image ?<|im_end|><|im_start|>assistant\n"
+    llava = PhantomProcessor(image_processor=build_fixed_size_image_processor("clip_vision_model", 28), tokenizer=make_tokenizer())
+    assert llava.chat_template == VICUNA_V1_CHAT_TEMPLATE
