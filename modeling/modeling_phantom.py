@@ -503,7 +503,7 @@ class PhantomPreTrainedModel(PreTrainedModel):
         output_loading_info = kwargs.pop("output_loading_info", False)
         override = kwargs.get("phantom_dimension")
         model, loading_info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
-        _check_loaded_weights(loading_info, override if isinstance(override, bool) else None)
+        _check_loaded_weights(model, loading_info, override if isinstance(override, bool) else None)
         return (model, loading_info) if output_loading_info else model
 
     def save_pretrained(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> None:
@@ -641,7 +641,7 @@ def _size_pair(value: int | list[int] | tuple[int, int]) -> tuple[int, int]:
     return (int(value), int(value)) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
-def _check_loaded_weights(loading_info: dict[str, Any], phantom_dimension_override: bool | None) -> None:
+def _check_loaded_weights(model: nn.Module, loading_info: dict[str, Any], phantom_dimension_override: bool | None) -> None:
     """Weights the config has no place for, or weights of the config the checkpoint lacks, are an error at load time
     (transformers only warns: a config with fewer layers than the checkpoint drops weights silently, one with more
     layers runs random ones).
@@ -650,7 +650,8 @@ def _check_loaded_weights(loading_info: dict[str, Any], phantom_dimension_overri
     (paper Table 5, "+Phantom Dimension": the new modules start near a no-op), and `phantom_dimension=False` on one
     with them (the backbone alone).
     """
-    unexpected = sorted(loading_info.get("unexpected_keys") or [])
+    children = {name for name, _ in model.named_children()}  # weights of another head (lm_head for PhantomModel) are not ours
+    unexpected = sorted(name for name in loading_info.get("unexpected_keys") or [] if name.split(".")[0] in children)
     missing = sorted(loading_info.get("missing_keys") or [])
     if phantom_dimension_override is False:
         unexpected = [name for name in unexpected if "phantom" not in name]

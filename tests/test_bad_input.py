@@ -13,7 +13,7 @@ import torch
 import transformers.modeling_utils
 from transformers import Qwen2ForCausalLM
 
-from phantom_hf import PhantomCache, PhantomConfig, PhantomForConditionalGeneration
+from phantom_hf import PhantomCache, PhantomConfig, PhantomForConditionalGeneration, PhantomModel
 from phantom_hf.modeling.compat_phantom import cache_kwargs, cache_of
 from phantom_hf.tiny import tiny_text_config
 
@@ -240,6 +240,9 @@ def test_config_with_fewer_or_more_layers_than_the_weights_is_refused(saved_fold
         (folder / "config.json").write_text(json.dumps(config))
         with pytest.raises(ValueError, match=message):
             PhantomForConditionalGeneration.from_pretrained(folder)
+    # the base model leaves out the LM head of the checkpoint, as transformers' base models do
+    base = PhantomModel.from_pretrained(saved_folder)
+    assert base.config.text_config.num_hidden_layers == 2 and not hasattr(base, "lm_head")
 
 
 # ---------------------------------------------------------------------------------------- saving safely
