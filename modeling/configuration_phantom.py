@@ -165,8 +165,31 @@ class PhantomConfig(PretrainedConfig):
             return patches // self.projector_group_size
         return patches
 
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> Any:
+        """transformers' `from_dict`, validated after the keyword overrides are applied: `from_pretrained(folder,
+        phantom_mixing="foo")` sets fields after `__init__` has run, and must be refused like `PhantomConfig(...)`."""
+        result = super().from_dict(config_dict, **kwargs)
+        config = result[0] if isinstance(result, tuple) else result
+        config.validate_phantom()
+        return result
+
     def validate_phantom(self) -> None:
         """Raise `ValueError` naming the field when a Phantom setting is invalid."""
+        if not isinstance(self.phantom_dimension, bool):
+            raise ValueError(f"phantom_dimension must be True or False, got {self.phantom_dimension!r}")
+        vocab_size = getattr(self.text_config, "vocab_size", None)
+        for field in ("image_token_id", "phantom_anchor_token_id"):
+            value = getattr(self, field)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{field} must be an int or None, got {value!r}")
+            if value < 0 or (vocab_size is not None and value >= vocab_size):
+                raise ValueError(
+                    f"{field}={value} is outside the vocabulary of text_config.vocab_size={vocab_size} tokens "
+                    f"(ids 0..{vocab_size - 1 if vocab_size else '?'})"
+                )
         if self.phantom_mixing not in PHANTOM_MIXINGS:
             raise ValueError(f"phantom_mixing must be one of {PHANTOM_MIXINGS}, got {self.phantom_mixing!r}")
         if self.phantom_expansion not in PHANTOM_EXPANSIONS:
@@ -177,8 +200,6 @@ class PhantomConfig(PretrainedConfig):
             )
         if isinstance(self.phantom_eta, bool) or not isinstance(self.phantom_eta, (int, float)) or self.phantom_eta <= 0:
             raise ValueError(f"phantom_eta must be a number > 0, got {self.phantom_eta!r}")
-        if self.phantom_anchor_token_id is not None and not isinstance(self.phantom_anchor_token_id, int):
-            raise ValueError(f"phantom_anchor_token_id must be an int or None, got {self.phantom_anchor_token_id!r}")
         if self.projector_type not in PROJECTOR_TYPES:
             raise ValueError(f"projector_type must be one of {PROJECTOR_TYPES}, got {self.projector_type!r}")
         if self.vision_feature_select_strategy == "default" and not self.vision_has_cls_token:

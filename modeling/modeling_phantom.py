@@ -7,7 +7,11 @@ sibling files of this folder.
 from __future__ import annotations
 
 import copy
+import os
+import re
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -433,6 +437,42 @@ def save_remote_code(folder: str | Path) -> None:
             (Path(folder) / name).write_text((source / name).read_text())
 
 
+# Weight files a save replaces as a set: one file, or shards and their index (with an optional variant).
+_WEIGHT_FILE = re.compile(r"model(\.[\w-]+)?(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?")
+
+
+def _staged_save(folder: Path, write: Callable[[Path], None]) -> None:
+    """Run `write` into a staging folder beside `folder`, then move every file it wrote into `folder` (a rename per
+    file) and remove the weight files of an earlier save that the new one does not replace (old shards).
+
+    If `write` fails, the staging folder is removed and `folder` is untouched. Where no staging folder can be made
+    beside `folder` (a read-only parent), `write` runs in `folder` itself.
+    """
+    folder = folder.resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.saving-", dir=folder.parent))
+    except OSError:
+        write(folder)
+        return
+    try:
+        write(staging)
+        written = sorted(path.name for path in staging.iterdir())
+        new_weights = {name for name in written if _WEIGHT_FILE.fullmatch(name)}
+        # weights first, config last: the folder's config names the new weights only once they are all there
+        for name in sorted(written, key=lambda name: (name not in new_weights, name == "config.json")):
+            if (staging / name).is_dir():
+                shutil.rmtree(folder / name, ignore_errors=True)
+            os.replace(staging / name, folder / name)
+        variants = {_WEIGHT_FILE.fullmatch(name).group(1) for name in new_weights}
+        for stale in folder.iterdir():
+            match = _WEIGHT_FILE.fullmatch(stale.name)
+            if match and match.group(1) in variants and stale.name not in new_weights and stale.is_file():
+                stale.unlink()
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 class PhantomPreTrainedModel(PreTrainedModel):
     config_class = PhantomConfig
     config: PhantomConfig
@@ -493,22 +533,42 @@ class PhantomPreTrainedModel(PreTrainedModel):
         return quantization_config
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: Any, *model_args: Any, **kwargs: Any) -> "PhantomPreTrainedModel":
-        """`PreTrainedModel.from_pretrained`, with a `quantization_config` completed by `phantom_quantization_config`
-        (the Phantom modules, vision tower, projector and `lm_head` stay in the compute dtype by default)."""
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
+        """transformers' `from_pretrained`, with a `quantization_config` completed by `phantom_quantization_config`
+        (the Phantom modules, vision tower, projector and `lm_head` stay in the compute dtype by default), refusing
+        weights that do not fit the config (see `_check_loaded_weights`)."""
         if kwargs.get("quantization_config") is not None:
             kwargs["quantization_config"] = cls.phantom_quantization_config(kwargs["quantization_config"])
-        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        override = kwargs.get("phantom_dimension")
+        model, loading_info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        _check_loaded_weights(model, loading_info, override if isinstance(override, bool) else None)
+        return (model, loading_info) if output_loading_info else model
 
     def save_pretrained(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> None:
         """Save weights and config, plus the remote-code files, so the folder loads with `trust_remote_code`;
-        then run `SAVE_HOOKS` (the `phantom_hf` package registers its model-card writer there)."""
+        then run `SAVE_HOOKS` (the `phantom_hf` package registers its model-card writer there).
+
+        The files are written into a staging folder next to `save_directory` and moved in once all are written:
+        a save that fails midway (a full disk, an error while writing) leaves the folder's previous model as it
+        was. Staging needs room for a second copy of the weights while saving.
+        """
         self.config.auto_map = dict(AUTO_MAP)
-        super().save_pretrained(save_directory, *args, **kwargs)
-        if kwargs.get("is_main_process", True):
-            save_remote_code(save_directory)
+        main_process = kwargs.get("is_main_process", True) if not args else args[0]
+
+        def write(folder: Path) -> None:
+            if kwargs.get("push_to_hub"):
+                kwargs.setdefault("repo_id", Path(save_directory).name)  # not the staging folder's name
+            super(PhantomPreTrainedModel, self).save_pretrained(folder, *args, **kwargs)
+            if main_process:
+                save_remote_code(folder)
+
+        if main_process:
+            _staged_save(Path(save_directory), write)
             for hook in SAVE_HOOKS:
                 hook(Path(save_directory), self)
+        else:
+            write(Path(save_directory))
 
 
 def anchor_positions(
@@ -541,6 +601,114 @@ def anchor_positions(
     return hits.int().argmax(-1)
 
 
+# ---------------------------------------------------------------------------------------------------
+# Input validation: a clear ValueError naming the tensor and the bound instead of an IndexError deep in
+# torch or a silently wrong output. Each check is one small function. The token-id check costs one host
+# sync per forward (17 us on a CPU decode step); generate's decode steps skip it, the other checks read
+# shapes only.
+# ---------------------------------------------------------------------------------------------------
+
+
+def _check_token_ids(input_ids: torch.Tensor, num_embeddings: int, image_token_id: int | None) -> int:
+    """Check that `input_ids` is a non-empty (batch, length) tensor of ids in 0..num_embeddings-1; return the
+    number of image placeholders it holds (computed in the same host sync as the bounds)."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise ValueError(f"input_ids must be a torch tensor of token ids, got {type(input_ids).__name__}")
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must hold integer token ids, got a {input_ids.dtype} tensor")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must have shape (batch, sequence_length), got {tuple(input_ids.shape)}")
+    if input_ids.numel() == 0:
+        raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}): the model needs at least one token per row")
+    placeholder = -1 if image_token_id is None else image_token_id
+    low, high, placeholders = torch.stack([input_ids.min(), input_ids.max(), (input_ids == placeholder).sum()]).tolist()
+    if low < 0 or high >= num_embeddings:
+        bad = low if low < 0 else high
+        raise ValueError(
+            f"input_ids holds token id {bad}, outside the vocabulary of {num_embeddings} tokens (ids 0..{num_embeddings - 1})"
+        )
+    return int(placeholders)
+
+
+def _check_labels(labels: torch.Tensor, shape: tuple[int, int], vocab_size: int, ignore_index: int = -100) -> None:
+    """`labels` must have the (batch, length) of the input and hold ids in 0..vocab_size-1 or `ignore_index`."""
+    if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be an integer tensor of token ids, got {getattr(labels, 'dtype', type(labels).__name__)}")
+    if tuple(labels.shape) != tuple(shape):
+        raise ValueError(f"labels has shape {tuple(labels.shape)} but the input has shape {tuple(shape)}; they must match")
+    invalid = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
+    if invalid.any():
+        bad = int(labels[invalid][0])
+        raise ValueError(
+            f"labels holds {bad}, neither a token id of the vocabulary of {vocab_size} tokens (0..{vocab_size - 1}) nor "
+            f"the ignored index {ignore_index}"
+        )
+
+
+def _check_attention_mask(attention_mask: Any, batch: int, length: int, past_length: int) -> None:
+    """A 2D `attention_mask` covers the cached tokens and the new ones of every row; a 4D one has the batch size."""
+    if not isinstance(attention_mask, torch.Tensor):
+        return  # None, or a dict of prepared masks
+    if attention_mask.dim() not in (2, 4):
+        raise ValueError(f"attention_mask must have shape (batch, length), got {tuple(attention_mask.shape)}")
+    if attention_mask.shape[0] != batch:
+        raise ValueError(f"attention_mask has batch size {attention_mask.shape[0]} but the input has {batch} rows")
+    if attention_mask.dim() == 2 and attention_mask.shape[1] != past_length + length:
+        raise ValueError(
+            f"attention_mask covers {attention_mask.shape[1]} tokens, but the cache holds {past_length} and the input adds "
+            f"{length}: it must cover all {past_length + length}"
+        )
+
+
+def _check_pixel_values(pixel_values: torch.Tensor, vision_config: Any) -> None:
+    """Tiles of the vision tower's size and channels, with finite values."""
+    if not isinstance(pixel_values, torch.Tensor) or not torch.is_floating_point(pixel_values):
+        raise TypeError(f"pixel_values must be a floating-point tensor, got {getattr(pixel_values, 'dtype', type(pixel_values))}")
+    if pixel_values.dim() != 4:
+        raise ValueError(f"pixel_values must have shape (num_tiles, channels, height, width), got {tuple(pixel_values.shape)}")
+    height, width = _size_pair(vision_config.image_size)
+    expected = (getattr(vision_config, "num_channels", 3), height, width)
+    if tuple(pixel_values.shape[1:]) != expected:
+        raise ValueError(
+            f"pixel_values holds tiles of shape {tuple(pixel_values.shape[1:])} but this model's vision tower takes "
+            f"{expected} (channels, image_size); prepare the images with the model's processor"
+        )
+    if not torch.isfinite(pixel_values).all():
+        raise ValueError("pixel_values holds NaN or infinite values")
+
+
+def _size_pair(value: int | list[int] | tuple[int, int]) -> tuple[int, int]:
+    return (int(value), int(value)) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+def _check_loaded_weights(model: nn.Module, loading_info: dict[str, Any], phantom_dimension_override: bool | None) -> None:
+    """Weights the config has no place for, or weights of the config the checkpoint lacks, are an error at load time
+    (transformers only warns: a config with fewer layers than the checkpoint drops weights silently, one with more
+    layers runs random ones).
+
+    Two mismatches are asked for by name and allowed: `phantom_dimension=True` on a checkpoint without Phantom modules
+    (paper Table 5, "+Phantom Dimension": the new modules start near a no-op), and `phantom_dimension=False` on one
+    with them (the backbone alone).
+    """
+    children = {name for name, _ in model.named_children()}  # weights of another head (lm_head for PhantomModel) are not ours
+    unexpected = sorted(name for name in loading_info.get("unexpected_keys") or [] if name.split(".")[0] in children)
+    missing = sorted(loading_info.get("missing_keys") or [])
+    if phantom_dimension_override is False:
+        unexpected = [name for name in unexpected if "phantom" not in name]
+    if phantom_dimension_override is True:
+        missing = [name for name in missing if "phantom" not in name]
+    if unexpected:
+        raise ValueError(
+            f"the checkpoint holds {len(unexpected)} weight(s) this config has no place for, e.g. {unexpected[:3]}: the "
+            "config does not match the weights (fewer layers? pass phantom_dimension=False to drop Phantom modules)"
+        )
+    if missing:
+        raise ValueError(
+            f"the checkpoint lacks {len(missing)} weight(s) of this config, e.g. {missing[:3]}: the config does not match "
+            "the weights (more layers? pass phantom_dimension=True to add new Phantom modules to a baseline)"
+        )
+
+
 class PhantomModel(PhantomPreTrainedModel):
     """Vision tower + projector + decoder stack with Phantom Dimension (no LM head)."""
 
@@ -562,10 +730,7 @@ class PhantomModel(PhantomPreTrainedModel):
 
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Projected vision tokens of shape (num_tiles, image_seq_length, hidden) for tiles (num_tiles, 3, H, W)."""
-        if not isinstance(pixel_values, torch.Tensor) or not torch.is_floating_point(pixel_values):
-            raise TypeError(f"pixel_values must be a floating-point tensor, got {getattr(pixel_values, 'dtype', type(pixel_values))}")
-        if pixel_values.dim() != 4:
-            raise ValueError(f"pixel_values must have shape (num_tiles, channels, height, width), got {tuple(pixel_values.shape)}")
+        _check_pixel_values(pixel_values, self.config.vision_config)
         layer = self.config.vision_feature_layer
         outputs = self.vision_tower(pixel_values=pixel_values.to(self.vision_tower.dtype), output_hidden_states=layer != -1)
         features = outputs.last_hidden_state if layer == -1 else outputs.hidden_states[layer]
@@ -660,6 +825,14 @@ class PhantomModel(PhantomPreTrainedModel):
             cache = self._phantom_cache(cache, use_cache, phantom_cache_mode)
         past_length = cache.get_seq_length() if cache is not None else 0
 
+        placeholders = 0
+        # a decoding step of `generate` feeds the token the model just chose (never a placeholder): checking its
+        # range would cost a host sync per step, which generate otherwise avoids on accelerators
+        if input_ids is not None and not kwargs.pop("phantom_decode_step", False):
+            embeddings = self.get_input_embeddings().num_embeddings
+            placeholders = _check_token_ids(input_ids, embeddings, self.config.image_token_id)
+        batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        _check_attention_mask(attention_mask, batch, length, past_length)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         if pixel_values is not None:
@@ -668,10 +841,11 @@ class PhantomModel(PhantomPreTrainedModel):
             image_features = self.get_image_features(pixel_values)
         if image_features is not None:
             inputs_embeds = self._merge_image_features(input_ids, inputs_embeds, image_features)
-        elif past_length == 0 and input_ids is not None and self.config.image_token_id is not None:
-            n_placeholders = int((input_ids == self.config.image_token_id).sum())
-            if n_placeholders:
-                raise ValueError(f"the text has {n_placeholders} image placeholder tokens but no pixel_values")
+        elif placeholders:
+            raise ValueError(
+                f"the text has {placeholders} image placeholder tokens but no pixel_values"
+                + (f" (the cache holds {past_length} tokens: pass the pixel_values of the images in the new text)" if past_length else "")
+            )
 
         if self.config.phantom_dimension and not (isinstance(cache, PhantomCache) and cache.has_anchors()):
             kwargs["phantom_anchor_index"] = anchor_positions(
@@ -694,6 +868,85 @@ class PhantomModel(PhantomPreTrainedModel):
         )
 
 
+def _tiles_of_new_text(
+    all_ids: torch.Tensor,
+    new_ids: torch.Tensor,
+    tiles: torch.Tensor,
+    num_patches: torch.Tensor | list[int] | None,
+    config: PhantomConfig,
+) -> tuple[torch.Tensor, torch.Tensor | list[int] | None]:
+    """The tiles (pixel_values or image features, one entry per tile) of the placeholders in `new_ids`, the part of
+    `all_ids` (each row's whole text) that a filled cache has not seen, and the matching `num_patches`.
+
+    `tiles` as given when they cover exactly the new placeholders; the trailing tiles of each row when they cover the
+    placeholders of the whole text (ordered by row, as the processor gives them); otherwise unchanged, for the
+    model's count check to report.
+    """
+    per_tile = config.image_seq_length
+    new_counts = (new_ids == config.image_token_id).sum(-1).tolist()
+    if sum(new_counts) == tiles.shape[0] * per_tile or new_ids.shape == all_ids.shape:
+        return tiles, num_patches
+    all_counts = (all_ids == config.image_token_id).sum(-1).tolist()
+    if sum(all_counts) != tiles.shape[0] * per_tile:
+        return tiles, num_patches
+    if any(count % per_tile for count in new_counts):
+        raise ValueError(
+            "the cache ends inside an image's placeholder tokens: continue a conversation after a whole turn, "
+            "not in the middle of an image"
+        )
+    keep = torch.zeros(tiles.shape[0], dtype=torch.bool)
+    start = 0
+    for total, new in zip(all_counts, new_counts):
+        start += total // per_tile
+        keep[start - new // per_tile : start] = True
+    if num_patches is not None:
+        counts = [int(count) for count in num_patches]
+        bounds = torch.tensor([0, *counts]).cumsum(0).tolist()
+        kept = [keep[lo:hi].all().item() for lo, hi in zip(bounds[:-1], bounds[1:])]
+        if any(keep[lo:hi].any().item() and not whole for lo, hi, whole in zip(bounds[:-1], bounds[1:], kept)):
+            raise ValueError("num_patches does not split the tiles of the new text into whole images")
+        counts = [count for count, whole in zip(counts, kept) if whole]
+        num_patches = torch.tensor(counts, dtype=torch.long) if isinstance(num_patches, torch.Tensor) else counts
+    return tiles[keep.to(tiles.device)], num_patches
+
+
+def _with_image_tokens(tokens: list[int] | None, image_token_id: int | None) -> list[int] | None:
+    """`tokens` (ids to suppress in generation) with the image placeholder added."""
+    tokens = list(tokens or [])
+    if image_token_id is not None and image_token_id not in tokens:
+        tokens.append(image_token_id)
+    return tokens or None
+
+
+def _check_generate_inputs(config: PhantomConfig, input_ids: Any, kwargs: dict[str, Any]) -> None:
+    """What `generate` must refuse before it starts: an empty prompt, right padding, and an assistant model that
+    cannot read this model's images."""
+    if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.shape[1] == 0:
+        raise ValueError("input_ids is empty: generate needs a prompt of at least one token per row")
+    attention_mask = kwargs.get("attention_mask")
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and attention_mask.shape[1] > 0:
+        padded = (attention_mask[:, -1] == 0).nonzero().flatten().tolist()
+        if padded:
+            raise ValueError(
+                f"rows {padded} of attention_mask end with padding: generate continues each row after its last position, "
+                "so batched prompts must be padded on the left (tokenizer.padding_side = 'left')"
+            )
+    assistant = kwargs.get("assistant_model")
+    images = kwargs.get("pixel_values") is not None or kwargs.get("image_features") is not None
+    if assistant is not None and images:
+        assistant_config = getattr(assistant, "config", None)
+        same = getattr(assistant_config, "model_type", None) == config.model_type and all(
+            getattr(assistant_config, name, None) == getattr(config, name)
+            for name in ("image_token_id", "image_seq_length")
+        )
+        if not same:
+            raise ValueError(
+                f"assisted generation with images needs an assistant that reads the same images: a Phantom model with "
+                f"image_token_id={config.image_token_id} and image_seq_length={config.image_seq_length}; got "
+                f"{type(assistant).__name__}"
+            )
+
+
 class PhantomForConditionalGeneration(PhantomPreTrainedModel, GenerationMixin):
     """Phantom vision-language model with a language-modelling head: `forward` (with `labels` for the
     loss) and `generate` with every decoding strategy, using `PhantomCache` by default."""
@@ -705,6 +958,10 @@ class PhantomForConditionalGeneration(PhantomPreTrainedModel, GenerationMixin):
         self.model = PhantomModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
+        if self.generation_config is not None:  # saved with the model: other runtimes never sample a placeholder either
+            self.generation_config.suppress_tokens = _with_image_tokens(
+                self.generation_config.suppress_tokens, config.image_token_id
+            )
 
     def get_input_embeddings(self) -> nn.Module:
         return self.model.get_input_embeddings()
@@ -779,6 +1036,9 @@ class PhantomForConditionalGeneration(PhantomPreTrainedModel, GenerationMixin):
                     model._init_weights(module)
         if language_model.generation_config is not None:
             model.generation_config = copy.deepcopy(language_model.generation_config)
+            model.generation_config.suppress_tokens = _with_image_tokens(
+                model.generation_config.suppress_tokens, config.image_token_id
+            )
         leftover = [name for name, tensor in model.state_dict().items() if tensor.is_meta]
         if leftover:
             raise RuntimeError(f"from_components left tensors unmaterialised: {leftover[:5]}")
@@ -803,6 +1063,9 @@ class PhantomForConditionalGeneration(PhantomPreTrainedModel, GenerationMixin):
         """Logits (and the LM loss with `labels`). `phantom_cache_mode` ("expanded" | "compact") overrides the
         config for the cache this call creates, e.g. `model.generate(..., phantom_cache_mode="compact")`. The
         cache may be passed as `cache` (the name since transformers 5.24) or `past_key_values` (before)."""
+        tokens = input_ids if input_ids is not None else inputs_embeds
+        if labels is not None and tokens is not None:
+            _check_labels(labels, tokens.shape[:2], self.config.text_config.vocab_size, kwargs.get("ignore_index", -100))
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -830,12 +1093,62 @@ class PhantomForConditionalGeneration(PhantomPreTrainedModel, GenerationMixin):
             image_hidden_states=outputs.image_hidden_states,
         )
 
-    def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        """Images are encoded at prefill only: later steps read their effect from the cache."""
-        model_inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+    def generate(self, inputs: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
+        """transformers' `generate`, with Phantom's inputs checked up front: an empty prompt, right padding (each
+        row continues after its last position, so a right-padded row would continue after its padding) and an
+        assistant model that cannot read the images are refused. Image placeholder tokens are never generated
+        (added to `suppress_tokens`): a placeholder without its image cannot be embedded."""
+        input_ids = inputs if inputs is not None else kwargs.get("input_ids")
+        _check_generate_inputs(self.config, input_ids, kwargs)
+        image_token_id = self.config.image_token_id
+        if "suppress_tokens" in kwargs:
+            kwargs["suppress_tokens"] = _with_image_tokens(kwargs["suppress_tokens"], image_token_id)
+        elif kwargs.get("generation_config") is not None:
+            if image_token_id not in (kwargs["generation_config"].suppress_tokens or []):
+                kwargs["generation_config"] = copy.deepcopy(kwargs["generation_config"])
+                kwargs["generation_config"].suppress_tokens = _with_image_tokens(
+                    kwargs["generation_config"].suppress_tokens, image_token_id
+                )
+        elif image_token_id not in (self.generation_config.suppress_tokens or []):
+            kwargs["suppress_tokens"] = _with_image_tokens(self.generation_config.suppress_tokens, image_token_id)
+        return super().generate(inputs, *args, **kwargs)
+
+    def prepare_inputs_for_generation(
+        self, input_ids: torch.LongTensor, *args: Any, is_first_iteration: bool | None = False, **kwargs: Any
+    ) -> dict[str, Any]:
+        """Images are encoded when their placeholders are fed: at the prefill, which may continue a filled cache
+        (a later turn of a conversation, with new images); decoding steps read their effect from the cache.
+
+        When a filled cache is continued, `pixel_values` (or `image_features`) may hold the tiles of the new text
+        only, or of the whole conversation (what the processor gives for the full chat): the tiles of the images
+        already in the cache are then left out.
+        """
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids, *args, is_first_iteration=is_first_iteration, **kwargs
+        )
         cache = model_inputs.get(CACHE_NAME)
-        if cache is not None and cache.get_seq_length() > 0:
-            model_inputs.pop("pixel_values", None)
+        if cache is None or cache.get_seq_length() == 0:
+            # nothing cached: the text's placeholders need their images, also in an assistant's first call, which
+            # transformers 5.24 prepares as a later iteration and drops `pixel_values` from
+            for name in ("pixel_values", "image_features"):
+                if kwargs.get(name) is not None:
+                    model_inputs[name] = kwargs[name]
+            return model_inputs
+        new_ids = model_inputs.get("input_ids")
+        if not is_first_iteration and new_ids is not None and new_ids.shape[1] == 1:
+            model_inputs["phantom_decode_step"] = True
+        for name in ("pixel_values", "image_features"):
+            if model_inputs.get(name) is None:
+                continue
+            if not is_first_iteration:  # a decoding step: the images are in the cache already
+                model_inputs.pop(name)
+                continue
+            if new_ids is not None:
+                model_inputs[name], num_patches = _tiles_of_new_text(
+                    input_ids, new_ids, model_inputs[name], model_inputs.get("num_patches"), self.config
+                )
+                if "num_patches" in model_inputs:
+                    model_inputs["num_patches"] = num_patches
         return model_inputs
 
     def _expand_inputs_for_generation(

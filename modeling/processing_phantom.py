@@ -24,13 +24,15 @@ Python standard library.
 from __future__ import annotations
 
 import base64
+import io
 import os
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from transformers.image_processing_utils import BatchFeature
-from transformers.image_utils import (
+from transformers.image_utils import (  # PIL: Pillow, as transformers' image utilities import it
+    PIL,
     ChannelDimension,
     infer_channel_dimension_format,
     is_pil_image,
@@ -304,40 +306,127 @@ def _chat_has_images(conversation: Any) -> bool:
     return False
 
 
+def _decode_image_bytes(data: bytes, where: str) -> Any:
+    """A fully loaded PIL image from the bytes of an encoded image, turned upright by its EXIF orientation (as
+    transformers' `load_image` does) and with its alpha channel kept. Read from memory: no file handle stays open,
+    also when decoding fails."""
+    try:
+        image = PIL.Image.open(io.BytesIO(data))
+        image.load()
+        return PIL.ImageOps.exif_transpose(image)
+    except PIL.UnidentifiedImageError as error:
+        raise ValueError(f"{where} cannot be decoded: not an image format Pillow knows") from error
+    except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as error:
+        raise ValueError(f"{where} cannot be decoded: not a readable image ({error})") from error
+
+
+def _load_image_source(source: str, where: str) -> Any:
+    """A PIL image from a local path, an http(s) URL or a base64 string (optionally a `data:image/...` URL).
+
+    Local files and base64 are decoded here (alpha kept, as for PIL and array inputs); URLs go through
+    transformers' `load_image`, which converts them to RGB.
+    """
+    if source.startswith(("http://", "https://")):
+        try:
+            return load_image(source)
+        except (OSError, ValueError, SyntaxError) as error:
+            raise ValueError(f"{where} cannot be decoded: not a readable image URL ({error})") from error
+    if os.path.isfile(source):
+        try:
+            with open(source, "rb") as handle:
+                data = handle.read()
+        except OSError as error:
+            raise ValueError(f"{where} cannot be read: {error}") from error
+        return _decode_image_bytes(data, where)
+    encoded = source.split(",", 1)[1] if source.startswith("data:image/") else source
+    try:
+        data = base64.b64decode(encoded, validate=True)
+    except ValueError:
+        data = b""
+    if not data:
+        raise ValueError(f"{where} cannot be decoded: not a readable image file, URL or base64 image (no such file)")
+    return _decode_image_bytes(data, where)
+
+
+# PIL modes whose pixels are 16-bit integers (16-bit grayscale PNGs open as one of them, or as "I").
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def _pil_to_array(image: Any, where: str) -> Any:
+    """A channels-last numpy array of a PIL image: uint16 for 16-bit grayscale, float32 for mode "F" (scaled by
+    `_as_uint8`), RGBA when the image has transparency, RGB otherwise."""
+    if image.mode in _SIXTEEN_BIT_MODES:
+        array = to_numpy_array(image)
+        if array.min() < 0 or array.max() > 65535:
+            raise ValueError(f"{where} is a mode {image.mode} image with values in [{array.min()}, {array.max()}], outside 0-65535")
+        return array.astype("uint16")
+    if image.mode == "F":
+        return to_numpy_array(image)
+    has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
+    return to_numpy_array(image.convert("RGBA" if has_alpha else "RGB"))
+
+
+def _as_uint8(image: Any, where: str) -> Any:
+    """Pixel values as uint8 0-255, the range the image processors rescale from.
+
+    uint8 as is; uint16 (16-bit images) scaled by 255/65535; other integers must hold 0-255; floats in [0, 1] (e.g. a
+    `ToTensor()` output) are scaled by 255, floats in [0, 255] rounded. Anything else (bool, complex, other ranges,
+    NaN) is an error naming the dtype and range.
+    """
+    kind = image.dtype.kind
+    if kind == "u" and image.dtype.itemsize == 1:
+        return image
+    if kind not in "uif":
+        raise TypeError(
+            f"{where} has dtype {image.dtype}: pass uint8 (0-255), uint16 (0-65535) or floating-point (0-1) pixel values"
+        )
+    if kind == "u" and image.dtype.itemsize == 2:
+        return (image / 257.0).round().astype("uint8")
+    low, high = image.min(), image.max()
+    if kind == "f" and not (low == low and high == high and abs(low) != float("inf") and abs(high) != float("inf")):
+        raise ValueError(f"{where} of dtype {image.dtype} holds NaN or infinite values")
+    if kind == "f" and 0 <= low and high <= 1:
+        return (image * 255.0).round().astype("uint8")
+    if 0 <= low and high <= 255:
+        return image.round().astype("uint8") if kind == "f" else image.astype("uint8")
+    expected = "[0, 1] (or 0-255)" if kind == "f" else "0-255 (uint16 images: 0-65535)"
+    raise ValueError(f"{where} of dtype {image.dtype} holds values in [{low}, {high}]; expected {expected}")
+
+
 def _rgb_over_white(image: Any) -> Any:
-    """An RGB (H, W, 3) numpy array from a PIL image or a channels-last array of 1, 3 or 4 channels, transparency
-    laid over white (what transformers' `convert_to_rgb(..., return_numpy=True)` does from 5.21 on; done here so
-    that earlier releases give the same pixels)."""
-    if is_pil_image(image):
-        has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
-        image = to_numpy_array(image.convert("RGBA" if has_alpha else "RGB"))
+    """An RGB (H, W, 3) uint8 array from a channels-last uint8 array of 1, 3 or 4 channels, transparency laid over
+    white (what transformers' `convert_to_rgb(..., return_numpy=True)` does from 5.21 on; done here so that earlier
+    releases give the same pixels)."""
     if image.shape[-1] == 1:
         return image.repeat(3, axis=-1)
     if image.shape[-1] != 4:
         return image
-    floating = image.dtype.kind == "f"
-    if floating and (image.min() < 0.0 or image.max() > 1.0):
-        raise ValueError(f"an RGBA float image must hold values in [0, 1], got [{image.min()}, {image.max()}]")
-    white = 1.0 if floating else 255
-    alpha = image[..., 3:4] / white
-    blended = alpha * image[..., :3] + (1 - alpha) * white
-    return blended.astype(image.dtype) if floating else blended.round().astype(image.dtype)
+    alpha = image[..., 3:4] / 255.0
+    return (alpha * image[..., :3] + (1 - alpha) * 255.0).round().astype("uint8")
 
 
-def _to_rgb_array(image: Any, index: int) -> Any:
-    """Decode one image into an RGB (H, W, 3) numpy array; grayscale and alpha images are converted (alpha over
-    white), undecodable or zero-sized images raise `ValueError`, unknown types `TypeError`."""
-    where = f"image {index} ({_describe(image)})"
+def to_rgb_array(image: Any, name: str | None = None) -> Any:
+    """`image` decoded as the processor decodes it (see `_to_rgb_array`): an RGB (H, W, 3) uint8 numpy array. For
+    callers that check an image before the processor sees it (`phantom-hf chat`); `name` labels it in errors."""
+    return _to_rgb_array(image, 0, name)
+
+
+def _to_rgb_array(image: Any, index: int, name: str | None = None) -> Any:
+    """Decode one image into an RGB (H, W, 3) uint8 numpy array: the one place where a user's image becomes pixels.
+
+    Accepts PIL images, numpy arrays and torch tensors ((H, W), (H, W, C) or (C, H, W) with 1, 3 or 4 channels),
+    local paths, http(s) URLs, base64 strings and encoded bytes. Grayscale is repeated, alpha laid over white,
+    16-bit and floating-point pixel values scaled to 0-255 (`_as_uint8`). Undecodable or zero-sized images raise
+    `ValueError`, unknown types and dtypes `TypeError`.
+    """
+    where = name or f"image {index} ({_describe(image)})"
     if isinstance(image, (bytes, bytearray)):
-        image = "data:image/unknown;base64," + base64.b64encode(bytes(image)).decode()
-        where = f"image {index} (bytes)"
+        where = name or f"image {index} (bytes)"
+        image = _decode_image_bytes(bytes(image), where)
     if isinstance(image, os.PathLike):
         image = os.fspath(image)
     if isinstance(image, str):
-        try:
-            image = load_image(image)
-        except (OSError, ValueError, SyntaxError) as error:
-            raise ValueError(f"{where} cannot be decoded: not a readable image file, URL or base64 image ({error})") from error
+        image = _load_image_source(image, where)
     if is_pil_image(image):
         try:
             image.load()
@@ -345,9 +434,10 @@ def _to_rgb_array(image: Any, index: int) -> Any:
             raise ValueError(f"{where} cannot be decoded (truncated or corrupt image data: {error})") from error
         if min(image.size) == 0:
             raise ValueError(f"{where} has zero size ({image.size[0]}x{image.size[1]} pixels)")
-        return _rgb_over_white(image)
+        image = _pil_to_array(image, where)
     if isinstance(image, torch.Tensor):
-        image = image.detach().cpu().numpy()
+        image = image.detach().cpu()
+        image = (image.float() if image.dtype in (torch.bfloat16, torch.float16) else image).numpy()
     if not is_numpy_array(image):
         raise TypeError(
             f"{where} has unsupported type {type(image).__name__}: pass a PIL image, a numpy array or torch tensor "
@@ -365,7 +455,7 @@ def _to_rgb_array(image: Any, index: int) -> Any:
         raise ValueError(f"{where} of shape {tuple(image.shape)} has no axis of 1, 3 or 4 channels") from error
     if channel_format == ChannelDimension.FIRST:
         image = image.transpose(1, 2, 0)
-    return _rgb_over_white(image)
+    return _rgb_over_white(_as_uint8(image, where))
 
 
 def paste_side_by_side(images: list[Any], margin: int = SIDE_BY_SIDE_MARGIN) -> Any:
@@ -406,7 +496,9 @@ class PhantomProcessor(ProcessorMixin):
             for generation, right for training) and its `model_max_length` bounds the expanded prompts.
         image_seq_length: vision tokens per tile; must equal the model's `config.image_seq_length` (256 for the
             published models, 144 for Xmodel-VLM).
-        chat_template: a Jinja chat template (`chat_template_for(name_or_config)`; `CHAT_FORMATS` lists them).
+        chat_template: a Jinja chat template (`chat_template_for(name_or_config)`; `CHAT_FORMATS` lists them);
+            default: ChatML, the format of the Phantom family (Vicuna v1 for a fixed-size, LLaVA-style image
+            processor). `from_config` picks the checkpoint's own (Phi-3's for Phantom-3.8B).
         wrap_image_tokens: put `<img>` ... `</img>` around each image's placeholders; default: True for a tiling
             image processor (Phantom, InternVL), False otherwise (LLaVA, Xmodel-VLM).
         add_special_tokens: default of the tokenizer's `add_special_tokens` when a call does not set it; None keeps
@@ -456,6 +548,8 @@ class PhantomProcessor(ProcessorMixin):
                 "`add_image_tokens(tokenizer, model)` (from processing_phantom, also `PhantomProcessor.add_image_tokens`),"
                 " which also resizes the model's embeddings and sets config.image_token_id"
             )
+        if chat_template is None:
+            chat_template = CHATML_CHAT_TEMPLATE if wrap_image_tokens else VICUNA_V1_CHAT_TEMPLATE
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
         self.image_seq_length = image_seq_length
         self.wrap_image_tokens = bool(wrap_image_tokens)
@@ -765,4 +859,5 @@ __all__ = [
     "chat_format_for",
     "chat_template_for",
     "paste_side_by_side",
+    "to_rgb_array",
 ]

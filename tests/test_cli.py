@@ -65,16 +65,6 @@ def test_missing_subcommand_or_unknown_flag_is_a_usage_error(capsys) -> None:
         assert "usage: phantom-hf" in capsys.readouterr().err
 
 
-def test_modules_not_there_yet_give_a_clear_error(capsys, monkeypatch) -> None:
-    monkeypatch.setattr(cli, "_optional_module", lambda name: None)
-    status, _, err = run(capsys, "demo")
-    assert status == 2 and "phantom-hf demo: error: the demo is not available yet" in err
-    status, _, err = run(capsys, "convert")
-    assert status == 2 and "conversion is not available" in err
-    status, _, err = run(capsys, "train", "--model", "m", "--dataset", "d")
-    assert status == 2 and "training is not available" in err
-
-
 def test_errors_are_one_line_unless_traceback_is_asked(capsys, tmp_path) -> None:
     status, out, err = run(capsys, "card", str(tmp_path))
     assert status == 2 and out == ""

@@ -10,29 +10,85 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
-import importlib.util
 import inspect
 import json
+import os
+import re
 import sys
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub import ModelCard
 
-from .hub import CARD_NAME, HubUploadError, describe_training_args, infer_base_model, push_folder, render_model_card
+from .hub import (
+    CARD_NAME,
+    DEFAULT_HUB_TIMEOUT,
+    HubUploadError,
+    describe_training_args,
+    infer_base_model,
+    push_folder,
+    render_model_card,
+)
+
+# Set to 1 to see the traceback of an error (as --debug does).
+DEBUG_ENV = "PHANTOM_HF_DEBUG"
 
 
 class CLIError(Exception):
     """A user-facing error: printed as `phantom-hf <command>: error: <message>`, exit status 2."""
 
 
-def _optional_module(name: str) -> Any | None:
-    """`phantom_hf.<name>` if that module exists (import errors inside it propagate), else None."""
-    if importlib.util.find_spec(f"phantom_hf.{name}") is None:
-        return None
-    return importlib.import_module(f"phantom_hf.{name}")
+def _one_line(error: BaseException) -> str:
+    """An exception as one line: its message, whitespace collapsed; prefixed by its type when that says more than
+    the message (not for the errors whose message is written for the user)."""
+    message = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, (CLIError, HubUploadError, ValueError, TypeError, OSError)):
+        return message
+    return f"{type(error).__name__}: {message}"
+
+
+def _check_model_folder(folder: Path) -> None:
+    """A saved model folder must hold a parseable config.json and readable safetensors files: checked up front so
+    that the error names the file (transformers' errors often do not)."""
+    config = folder / "config.json"
+    if not config.is_file():
+        raise CLIError(f"{str(folder)!r} is not a saved model folder (no config.json)")
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CLIError(f"{config} is not valid JSON: {_one_line(error)}") from error
+    if not isinstance(data, dict):
+        raise CLIError(f"{config} must hold a JSON object, got {type(data).__name__}")
+    from safetensors import SafetensorError, safe_open
+
+    for weights in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(weights), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as error:
+            raise CLIError(f"weights file {weights} is unreadable (truncated or corrupt?): {_one_line(error)}") from error
+
+
+def _load_model_and_processor(source: str, device: str = "cpu") -> tuple[Any, Any]:
+    """A saved Phantom model (folder or Hub id) and its processor, or a `CLIError` naming what is wrong."""
+    if Path(source).is_dir():
+        _check_model_folder(Path(source))
+    elif Path(source).exists():
+        raise CLIError(f"model {source!r} is a file, not a saved model folder")
+    elif not re.fullmatch(r"[\w.-]+/[\w.-]+", source):
+        raise CLIError(f"model folder {source!r} does not exist (nor is it a Hub id, namespace/name)")
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import phantom_hf  # noqa: F401  registers Phantom with the Auto classes
+
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(source, trust_remote_code=True)
+        processor = AutoProcessor.from_pretrained(source, trust_remote_code=True)
+    except Exception as error:
+        raise CLIError(f"cannot load the model {source!r}: {_one_line(error)}") from error
+    return model.to(device), processor
 
 
 def _read_mapping(path: str | Path, what: str) -> dict[str, Any]:
@@ -58,7 +114,7 @@ def _read_mapping(path: str | Path, what: str) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------- demo
 
 
-def _add_demo(subparsers: Any) -> None:
+def _add_demo(subparsers: Any, selected: bool) -> None:
     parser = subparsers.add_parser(
         "demo",
         help="build, train, evaluate, save and reload a small Phantom model offline in a few minutes",
@@ -66,45 +122,41 @@ def _add_demo(subparsers: Any) -> None:
         "scratch, a synthetic visual task of coloured shapes, the two-step Phantom recipe, evaluation before and "
         "after, a Hub-ready folder with a model card, and answers through a transformers pipeline.",
     )
-    demo = _optional_module("demo")
-    if demo is not None and hasattr(demo, "add_demo_arguments"):
-        demo.add_demo_arguments(parser)
-    else:
-        parser.add_argument(
-            "--out", default="phantom-demo", help="folder for the trained model (default: phantom-demo)"
-        )
+    if selected:
+        from .demo import add_demo_arguments
+
+        add_demo_arguments(parser)
     parser.set_defaults(handler=_run_demo)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    demo = _optional_module("demo")
-    if demo is None:
-        raise CLIError("the demo is not available yet in this version of phantom-hf (no phantom_hf.demo module)")
-    status = demo.main(args)
+    from .demo import main as demo_main
+
+    status = demo_main(args)
     return 0 if status is None else int(status)
 
 
 # -------------------------------------------------------------------------------------------- convert
 
 
-def _add_convert(subparsers: Any) -> None:
+def _add_convert(subparsers: Any, selected: bool) -> None:
     parser = subparsers.add_parser(
         "convert",
         help="convert a published Phantom checkpoint into a Hub-ready folder",
         description="Convert a published Phantom checkpoint (Phantom-0.5B/1.8B/3.8B/7B) into a folder that "
         "transformers loads with from_pretrained.",
     )
-    convert = _optional_module("convert")
-    if convert is not None:
-        convert.add_convert_arguments(parser)
+    if selected:
+        from .convert import add_convert_arguments
+
+        add_convert_arguments(parser)
     parser.set_defaults(handler=_run_convert)
 
 
 def _run_convert(args: argparse.Namespace) -> int:
-    convert = _optional_module("convert")
-    if convert is None:
-        raise CLIError("conversion is not available in this version of phantom-hf (no phantom_hf.convert module)")
-    status = convert.run_convert(args)
+    from .convert import run_convert
+
+    status = run_convert(args)
     return 0 if status is None else int(status)
 
 
@@ -121,11 +173,11 @@ _TRAIN_FLAG_FIELDS = {
 }
 _RECIPE_KEYS = {
     "model", "dataset", "dataset_split", "image_root", "output_dir", "steps", "common", "step1", "step2",
-    "lora", "card",
+    "lora", "card", "resume_from_checkpoint",
 }  # fmt: skip
 
 
-def _add_train(subparsers: Any) -> None:
+def _add_train(subparsers: Any, selected: bool) -> None:
     parser = subparsers.add_parser(
         "train",
         help="run the two-step Phantom recipe (PO on projector + Phantom modules, then SFT) on a triple dataset",
@@ -133,7 +185,8 @@ def _add_train(subparsers: Any) -> None:
         "the language model and trains the projector and the Phantom Dimension modules with Phantom Optimization; "
         "step 2 trains everything with SFT. Settings come from a YAML/JSON recipe, flags override it. A recipe "
         "holds: model, dataset, dataset_split, image_root, output_dir, steps ([1, 2]), common / step1 / step2 "
-        "(PhantomPOConfig fields, e.g. learning_rate), lora (LoRA options for step 2), card (model-card fields).",
+        "(PhantomPOConfig fields, e.g. learning_rate), lora (LoRA options for step 2), card (model-card fields), "
+        "resume_from_checkpoint (true or a checkpoint folder, as --resume).",
     )
     parser.add_argument("recipe", nargs="?", default=None, help="YAML or JSON recipe file (optional)")
     parser.add_argument("--model", help="saved Phantom model folder or Hub id")
@@ -161,6 +214,16 @@ def _add_train(subparsers: Any) -> None:
     parser.add_argument(
         "--lora", action="store_true", help="step 2 with LoRA on the language model (merged at the end)"
     )
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="CHECKPOINT",
+        help="continue an interrupted run: each step resumes from the last complete checkpoint in its checkpoint "
+        "folder (incomplete ones are skipped, with a message) or starts afresh when there is none; with CHECKPOINT, "
+        "the first step resumes from that folder",
+    )
     parser.set_defaults(handler=_run_train)
 
 
@@ -178,6 +241,17 @@ def _parse_steps(value: Any) -> list[int]:
     if not steps or any(step not in (1, 2) for step in steps) or steps != sorted(set(steps)):
         raise CLIError(f"steps must be 1, 2 or both, in order, got {value!r}")
     return steps
+
+
+def _resume_value(value: Any) -> bool | str | None:
+    """A recipe's `resume_from_checkpoint`: None/False (start afresh), True (the last complete checkpoint) or a path."""
+    if value is None or value is False or (isinstance(value, str) and value.strip().lower() in ("", "false", "no")):
+        return None
+    if value is True or (isinstance(value, str) and value.strip().lower() in ("true", "yes")):
+        return True
+    if isinstance(value, (str, os.PathLike)):
+        return os.fspath(value)
+    raise CLIError(f"resume_from_checkpoint must be true, false or a checkpoint folder, got {value!r}")
 
 
 def resolve_recipe(args: argparse.Namespace) -> dict[str, Any]:
@@ -200,6 +274,9 @@ def resolve_recipe(args: argparse.Namespace) -> dict[str, Any]:
             recipe[step].pop("learning_rate", None)
     if args.lora:
         recipe["lora"] = recipe.get("lora") or {}
+    if args.resume is not None:
+        recipe["resume_from_checkpoint"] = args.resume
+    recipe["resume_from_checkpoint"] = _resume_value(recipe.get("resume_from_checkpoint"))
     if not recipe.get("model"):
         raise CLIError("no model: pass --model (a saved Phantom folder or Hub id) or set `model` in the recipe")
     if not recipe.get("dataset"):
@@ -251,31 +328,63 @@ def _step_config(config_class: type, stage: int, recipe: Mapping[str, Any]) -> A
     return config_class(**values)
 
 
+def _resume_for_step(recipe: Mapping[str, Any], config: Any, first: bool) -> bool | str | None:
+    """What step `config` resumes from: its own `resume_from_checkpoint` (common/stepN) when set; else the recipe's
+    (`--resume`): a given checkpoint for the first step run, and for every other step (or with a bare `--resume`)
+    the last complete checkpoint of the step's folder, or nothing (a fresh start) when it has none."""
+    from .trainer import last_complete_checkpoint
+
+    own = _resume_value(getattr(config, "resume_from_checkpoint", None))
+    if own is not None:
+        return own
+    wanted = recipe.get("resume_from_checkpoint")
+    if wanted is None:
+        return None
+    if isinstance(wanted, str) and first:
+        return wanted
+    return last_complete_checkpoint(config.output_dir) if Path(config.output_dir).is_dir() else None
+
+
+def _check_writable_folder(folder: Path, what: str) -> None:
+    """Create `folder` if needed and write a probe file into it: a read-only or impossible destination is reported
+    before training, not when the first checkpoint or the final model is saved."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise CLIError(f"{what} {str(folder)!r} cannot be written: {_one_line(error)}") from error
+
+
 def _run_train(args: argparse.Namespace) -> int:
     recipe = resolve_recipe(args)
-    trainer_module = _optional_module("trainer")
-    if trainer_module is None or not hasattr(trainer_module, "PhantomPOTrainer"):
-        raise CLIError("training is not available in this version of phantom-hf (no phantom_hf.trainer module)")
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    import phantom_hf  # noqa: F401  registers Phantom with the Auto classes
-
+    from . import trainer as trainer_module
     from .hub import write_model_card
 
+    configs = {stage: _step_config(trainer_module.PhantomPOConfig, stage, recipe) for stage in recipe["steps"]}
+    if isinstance(recipe["resume_from_checkpoint"], str):
+        problem = trainer_module.checkpoint_problem(recipe["resume_from_checkpoint"])
+        if problem is not None:
+            raise CLIError(f"cannot resume from {recipe['resume_from_checkpoint']}: {problem}")
+    _check_writable_folder(Path(recipe["output_dir"]), "the output folder")
+    for config in configs.values():
+        _check_writable_folder(Path(config.output_dir), "the checkpoint folder")
     dataset = _load_triples(recipe["dataset"], recipe["dataset_split"], recipe["image_root"])
-    model = AutoModelForImageTextToText.from_pretrained(recipe["model"], trust_remote_code=True)
-    processor = AutoProcessor.from_pretrained(recipe["model"], trust_remote_code=True)
+    model, processor = _load_model_and_processor(recipe["model"])
     base_model = infer_base_model(model.config)
     training: dict[str, dict[str, Any]] = {}
-    for stage in recipe["steps"]:
-        config = _step_config(trainer_module.PhantomPOConfig, stage, recipe)
+    for position, stage in enumerate(recipe["steps"]):
+        config = configs[stage]
+        resume = _resume_for_step(recipe, config, first=position == 0)
         peft_config = None
         if stage == 2 and recipe.get("lora") is not None:
             peft_config = trainer_module.phantom_lora_config(**recipe["lora"])
         trainer = trainer_module.PhantomPOTrainer(
             model=model, args=config, train_dataset=dataset, processing_class=processor, peft_config=peft_config
         )
-        result = trainer.train()
+        if resume is not None:
+            print(f"step {stage}: resuming from {resume if isinstance(resume, str) else 'the last complete checkpoint'}")
+        result = trainer.train(resume_from_checkpoint=resume)
         model = trainer.model
         if peft_config is not None:
             model = model.merge_and_unload()
@@ -301,7 +410,7 @@ def _run_train(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------- chat
 
 
-def _add_chat(subparsers: Any) -> None:
+def _add_chat(subparsers: Any, selected: bool) -> None:
     parser = subparsers.add_parser(
         "chat",
         help="ask a saved Phantom model about an image (one question, or interactive)",
@@ -317,7 +426,8 @@ def _add_chat(subparsers: Any) -> None:
 
 
 def answer_question(model: Any, processor: Any, image: Any, question: str, max_new_tokens: int = 32) -> str:
-    """Greedy answer of `model` to `question` about `image` (a PIL image, or None for a text-only question).
+    """Greedy answer of `model` to `question` about `image` (anything the processor decodes: a PIL image, an array,
+    a path; None for a text-only question).
 
     The prompt is the image and the question as one user turn, written by the processor's chat template
     (`PhantomProcessor.user_prompt`: how the model's format places the image marker).
@@ -340,29 +450,40 @@ def answer_question(model: Any, processor: Any, image: Any, question: str, max_n
 
 
 def _open_image(path: str | None) -> Any:
+    """The image file decoded as the model's processor decodes it (an RGB array: the processor is the one place an
+    image becomes pixels), or a `CLIError` naming the file and the problem."""
     if path is None:
         return None
-    from PIL import Image
-
     if not Path(path).is_file():
         raise CLIError(f"image file {path!r} does not exist")
-    return Image.open(path).convert("RGB")
+    from .modeling.processing_phantom import to_rgb_array
+
+    try:
+        return to_rgb_array(path, name=f"image file {path!r}")
+    except (ValueError, TypeError) as error:
+        raise CLIError(str(error)) from error
+
+
+def _check_device(device: str) -> str:
+    """`device` when torch can place a tensor there, else a `CLIError`."""
+    import torch
+
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, ValueError, AssertionError) as error:
+        raise CLIError(f"--device {device!r} cannot be used: {_one_line(error)}") from error
+    return device
 
 
 def _run_chat(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise CLIError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    image = _open_image(args.image)
     if args.question is not None and not args.question.strip():
         raise CLIError("--question is empty")
-    if not Path(args.model).is_dir() and "/" not in args.model:
-        raise CLIError(f"model {args.model!r} is neither a saved model folder nor a Hub id (namespace/name)")
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    import phantom_hf  # noqa: F401  registers Phantom with the Auto classes
-
-    model = AutoModelForImageTextToText.from_pretrained(args.model, trust_remote_code=True).to(args.device).eval()
-    processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
+    image = _open_image(args.image)
+    device = _check_device(args.device)
+    model, processor = _load_model_and_processor(args.model, device)
+    model.eval()
     if args.question is not None:
         print(answer_question(model, processor, image, args.question, args.max_new_tokens))
         return 0
@@ -373,20 +494,20 @@ def _run_chat(args: argparse.Namespace) -> int:
             continue
         if line in (":quit", ":q", ":exit"):
             break
-        if line.startswith(":image "):
-            try:
+        try:  # a bad image or question is reported, and the session goes on
+            if line.startswith(":image "):
                 image = _open_image(line.split(" ", 1)[1].strip())
-            except CLIError as error:
-                print(f"error: {error}", file=sys.stderr)
-            continue
-        print(answer_question(model, processor, image, line, args.max_new_tokens), flush=True)
+                continue
+            print(answer_question(model, processor, image, line, args.max_new_tokens), flush=True)
+        except (CLIError, ValueError, TypeError) as error:
+            print(f"error: {_one_line(error)}", file=sys.stderr, flush=True)
     return 0
 
 
 # ----------------------------------------------------------------------------------------------- card
 
 
-def _add_card(subparsers: Any) -> None:
+def _add_card(subparsers: Any, selected: bool) -> None:
     parser = subparsers.add_parser(
         "card",
         help="render the model card (README.md) of a saved Phantom model folder",
@@ -415,8 +536,7 @@ def _add_card(subparsers: Any) -> None:
 
 def _run_card(args: argparse.Namespace) -> int:
     folder = Path(args.folder)
-    if not (folder / "config.json").is_file():
-        raise CLIError(f"{str(folder)!r} is not a saved model folder (no config.json)")
+    _check_model_folder(folder)
     info: dict[str, Any] = {}
     existing = folder / CARD_NAME
     if existing.is_file():
@@ -450,7 +570,7 @@ def _run_card(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------- push
 
 
-def _add_push(subparsers: Any) -> None:
+def _add_push(subparsers: Any, selected: bool) -> None:
     parser = subparsers.add_parser(
         "push",
         help="upload a saved model folder to the Hugging Face Hub in one commit",
@@ -465,6 +585,12 @@ def _add_push(subparsers: Any) -> None:
     parser.add_argument("--revision", default=None, help="branch to commit to (created if missing; default main)")
     parser.add_argument("--token", default=None, help="Hugging Face token (default: HF_TOKEN or the saved login)")
     parser.add_argument("--no-card", action="store_true", help="do not add a model card to a folder without README.md")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_HUB_TIMEOUT,
+        help=f"seconds to wait for any answer of the Hub before giving up (default {DEFAULT_HUB_TIMEOUT:g})",
+    )
     parser.set_defaults(handler=_run_push)
 
 
@@ -477,6 +603,7 @@ def _run_push(args: argparse.Namespace) -> int:
         revision=args.revision,
         token=args.token,
         write_card=not args.no_card,
+        timeout=args.timeout,
     )
     print(f"pushed {args.folder} to {getattr(commit, 'commit_url', None) or args.repo_id}")
     return 0
@@ -484,11 +611,30 @@ def _run_push(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------------------- main
 
-_SUBCOMMANDS: tuple[Callable[[Any], None], ...] = (_add_demo, _add_convert, _add_train, _add_chat, _add_card, _add_push)
+_SUBCOMMANDS: dict[str, Callable[[Any, bool], None]] = {
+    "demo": _add_demo,
+    "convert": _add_convert,
+    "train": _add_train,
+    "chat": _add_chat,
+    "card": _add_card,
+    "push": _add_push,
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The `phantom-hf` argument parser with every sub-command."""
+def _selected_command(argv: Sequence[str] | None) -> str | None:
+    """The sub-command named in `argv` (the first argument that is not an option), if any."""
+    for argument in argv or ():
+        if not argument.startswith("-"):
+            return argument if argument in _SUBCOMMANDS else None
+    return None
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The `phantom-hf` argument parser with every sub-command.
+
+    A sub-command whose options live in its own module (demo, convert) gets them only when `argv` selects it, so
+    that building the parser imports no sub-command module (and `phantom-hf --help` stays quick).
+    """
     from . import __version__
 
     parser = argparse.ArgumentParser(
@@ -496,28 +642,43 @@ def build_parser() -> argparse.ArgumentParser:
         description="Phantom vision-language models (Phantom of Latent) on transformers and the Hugging Face Hub.",
     )
     parser.add_argument("--version", action="version", version=f"phantom-hf {__version__}")
-    parser.add_argument("--traceback", action="store_true", help="show the full traceback of an error")
+    parser.add_argument(
+        "--debug",
+        "--traceback",
+        dest="debug",
+        action="store_true",
+        help=f"show the full traceback of an error (or set {DEBUG_ENV}=1)",
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
-    for add in _SUBCOMMANDS:
-        add(subparsers)
+    selected = _selected_command(argv)
+    for name, add in _SUBCOMMANDS.items():
+        add(subparsers, name == selected)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run `phantom-hf` with `argv` (default: the process arguments); returns the exit status.
 
-    User errors (bad flags, missing files, invalid values, upload refusals) print one line
-    `phantom-hf <command>: error: <message>` and return 2 instead of a traceback.
+    Every error (bad flags, missing or corrupt files, invalid values, upload refusals) prints one line
+    `phantom-hf <command>: error: <message>` and returns 2; `--debug` (or PHANTOM_HF_DEBUG=1) shows the traceback
+    instead. An interrupt (Ctrl-C) returns 130.
     """
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv).parse_args(argv)
+    debug = args.debug or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
     try:
         return args.handler(args)
-    except (CLIError, HubUploadError, ValueError, TypeError, FileNotFoundError) as error:
-        if args.traceback:
+    except KeyboardInterrupt:
+        if debug:
             raise
-        print(f"phantom-hf {args.command}: error: {error}", file=sys.stderr)
+        print(f"phantom-hf {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        if debug:
+            raise
+        hint = "" if isinstance(error, (CLIError, HubUploadError)) else f" (--debug or {DEBUG_ENV}=1 shows the traceback)"
+        print(f"phantom-hf {args.command}: error: {_one_line(error)}{hint}", file=sys.stderr)
         return 2
 
 

@@ -5,13 +5,15 @@ row), `prompt` (the question, with `<image>` where each image goes), `chosen` (t
 `rejected` (an incorrect-and-ambiguous answer). Rows come from a `datasets.Dataset` (an `Image` feature
 column, image paths, or PIL images) or from a JSON-lines file with image paths.
 
-A row that cannot teach the preference — chosen equal to rejected, an empty answer, a missing image file,
-a prompt whose `<image>` count differs from its images — is reported with its index and reason, then
-skipped (with a count) or refused, by choice; it is never silently trained on.
+A row that cannot teach the preference — chosen equal to rejected, an empty answer, an image file that is
+missing, empty, truncated or not an image (each opened cheaply: header and checksums, not decoded), a prompt
+whose `<image>` count differs from its images — is reported with its index and reason, then skipped (with a
+count) or refused, by choice; it is never silently trained on, nor found hours into a run.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from datasets import Dataset, Image, List
+from PIL import Image as PILImage
 
 from .modeling.processing_phantom import IMAGE_MARKER
 
@@ -51,13 +54,37 @@ class InvalidTriplesError(ValueError):
         super().__init__(f"{len(problems)} invalid Phantom triple(s): {shown}{more}")
 
 
+def _encoded_image_problem(data: bytes, name: str) -> str | None:
+    """A reason when `data` is not a whole image, found cheaply: the header is read and checked (PNG chunk checksums
+    with Pillow's `verify`, the end-of-image marker of a JPEG); images of other formats are decoded."""
+    if not data:
+        return f"{name} is empty"
+    try:
+        with PILImage.open(io.BytesIO(data)) as image:
+            image_format, size = image.format, image.size
+            if image_format in ("PNG", "JPEG"):
+                image.verify()
+            else:
+                image.load()
+    except PILImage.UnidentifiedImageError:
+        return f"{name} is not an image Pillow can read"
+    except (OSError, ValueError, SyntaxError, PILImage.DecompressionBombError) as error:
+        return f"{name} is truncated or corrupt ({error})"
+    if min(size) == 0:
+        return f"{name} has zero size ({size[0]}x{size[1]} pixels)"
+    if image_format == "JPEG" and not data.rstrip(b"\0").endswith(b"\xff\xd9"):
+        return f"{name} is truncated (a JPEG without its end-of-image marker)"
+    return None
+
+
 def _image_ref_problem(ref: Any) -> str | None:
-    """A reason when an image reference points at no readable file, else None."""
+    """A reason when an image reference is not a readable image (a missing, empty, truncated or non-image file or
+    bytes), else None. In-memory PIL images are taken as they are."""
     if ref is None:
         return "image is None"
     if isinstance(ref, dict):
         if ref.get("bytes"):
-            return None
+            return _encoded_image_problem(ref["bytes"], "the image bytes")
         path = ref.get("path")
     elif isinstance(ref, (str, os.PathLike)):
         path = ref
@@ -67,7 +94,11 @@ def _image_ref_problem(ref: Any) -> str | None:
         return "image has neither bytes nor a path"
     if not Path(path).is_file():
         return f"missing image file {str(path)!r}"
-    return None
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        return f"image file {str(path)!r} cannot be read ({error.strerror or error})"
+    return _encoded_image_problem(data, f"image file {str(path)!r}")
 
 
 def triple_problems(row: dict[str, Any]) -> list[str]:
@@ -90,7 +121,7 @@ def triple_problems(row: dict[str, Any]) -> list[str]:
     prompt = row.get("prompt")
     if isinstance(prompt, str):
         placeholders = prompt.count(IMAGE_PLACEHOLDER)
-        if placeholders and placeholders != len(images):
+        if placeholders != len(images):
             reasons.append(f"prompt has {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but the row has {len(images)} image(s)")
     return reasons
 
@@ -142,35 +173,68 @@ def validate_triples(
     return dataset.select([index for index in range(len(dataset)) if index not in bad]), problems
 
 
+def _json_type(value: Any) -> str:
+    """The JSON type of a value as Arrow needs it to be the same down a column (int and float mix)."""
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    return {str: "string", list: "array", dict: "object"}.get(type(value), type(value).__name__)
+
+
 def load_triples_jsonl(path: str | Path, image_root: str | Path | None = None) -> Dataset:
     """Read a JSON-lines file of triples into a `Dataset` whose `images` column is a list of `Image` features.
 
     Each line is an object with `prompt`, `chosen`, `rejected` and optionally `images` (a list of paths, or
-    a single path). Relative paths are resolved against `image_root` (default: the file's folder). Rows are
-    not validated here: pass the result to `validate_triples` (the trainer does).
+    a single path). Relative paths are resolved against `image_root` (default: the file's folder). Lines that are
+    not UTF-8 or JSON objects, answers or image paths that are not strings, and a column whose values change type
+    from line to line are errors naming the file and line. Rows are not validated here: pass the result to
+    `validate_triples` (the trainer does).
     """
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
     rows = []
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
+    column_types: dict[str, tuple[str, int]] = {}
+    with path.open("rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            where = f"{path}:{line_number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(f"{where} is not UTF-8 text ({error.reason} at byte {error.start} of the line)") from error
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{line_number} is not valid JSON: {error.msg}") from error
+                raise ValueError(f"{where} is not valid JSON: {error.msg}") from error
             if not isinstance(record, dict):
-                raise ValueError(f"{path}:{line_number} must be a JSON object, got {type(record).__name__}")
+                raise ValueError(f"{where} must be a JSON object, got {type(record).__name__}")
             images = record.get("images")
             if images is None and "image" in record:
                 images = record["image"]
             if isinstance(images, (str, os.PathLike)):
                 images = [images]
             if images is not None and not isinstance(images, list):
-                raise ValueError(f"{path}:{line_number}: images must be a list of paths, got {type(images).__name__}")
+                raise ValueError(f"{where}: images must be a list of paths, got {type(images).__name__}")
+            for position, image in enumerate(images or []):
+                if image is not None and not isinstance(image, str):
+                    raise ValueError(f"{where}: images[{position}] must be a path, got {type(image).__name__}")
+            for column in TRIPLE_COLUMNS:
+                if column in record and not isinstance(record[column], str):
+                    raise ValueError(f"{where}: {column} must be a string, got {_json_type(record[column])}")
             record["images"] = [str(root / image) if image is not None else None for image in images or []]
             record.pop("image", None)
+            for column, value in record.items():
+                if value is None or column == "images":
+                    continue
+                kind = _json_type(value)
+                first_kind, first_line = column_types.setdefault(column, (kind, line_number))
+                if kind != first_kind:
+                    raise ValueError(
+                        f"{where}: column {column!r} holds a {kind} here but a {first_kind} on line {first_line}; "
+                        "each column must hold one type"
+                    )
             rows.append(record)
     if not rows:
         raise ValueError(f"{path} holds no triples")

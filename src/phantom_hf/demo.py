@@ -19,25 +19,24 @@ while this model starts from random weights. The schedule keeps the recipe's sha
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import torch
+from huggingface_hub import constants
 
-import torch  # noqa: E402
-
-from .hub import describe_training_args, write_model_card  # noqa: E402
-from .modeling import PhantomConfig, PhantomForConditionalGeneration  # noqa: E402
-from .modeling.processing_phantom import IMAGE_CONTEXT_TOKEN, PhantomProcessor  # noqa: E402
-from .synthetic import SyntheticExample, generate_splits, to_dataset, vocabulary  # noqa: E402
-from .tiny import tiny_text_config, tiny_vision_config  # noqa: E402
-from .tokenization import build_tokenizer  # noqa: E402
+from .hub import describe_training_args, write_model_card
+from .modeling import PhantomConfig, PhantomForConditionalGeneration
+from .modeling.processing_phantom import IMAGE_CONTEXT_TOKEN, PhantomProcessor
+from .synthetic import SyntheticExample, generate_splits, to_dataset, vocabulary
+from .tiny import tiny_text_config, tiny_vision_config
+from .tokenization import build_tokenizer
 
 CHANCE_NOTE = "chance: 1/4 for colour and position, 1/3 for shape and count"
 # Questions that name a grid cell. Step 2 starts on these alone (a curriculum): mixed with the count questions
@@ -185,10 +184,53 @@ def train_phase(model, processor, rows, output_dir: Path, stage: int, steps: int
     return config
 
 
-def run_demo(out: str | Path, seed: int = 0, budget: str | DemoBudget = "full", use_po: bool = True, show: int = 4) -> DemoResult:
-    """Run the demo end to end, write the model folder to `out`, print progress and a summary table."""
-    budget = BUDGETS[budget] if isinstance(budget, str) else budget
+# Environment of the demo's run: no Hub access (everything is built locally), no telemetry, no tokenizer threads.
+_DEMO_ENVIRONMENT = {"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@contextlib.contextmanager
+def offline_hub() -> Iterator[None]:
+    """The Hub offline (environment and huggingface_hub's setting) while the block runs; restored after, so that
+    importing or running the demo leaves the rest of the process as it was."""
+    saved_environment = {name: os.environ.get(name) for name in _DEMO_ENVIRONMENT}
+    saved_offline = constants.HF_HUB_OFFLINE
+    os.environ.update({name: os.environ.get(name) or value for name, value in _DEMO_ENVIRONMENT.items()})
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved_offline
+        for name, value in saved_environment.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def check_output_folder(out: str | Path) -> Path:
+    """`out` as a Path when it is new or an empty folder; the demo writes a whole model folder there (config.json,
+    README.md, weights), so a folder with files in it is refused before any training."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {str(out)!r} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        raise FileExistsError(
+            f"--out {str(out)!r} is not empty: the demo writes a model folder there and would overwrite its files; "
+            "pass a new or empty folder"
+        )
+    return out
+
+
+def run_demo(out: str | Path, seed: int = 0, budget: str | DemoBudget = "full", use_po: bool = True, show: int = 4) -> DemoResult:
+    """Run the demo end to end, offline, write the model folder to `out` (new or empty: checked first), print
+    progress and a summary table."""
+    out = check_output_folder(out)
+    with offline_hub():
+        return _run_demo(out, seed, budget, use_po, show)
+
+
+def _run_demo(out: Path, seed: int, budget: str | DemoBudget, use_po: bool, show: int) -> DemoResult:
+    budget = BUDGETS[budget] if isinstance(budget, str) else budget
     timings: dict[str, float] = {}
     start = time.perf_counter()
     torch.manual_seed(seed)
@@ -321,4 +363,15 @@ def main(args: argparse.Namespace) -> int:
     return 0 if result.reloaded_accuracy == result.accuracy_after else 1
 
 
-__all__ = ["BUDGETS", "DemoBudget", "DemoResult", "add_demo_arguments", "build_model", "evaluate", "main", "run_demo"]
+__all__ = [
+    "BUDGETS",
+    "DemoBudget",
+    "DemoResult",
+    "add_demo_arguments",
+    "build_model",
+    "check_output_folder",
+    "evaluate",
+    "main",
+    "offline_hub",
+    "run_demo",
+]

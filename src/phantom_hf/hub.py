@@ -8,16 +8,17 @@ folder as one commit, after checking — before anything is sent — that a toke
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import jinja2
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData, constants, get_token
-from huggingface_hub.utils import HFValidationError, validate_repo_id
+from huggingface_hub.utils import HFValidationError, get_session, validate_repo_id
 from transformers import PretrainedConfig
 
 from .modeling import PhantomConfig
@@ -25,6 +26,8 @@ from .modeling import PhantomConfig
 DEFAULT_LICENSE = "apache-2.0"
 DEFAULT_TAGS = ("phantom", "vision-language", "image-text-to-text", "custom_code")
 CARD_NAME = "README.md"
+# Seconds `push_folder` waits for any answer of the Hub (connecting, each read and write) before giving up.
+DEFAULT_HUB_TIMEOUT = 60.0
 # Files that describe a local copy, not the model: never uploaded.
 _IGNORED_PARTS = (".git", ".cache")
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -287,7 +290,7 @@ def folder_files(folder: str | Path) -> list[str]:
     return sorted(files)
 
 
-def _check_upload_possible(api: HfApi, token: str | None) -> str:
+def _check_upload_possible(api: HfApi, token: str | None, timeout: float | None = None) -> str:
     """Fail before any upload when offline, without a token, or when the Hub rejects the token."""
     if constants.HF_HUB_OFFLINE:
         raise HubUploadError("the Hub is in offline mode (HF_HUB_OFFLINE=1): unset it to push, nothing was uploaded")
@@ -299,10 +302,38 @@ def _check_upload_possible(api: HfApi, token: str | None) -> str:
     try:
         api.whoami(token=token)
     except Exception as error:  # network errors, 401s: all mean "cannot upload"
+        if timeout is not None and _is_timeout(error):
+            raise HubUploadError(
+                f"the Hugging Face Hub at {api.endpoint} did not answer within {timeout:g} s "
+                "(set a longer wait with --timeout); nothing was uploaded"
+            ) from error
         raise HubUploadError(
             f"cannot reach the Hugging Face Hub with this token ({type(error).__name__}: {error}); nothing was uploaded"
         ) from error
     return token
+
+
+def _is_timeout(error: BaseException) -> bool:
+    """Whether `error` (or its cause) is an HTTP client's timeout (httpx' `TimeoutException` and kin)."""
+    while error is not None:
+        if any("Timeout" in cls.__name__ for cls in type(error).__mro__):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+@contextlib.contextmanager
+def hub_timeout(seconds: float | None) -> Iterator[None]:
+    """Bound every wait of huggingface_hub's HTTP requests (connecting, each read and write) to `seconds` while the
+    block runs; its shared client waits forever by default, so a Hub that accepts a connection and never answers
+    would hang the caller."""
+    session = get_session()
+    previous = session.timeout
+    session.timeout = seconds
+    try:
+        yield
+    finally:
+        session.timeout = previous
 
 
 def push_folder(
@@ -313,6 +344,7 @@ def push_folder(
     revision: str | None = None,
     token: str | None = None,
     write_card: bool = True,
+    timeout: float | None = DEFAULT_HUB_TIMEOUT,
 ) -> Any:
     """Upload every file of a saved model folder to `repo_id` as a single commit.
 
@@ -321,8 +353,27 @@ def push_folder(
     is unreachable, `HubUploadError` is raised before anything is sent. The files go in one
     `create_commit`: if an upload fails, no commit is made and the repository is left as it was.
 
+    Every HTTP wait (the token check, each request of the upload) is bounded by `timeout` seconds (None: no
+    bound): a Hub that accepts the connection but never answers fails the push instead of hanging it.
+
     Returns the `CommitInfo` of the commit.
     """
+    if timeout is not None and not timeout > 0:
+        raise ValueError(f"timeout must be a number of seconds > 0 or None, got {timeout!r}")
+    with hub_timeout(timeout):
+        return _push_folder(folder, repo_id, private, commit_message, revision, token, write_card, timeout)
+
+
+def _push_folder(
+    folder: str | Path,
+    repo_id: str,
+    private: bool | None,
+    commit_message: str | None,
+    revision: str | None,
+    token: str | None,
+    write_card: bool,
+    timeout: float | None,
+) -> Any:
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{str(folder)!r} is not a folder")
@@ -336,7 +387,7 @@ def push_folder(
         raise FileNotFoundError(f"{str(folder)!r} has no config.json: save the model there with save_pretrained first")
 
     api = HfApi()
-    token = _check_upload_possible(api, token)
+    token = _check_upload_possible(api, token, timeout)
     if write_card and not (folder / CARD_NAME).is_file():
         write_model_card(folder, repo_id=repo_id)
     files = folder_files(folder)
@@ -358,9 +409,11 @@ def push_folder(
 
 
 __all__ = [
+    "DEFAULT_HUB_TIMEOUT",
     "HubUploadError",
     "describe_training_args",
     "folder_files",
+    "hub_timeout",
     "infer_base_model",
     "push_folder",
     "render_model_card",

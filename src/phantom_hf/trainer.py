@@ -17,12 +17,13 @@ rejected ones would only feed CPO's reward metrics), so step 2 costs what plain 
 from __future__ import annotations
 
 import functools
-import io
+import json
 import logging
 import os
 import re
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -202,19 +203,58 @@ def phantom_lora_config(r: int = 16, lora_alpha: int = 32, lora_dropout: float =
     return LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, **kwargs)
 
 
-def _open_image(ref: Any) -> PILImage.Image:
-    """An RGB PIL image from a PIL image, a path, or a datasets `Image` record ({"bytes", "path"})."""
-    if isinstance(ref, PILImage.Image):
-        image = ref
-    elif isinstance(ref, dict) and ref.get("bytes"):
-        image = PILImage.open(io.BytesIO(ref["bytes"]))
-    elif isinstance(ref, dict) and ref.get("path"):
-        image = PILImage.open(ref["path"])
-    elif isinstance(ref, (str, os.PathLike)):
-        image = PILImage.open(ref)
-    else:
-        raise TypeError(f"cannot read an image from {type(ref).__name__}")
-    return image.convert("RGB")
+def _image_source(ref: Any) -> Any:
+    """What the processor decodes for one image reference: a PIL image or a path as they are, a datasets `Image`
+    record ({"bytes", "path"}) as its bytes or path. The processor is the one place images become pixels (alpha
+    laid over white, 16-bit and float images scaled)."""
+    if isinstance(ref, dict):
+        if ref.get("bytes"):
+            return ref["bytes"]
+        if ref.get("path"):
+            return ref["path"]
+        raise ValueError("an image record has neither bytes nor a path")
+    if isinstance(ref, (PILImage.Image, str, os.PathLike)):
+        return ref
+    raise TypeError(f"cannot read an image from {type(ref).__name__}")
+
+
+# What a checkpoint folder holds once `Trainer._save_checkpoint` has finished: the trainer state is written last.
+_CHECKPOINT_STATE = "trainer_state.json"
+_CHECKPOINT_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors", "pytorch_model.bin")
+_CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+def checkpoint_problem(folder: str | os.PathLike) -> str | None:
+    """Why `folder` is not a complete Trainer checkpoint (None when it is): a checkpoint interrupted while being
+    written lacks its trainer state (written last) or its weights."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return f"{folder} is not a folder"
+    state = folder / _CHECKPOINT_STATE
+    if not state.is_file():
+        return f"{folder} has no {_CHECKPOINT_STATE} (it was interrupted while being written)"
+    try:
+        json.loads(state.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        return f"{state} is not valid JSON ({error})"
+    distributed = any(folder.glob("global_step*")) or any(folder.glob("pytorch_model_fsdp*"))
+    if not distributed and not any((folder / name).is_file() for name in _CHECKPOINT_WEIGHTS):
+        return f"{folder} has no model weights"
+    return None
+
+
+def last_complete_checkpoint(folder: str | os.PathLike) -> str | None:
+    """The `checkpoint-N` folder of `folder` with the highest N that is complete (see `checkpoint_problem`), or None.
+    Incomplete ones after it are skipped with a warning naming them and why."""
+    folder = Path(folder)
+    numbered = [(int(match.group(1)), path) for path in folder.iterdir() if (match := _CHECKPOINT_NAME.match(path.name))]
+    for _, path in sorted(numbered, reverse=True):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return str(path)
+        logger.warning("skipping the incomplete checkpoint %s: %s", path, problem)
+    return None
+
 
 
 class PhantomPOCollator:
@@ -269,7 +309,7 @@ class PhantomPOCollator:
         return out
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        images = [[_open_image(ref) for ref in row.get("images") or []] for row in features]
+        images = [[_image_source(ref) for ref in row.get("images") or []] for row in features]
         # One unpadded processor call for the whole batch (per-call overhead dominates with small images).
         encoded = self.processor(
             text=[self.format_prompt(row["prompt"]) for row in features], images=images if any(images) else None
@@ -391,6 +431,28 @@ class PhantomPOTrainer(CPOTrainer):
         if len(valid) == 0:
             raise ValueError(f"no valid Phantom triple left in the {split} dataset ({len(problems)} problem(s))")
         return undecoded_images(valid)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        """`Trainer.train`, resuming only from complete checkpoints. `resume_from_checkpoint` defaults to
+        `args.resume_from_checkpoint` (a recipe's setting is honoured, where `Trainer` ignores it). True picks the
+        last complete checkpoint of `args.output_dir`, skipping (with a warning) one that was interrupted while being
+        written; a given folder must be complete, or a `ValueError` says what it lacks."""
+        if resume_from_checkpoint is None:
+            resume_from_checkpoint = self.args.resume_from_checkpoint
+        if isinstance(resume_from_checkpoint, str) and resume_from_checkpoint.strip().lower() in ("true", "false", ""):
+            resume_from_checkpoint = resume_from_checkpoint.strip().lower() == "true"
+        if resume_from_checkpoint is True:
+            found = last_complete_checkpoint(self.args.output_dir) if Path(self.args.output_dir).is_dir() else None
+            if found is None:
+                raise ValueError(f"no complete checkpoint to resume from in {self.args.output_dir}")
+            resume_from_checkpoint = found
+        elif resume_from_checkpoint:
+            problem = checkpoint_problem(resume_from_checkpoint)
+            if problem is not None:
+                raise ValueError(f"cannot resume from {resume_from_checkpoint}: {problem}")
+        else:
+            resume_from_checkpoint = None
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def tokenize_row(self, feature: dict[str, Any], model: nn.Module | None = None) -> dict:
         """Nothing to do ahead of time: `PhantomPOCollator` tokenises each batch with its images."""
