@@ -360,3 +360,31 @@ def test_card_renders_eval_results(folder: Path, tmp_path: Path) -> None:
     assert "| mme mme_cognition_score | 312.5 |" in card
     with pytest.raises(ValueError, match="not an lmms-eval result"):
         card_eval_results({"accuracy": 1})
+
+
+def test_lmms_eval_finds_the_phantom_model() -> None:
+    """`lmms-eval --model phantom` resolves through the package's entry point."""
+    from lmms_eval.models import get_model
+
+    from phantom_hf.lmms_eval_phantom import PhantomLMMS
+
+    assert get_model("phantom") is PhantomLMMS
+
+
+def test_cli_eval_prints_table_writes_json(folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from phantom_hf.cli import main
+
+    out = tmp_path / "eval"
+    argv = ["eval", str(folder), "--tasks", SYNTHETIC_TASK, "--synthetic-budget", "quick", "--limit", "6"]
+    assert main([*argv, "--batch-size", "4", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    score = results["results"][SYNTHETIC_TASK]["exact_match,none"]
+    assert f"| {SYNTHETIC_TASK} | exact_match | {score:.4g} |" in printed
+    assert results["n-samples"][SYNTHETIC_TASK]["effective"] == 6
+    card = tmp_path / "card.md"
+    assert main(["card", str(folder), "--eval-results", str(out / "results.json"), "--output", str(card)]) == 0
+    assert f"| {SYNTHETIC_TASK} exact_match | {round(score, 4):.6g}" in card.read_text(encoding="utf-8")
+
+    assert main(["eval", str(tmp_path / "missing"), "--tasks", "mme"]) == 2
+    assert "not a saved model folder" in capsys.readouterr().err
