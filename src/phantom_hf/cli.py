@@ -1,8 +1,9 @@
 """`phantom-hf`: the command line of phantom-hf.
 
 Sub-commands: `demo` (the offline end-to-end demo), `convert` (a published checkpoint -> a Hub-ready folder),
-`train` (the two-step Phantom recipe on a triple dataset), `chat` (ask a saved model about an image), `card`
-(render a model card) and `push` (upload a saved folder to the Hub). Heavy modules are imported only by the
+`train` (the two-step Phantom recipe on a triple dataset), `chat` (ask a saved model about an image), `eval`
+(lmms-eval benchmarks with the published prompts), `card` (render a model card) and `push` (upload a saved folder
+to the Hub). Heavy modules are imported only by the
 sub-command that needs them, so `--help` stays quick.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import inspect
 import json
 import os
@@ -504,6 +506,69 @@ def _run_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------- eval
+
+
+def _add_eval(subparsers: Any, selected: bool) -> None:
+    parser = subparsers.add_parser(
+        "eval",
+        help="evaluate a saved Phantom model on lmms-eval tasks with the published prompts",
+        description="Run lmms-eval (pip install 'phantom-hf[eval]') on a saved or converted Phantom folder through "
+        "its `phantom` model: the published per-benchmark prompts and answer lengths for the paper's benchmarks "
+        "(scienceqa_img, ai2d, chartqa, seedbench, pope, hallusion_bench_image, mme, mathvista_testmini, "
+        "mmbench_en_dev, mmbench_cn_dev, mmvet, llava_in_the_wild; mmvet, llava_in_the_wild and mathvista_testmini "
+        "need OPENAI_API_KEY for their GPT judge). `phantom_synthetic` is the held-out split of `phantom-hf demo`. "
+        "Prints the results table and, with --output, writes lmms-eval's JSON to OUTPUT/results.json.",
+    )
+    parser.add_argument("model", help="saved Phantom model folder (with config.json)")
+    parser.add_argument("--tasks", required=True, help="comma-separated lmms-eval task names")
+    parser.add_argument("--limit", type=float, default=None, help="at most this many documents per task (testing)")
+    parser.add_argument("--output", default=None, help="folder for results.json")
+    parser.add_argument("--batch-size", type=int, default=1, help="requests per forward/generate call (default 1)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+    parser.add_argument("--include-path", action="append", default=[], help="folder of extra task YAMLs (repeatable)")
+    parser.add_argument("--prompts", choices=("published", "task"), default="published", help="whose prompts to use")
+    parser.add_argument("--num-beams", type=int, default=None, help="beams on published benchmarks (default 3)")
+    parser.add_argument("--synthetic-seed", type=int, default=0, help="`phantom_synthetic`: the demo's --seed")
+    parser.add_argument(
+        "--synthetic-budget", default="full", help="`phantom_synthetic`: the demo's --budget (full or quick)"
+    )
+    parser.set_defaults(handler=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    if not (Path(args.model) / "config.json").is_file():
+        raise CLIError(f"{args.model!r} is not a saved model folder (no config.json)")
+    if importlib.util.find_spec("lmms_eval") is None:
+        raise CLIError('lmms-eval is not installed: pip install "phantom-hf[eval]"')
+    from .evaluation import results_table, run_lmms_eval
+
+    limit = args.limit
+    if limit is not None and limit >= 1:
+        limit = int(limit)
+    model_args: dict[str, Any] = {"prompts": args.prompts}
+    if args.num_beams is not None:
+        model_args["num_beams"] = args.num_beams
+    results = run_lmms_eval(
+        args.model,
+        args.tasks.split(","),
+        limit=limit,
+        output=args.output,
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
+        include_path=args.include_path,
+        synthetic_seed=args.synthetic_seed,
+        synthetic_budget=args.synthetic_budget,
+        model_args=model_args,
+    )
+    print(results_table(results))
+    if args.output:
+        print(f"wrote {Path(args.output) / 'results.json'}")
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------- card
 
 
@@ -528,6 +593,12 @@ def _add_card(subparsers: Any, selected: bool) -> None:
         help="YAML/JSON file with more card fields: description, training ({step: {param: value}}), "
         "training_data, eval_results ({metric: value}), ...",
     )
+    parser.add_argument(
+        "--eval-results",
+        action="append",
+        default=None,
+        help="results.json written by `phantom-hf eval` (or lmms-eval): its numbers go into the card (repeatable)",
+    )
     output = parser.add_mutually_exclusive_group()
     output.add_argument("--write", action="store_true", help="write FOLDER/README.md instead of printing")
     output.add_argument("--output", default=None, help="write the card to this file instead of printing")
@@ -547,6 +618,13 @@ def _run_card(args: argparse.Namespace) -> int:
         info["tags"] = data.get("tags") or []
     if args.info:
         info.update(_read_mapping(args.info, "card info"))
+    if args.eval_results:
+        from .evaluation import card_eval_results
+
+        eval_results = dict(info.get("eval_results") or {})
+        for path in args.eval_results:
+            eval_results.update(card_eval_results(path))
+        info["eval_results"] = eval_results
     flags = {
         "repo_id": args.repo_id,
         "model_name": args.model_name,
@@ -616,6 +694,7 @@ _SUBCOMMANDS: dict[str, Callable[[Any, bool], None]] = {
     "convert": _add_convert,
     "train": _add_train,
     "chat": _add_chat,
+    "eval": _add_eval,
     "card": _add_card,
     "push": _add_push,
 }

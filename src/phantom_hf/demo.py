@@ -120,17 +120,17 @@ def chat_prompt(processor: PhantomProcessor, prompt: str) -> str:
     return processor.user_prompt(prompt)
 
 
-def evaluate(
+def answer_examples(
     model: PhantomForConditionalGeneration,
     processor: PhantomProcessor,
     examples: list[SyntheticExample],
     batch_size: int = 50,
-) -> tuple[float, dict[str, float]]:
-    """Exact-match accuracy of greedy answers on `examples`, overall and per question kind."""
+) -> list[str]:
+    """Greedy answers (4 new tokens, stripped) of `model` to `examples`, in batches of `batch_size` (left padding)."""
     tokenizer = processor.tokenizer
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     model.eval()
-    hits: dict[str, list[bool]] = {}
+    answers: list[str] = []
     try:
         for start in range(0, len(examples), batch_size):
             chunk = examples[start : start + batch_size]
@@ -142,11 +142,24 @@ def evaluate(
             )
             with torch.no_grad():
                 output = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-            answers = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-            for example, answer in zip(chunk, answers):
-                hits.setdefault(example.kind, []).append(answer.strip() == example.chosen)
+            decoded = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+            answers.extend(answer.strip() for answer in decoded)
     finally:
         tokenizer.padding_side = padding_side
+    return answers
+
+
+def evaluate(
+    model: PhantomForConditionalGeneration,
+    processor: PhantomProcessor,
+    examples: list[SyntheticExample],
+    batch_size: int = 50,
+) -> tuple[float, dict[str, float]]:
+    """Exact-match accuracy of greedy answers on `examples`, overall and per question kind (`phantom-hf eval
+    --tasks phantom_synthetic` computes the same number through lmms-eval)."""
+    hits: dict[str, list[bool]] = {}
+    for example, answer in zip(examples, answer_examples(model, processor, examples, batch_size)):
+        hits.setdefault(example.kind, []).append(answer == example.chosen)
     every = [hit for kind_hits in hits.values() for hit in kind_hits]
     return sum(every) / len(every), {kind: sum(kind_hits) / len(kind_hits) for kind, kind_hits in sorted(hits.items())}
 
@@ -368,6 +381,7 @@ __all__ = [
     "DemoBudget",
     "DemoResult",
     "add_demo_arguments",
+    "answer_examples",
     "build_model",
     "check_output_folder",
     "evaluate",

@@ -1,0 +1,258 @@
+"""The `phantom` model of lmms-eval: a saved or converted Phantom folder, asked with the published prompts.
+
+`pip install "phantom-hf[eval]"` registers it through lmms-eval's entry-point group `lmms_eval.models`
+(`phantom_hf.lmms_eval_plugin`), so that
+
+    lmms-eval --model phantom --model_args pretrained=FOLDER,dtype=bfloat16 --tasks mme,pope --batch_size 8
+
+runs the folder. For the tasks of the paper's Tables 1-2 (`phantom_hf.evaluation.LMMS_TASKS`) lmms-eval's own
+instruction is replaced by the published one and the answer gets the published length and beam search
+(`phantom_hf.prompts`); other tasks are asked as lmms-eval writes them (`prompts=task` does that for every task).
+The user turn is written by the folder's own chat template (`PhantomProcessor.user_prompt`), images are given to
+the processor as one list per prompt (never `videos`/`audios`), and requests are batched (left padding for
+generation, right padding for log-likelihoods).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from lmms_eval.api.instance import GenerationResult, Instance
+from lmms_eval.api.model import lmms
+
+from .evaluation import LmmsTask, lmms_task, parse_task_map, published_question
+from .modeling.processing_phantom import IMAGE_MARKER
+from .prompts import PUBLISHED_GENERATION, benchmark_prompt
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+DEFAULT_MAX_NEW_TOKENS = 128
+
+
+def _flatten_visuals(visuals: Any) -> list[Any]:
+    if visuals is None:
+        return []
+    if not isinstance(visuals, (list, tuple)):
+        return [visuals]
+    flat = []
+    for item in visuals:
+        flat.extend(_flatten_visuals(item) if isinstance(item, (list, tuple)) else [item])
+    return flat
+
+
+class PhantomLMMS(lmms):
+    """lmms-eval model wrapper of `PhantomForConditionalGeneration` + `PhantomProcessor`.
+
+    Args (lmms-eval's `--model_args`):
+        pretrained: a folder written by `save_pretrained` or `phantom-hf convert` (or a Hub id).
+        device: torch device (default: cuda when available, else cpu).
+        dtype: "auto" (bfloat16 on a GPU, float32 on a CPU), "float32", "bfloat16", "float16".
+        batch_size: requests per forward/generate call.
+        prompts: "published" (default) or "task" (lmms-eval's prompts and decoding for every task).
+        num_beams: beams for the published benchmarks (default 3, the published evaluation's).
+        task_map: extra `task:benchmark|task:benchmark` pairs, for local tasks that stand for a published benchmark.
+    """
+
+    is_simple = True
+
+    def __init__(
+        self,
+        pretrained: str,
+        device: str | None = None,
+        dtype: str | torch.dtype = "auto",
+        batch_size: int | str = 1,
+        prompts: str = "published",
+        num_beams: int | str = PUBLISHED_GENERATION["num_beams"],
+        task_map: str | dict[str, str | LmmsTask] | None = None,
+        attn_implementation: str | None = None,
+        **unused: Any,
+    ) -> None:
+        super().__init__()
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        import phantom_hf  # noqa: F401  registers Phantom with the Auto classes
+
+        unknown = sorted(key for key, value in unused.items() if value is not None and key != "max_batch_size")
+        if unknown:
+            raise TypeError(f"phantom: unknown model_args {unknown}")
+        if prompts not in ("published", "task"):
+            raise ValueError(f"prompts must be 'published' or 'task', got {prompts!r}")
+        self.batch_size_per_gpu = int(batch_size)
+        if self.batch_size_per_gpu < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+        self.num_beams = int(num_beams)
+        self.prompts = prompts
+        self.task_map = parse_task_map(task_map)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self._device = torch.device(device)
+        if isinstance(dtype, str):
+            if dtype == "auto":
+                dtype = torch.bfloat16 if self._device.type == "cuda" else torch.float32
+            elif dtype not in _DTYPES:
+                raise ValueError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {dtype!r}")
+            else:
+                dtype = _DTYPES[dtype]
+        extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        self.model = AutoModelForImageTextToText.from_pretrained(pretrained, trust_remote_code=True, dtype=dtype, **extra)
+        self.model.to(self._device).eval()
+        self.processor = AutoProcessor.from_pretrained(pretrained, trust_remote_code=True)
+        self.tokenizer = self.processor.tokenizer
+        self._forward_keys = set(inspect.signature(self.model.forward).parameters)
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch_size_per_gpu
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    # ----------------------------------------------------------------------------------- prompts
+
+    def benchmark_of(self, task: str) -> LmmsTask | None:
+        """The published benchmark lmms-eval task `task` stands for (None: asked as lmms-eval writes it)."""
+        return None if self.prompts == "task" else lmms_task(task, self.task_map)
+
+    def build_prompt(self, context: str, task: str, num_images: int, generation: bool = True) -> str:
+        """The text given to the processor: the user turn (published question for a published benchmark when
+        `generation`, else lmms-eval's context) with one image block per image, written by the chat template.
+        A context that already holds `<image>` markers keeps them (no image blocks are added)."""
+        mapped = self.benchmark_of(task) if generation else None
+        text = published_question(context, mapped) if mapped is not None else context
+        images = 0 if IMAGE_MARKER in text else num_images
+        return self.processor.user_prompt(text, images=images)
+
+    def _visuals(self, doc_to_visual: Any, doc_id: Any, task: str, split: str) -> list[Any]:
+        if doc_to_visual is None:
+            return []
+        return _flatten_visuals(doc_to_visual(self.task_dict[task][split][doc_id]))
+
+    def _encode(self, prompts: list[str], images: list[list[Any]]) -> dict[str, Any]:
+        """Processor call: images only when some prompt has some (one list per prompt), nothing else."""
+        kwargs: dict[str, Any] = {"text": prompts, "return_tensors": "pt", "padding": True}
+        if any(images):
+            kwargs["images"] = images
+        inputs = self.processor(**kwargs)
+        encoded = {key: value.to(self._device) for key, value in inputs.items() if key in self._forward_keys}
+        if "pixel_values" in encoded:
+            encoded["pixel_values"] = encoded["pixel_values"].to(self.model.dtype)
+        return encoded
+
+    # -------------------------------------------------------------------------------- generation
+
+    def _generation_settings(self, task: str, gen_kwargs: dict[str, Any]) -> tuple[int, int, bool, float | None, tuple[str, ...]]:
+        until = gen_kwargs.get("until") or ()
+        until = (until,) if isinstance(until, str) else tuple(until)
+        mapped = self.benchmark_of(task)
+        if mapped is not None:
+            return benchmark_prompt(mapped.benchmark).max_new_tokens, self.num_beams, False, None, until
+        temperature = float(gen_kwargs.get("temperature") or 0.0)
+        do_sample = bool(gen_kwargs.get("do_sample")) and temperature > 0
+        max_new_tokens = int(gen_kwargs.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS)
+        return max_new_tokens, int(gen_kwargs.get("num_beams") or 1), do_sample, temperature if do_sample else None, until
+
+    def generate_until(self, requests: list[Instance]) -> list[str]:
+        """Answers to generation requests, batched by task and decoding settings, in the requests' order."""
+        prepared = []
+        for index, request in enumerate(requests):
+            context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
+            settings = self._generation_settings(task, dict(gen_kwargs or {}))
+            visuals = self._visuals(doc_to_visual, doc_id, task, split)
+            prepared.append((settings, index, self.build_prompt(context, task, len(visuals)), visuals))
+        prepared.sort(key=lambda item: (repr(item[0]), item[1]))
+        answers: list[str] = [""] * len(requests)
+        tokenizer = self.tokenizer
+        padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        try:
+            start = 0
+            while start < len(prepared):
+                settings = prepared[start][0]
+                end = start
+                while end < len(prepared) and end - start < self.batch_size and prepared[end][0] == settings:
+                    end += 1
+                chunk = prepared[start:end]
+                start = end
+                max_new_tokens, num_beams, do_sample, temperature, until = settings
+                inputs = self._encode([item[2] for item in chunk], [item[3] for item in chunk])
+                options: dict[str, Any] = {"max_new_tokens": max_new_tokens, "num_beams": num_beams, "do_sample": do_sample}
+                if do_sample:
+                    options["temperature"] = temperature
+                with torch.inference_mode():
+                    output = self.model.generate(**inputs, pad_token_id=pad_id, **options)
+                texts = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+                for (_, index, _, _), text in zip(chunk, texts):
+                    for stop in until:
+                        if stop and stop in text:
+                            text = text.split(stop, 1)[0]
+                    answers[index] = text.strip()
+        finally:
+            tokenizer.padding_side = padding_side
+        return answers
+
+    def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
+        raise NotImplementedError("phantom: multi-round generation tasks are not supported")
+
+    # ---------------------------------------------------------------------------- log-likelihood
+
+    def loglikelihood(self, requests: list[Instance]) -> list[GenerationResult]:
+        """Per request, `(-log p(continuation | context), whether greedy decoding writes the continuation)`: the
+        prompt is lmms-eval's context in the chat template, the continuation follows the generation header.
+
+        Two conventions of lmms-eval 0.7.3 shape the result. Its multiple-choice scoring picks the choice with the
+        smallest value (`np.argmin`, "we return the actual loss"), so the value is the continuation's negative
+        log-likelihood (summed over its tokens, as lm-evaluation-harness sums log-probabilities). And its evaluator
+        turns every model output that is not a string or a `GenerationResult` into `str(output)`, which breaks a
+        plain `(float, bool)` pair, so each pair travels as the `text` of a `GenerationResult`, which it unwraps
+        unchanged (`lmms_eval.api.instance.unwrap_generation_output`)."""
+        results: list[GenerationResult] = []
+        for start in range(0, len(requests), self.batch_size):
+            for value, greedy in self._loglikelihood_batch(requests[start : start + self.batch_size]):
+                results.append(GenerationResult(text=(value, greedy)))  # type: ignore[arg-type]
+        return results
+
+    def _loglikelihood_batch(self, requests: Sequence[Instance]) -> list[tuple[float, bool]]:
+        rows, pixel_values, num_patches = [], [], []
+        for request in requests:
+            context, continuation, doc_to_visual, doc_id, task, split = request.args
+            if not isinstance(continuation, str):
+                continuation = continuation(self.task_dict[task][split][doc_id])
+            visuals = self._visuals(doc_to_visual, doc_id, task, split)
+            prompt = self.build_prompt(context, task, len(visuals), generation=False)
+            encoded = self._encode([prompt], [visuals])
+            target = self.tokenizer(continuation, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+            if target.numel() == 0:
+                raise ValueError(f"phantom: the continuation {continuation!r} of task {task!r} has no tokens")
+            rows.append((encoded["input_ids"][0], target.to(self._device)))
+            if "pixel_values" in encoded:
+                pixel_values.append(encoded["pixel_values"])
+                num_patches.append(encoded["num_patches"].reshape(-1))
+        length = max(len(prompt) + len(target) for prompt, target in rows)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long, device=self._device)
+        attention_mask = torch.zeros_like(input_ids)
+        for row, (prompt, target) in enumerate(rows):  # right padding: every row starts with its anchor token
+            sequence = torch.cat([prompt, target])
+            input_ids[row, : len(sequence)] = sequence
+            attention_mask[row, : len(sequence)] = 1
+        inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if pixel_values:
+            inputs["pixel_values"] = torch.cat(pixel_values)
+            inputs["num_patches"] = torch.cat(num_patches)
+        with torch.inference_mode():
+            logits = self.model(**inputs).logits
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()
+        results = []
+        for row, (prompt, target) in enumerate(rows):
+            positions = torch.arange(len(prompt) - 1, len(prompt) + len(target) - 1, device=self._device)
+            log_probs = torch.log_softmax(logits[row, positions], dim=-1)
+            negative_log_likelihood = -log_probs.gather(1, target[:, None]).sum().item()
+            greedy = bool((log_probs.argmax(dim=-1) == target).all())
+            results.append((negative_log_likelihood, greedy))
+        return results
+
+
+__all__ = ["PhantomLMMS"]
