@@ -42,6 +42,7 @@ called by vLLM's multimodal processing; vLLM expands each `<image>` marker with 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -137,14 +138,12 @@ class PhantomAnchorLookup(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.head_size = head_size
         self.vocab_size = vocab_size
+        if cache_config is not None and cache_config.sliding_window is not None:
+            # position 0 must stay visible to every token: no window, whatever the backbone's layers use
+            cache_config = copy.copy(cache_config)
+            cache_config.sliding_window = None
         self.attn = Attention(
-            num_kv_heads,
-            head_size,
-            ANCHOR_LOOKUP_SCALE,
-            num_kv_heads=num_kv_heads,
-            cache_config=cache_config,
-            per_layer_sliding_window=None,  # position 0 must stay visible to every token
-            prefix=prefix,
+            num_kv_heads, head_size, ANCHOR_LOOKUP_SCALE, num_kv_heads=num_kv_heads, cache_config=cache_config, prefix=prefix
         )
         self.register_buffer("bit_values", 2 ** torch.arange(ANCHOR_ID_BITS), persistent=False)
 

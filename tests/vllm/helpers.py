@@ -49,7 +49,7 @@ def text_config(backbone: str, vocab_size: int, pad_token_id: int, **overrides: 
     )
     shape.update(overrides)
     if backbone == "phi3":
-        return Phi3Config(bos_token_id=None, eos_token_id=None, sliding_window=None, **shape)
+        return Phi3Config(**{"bos_token_id": None, "eos_token_id": None, "sliding_window": None, **shape})
     return tiny_text_config(backbone, **shape)
 
 
@@ -103,6 +103,11 @@ def chat_prompt(processor: PhantomProcessor, text: str, images: int = 0) -> str:
     """The processor's chat template around one user turn with `images` images before the text."""
     content = [{"type": "image"}] * images + [{"type": "text", "text": text}]
     return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
+def as_vllm_prompt(prompt: str, images: list) -> dict:
+    """A vLLM prompt: the text, and its images when there are any."""
+    return {"prompt": prompt, "multi_modal_data": {"image": images}} if images else {"prompt": prompt}
 
 
 def hf_greedy(

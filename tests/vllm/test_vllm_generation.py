@@ -8,6 +8,7 @@ import pytest
 
 from .helpers import (
     MAX_BATCHED_TOKENS,
+    as_vllm_prompt,
     chat_prompt,
     hf_greedy,
     import_vllm,
@@ -37,10 +38,6 @@ def requests_for(processor) -> list[tuple[str, list]]:
         (chat_prompt(processor, "w4 w5 . a dog ?", images=2), [random_image(168, 28, seed=3), random_image(20, 40, seed=4)]),
         ("<image> w3 w2 w1", [random_image(28, 28, seed=5)]),
     ]
-
-
-def as_vllm_prompt(prompt: str, images: list) -> dict:
-    return {"prompt": prompt, "multi_modal_data": {"image": images}} if images else {"prompt": prompt}
 
 
 @pytest.fixture(scope="module", params=VARIANTS, ids=lambda v: f"{v[0]}-phantom-{'on' if v[1] else 'off'}")
