@@ -162,6 +162,19 @@ class PhantomAnchorLookup(nn.Module):
         return (bits.long() * self.bit_values).sum(-1).clamp_(0, self.vocab_size - 1)
 
 
+def _rows_of(operands: Any, anchor_of_row: torch.Tensor) -> Any:
+    """The anchor-side MHCA operands of `PhantomAttentionMixin._phantom_anchors` (one row per anchor) gathered for
+    every row. They come as a (keys, values) pair, or as a dict of them with the path mask (the mixin's form before
+    its anchors moved into model-held buffers)."""
+    if isinstance(operands, dict):
+        return {
+            "mhca_key": operands["mhca_key"][anchor_of_row],
+            "mhca_value": operands["mhca_value"][anchor_of_row],
+            "mhca_mask": operands["mhca_mask"][:1].expand(anchor_of_row.shape[0], -1, -1),
+        }
+    return tuple(operand[anchor_of_row] for operand in operands)
+
+
 class PhantomVLLMAttention(PhantomAttentionMixin, nn.Module):
     """A decoder layer's attention with Phantom Dimension on vLLM's paged attention.
 
@@ -242,18 +255,13 @@ class PhantomVLLMAttention(PhantomAttentionMixin, nn.Module):
             key.reshape(rows, self.num_kv_heads, 1, dim),
             value.reshape(rows, self.num_kv_heads, 1, dim),
         )
-        products: dict[str, torch.Tensor] = {}
+        products = None
         tokens = rows
         if anchors is not None:
             tokens = anchors.num_tokens
             anchor_rows = tuple(state[tokens:] for state in states)
             first = torch.zeros(anchor_rows[0].shape[0], dtype=torch.long, device=query.device)
-            per_anchor = self._phantom_anchors(*anchor_rows, first)
-            products = {
-                "mhca_key": per_anchor["mhca_key"][anchors.anchor_of_row],
-                "mhca_value": per_anchor["mhca_value"][anchors.anchor_of_row],
-                "mhca_mask": per_anchor["mhca_mask"][:1].expand(rows, -1, -1),
-            }
+            products = _rows_of(self._phantom_anchors(*anchor_rows, first), anchors.anchor_of_row)
         query, key, value = (state.reshape(rows, -1, 2 * dim) for state in self._phantom_expand("qkv", states, products))
         output = torch.empty(rows, self.num_heads, 2 * dim, dtype=query.dtype, device=query.device)
         output[:tokens] = self.attn(
