@@ -53,7 +53,7 @@ from transformers import AutoModel, BatchFeature, PretrainedConfig
 from vllm.config import CacheConfig, VllmConfig
 from vllm.config.multimodal import MultiModalDummyOptions
 from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
-from vllm.inputs import MultiModalDataDict
+from vllm.inputs import MultiModalDataDict, MultiModalInput
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import QKVParallelLinear, RowParallelLinear
@@ -71,9 +71,11 @@ from vllm.multimodal.processing import (
     BaseDummyInputsBuilder,
     BaseMultiModalProcessor,
     BaseProcessingInfo,
+    ProcessorInputs,
     PromptReplacement,
     PromptUpdate,
     PromptUpdateDetails,
+    TimingContext,
 )
 from vllm.sequence import IntermediateTensors
 
@@ -164,8 +166,8 @@ class PhantomAnchorLookup(nn.Module):
 
 def _rows_of(operands: Any, anchor_of_row: torch.Tensor) -> Any:
     """The anchor-side MHCA operands of `PhantomAttentionMixin._phantom_anchors` (one row per anchor) gathered for
-    every row. They come as a (keys, values) pair, or as a dict of them with the path mask (the mixin's form before
-    its anchors moved into model-held buffers)."""
+    every row. The mixin returns them as a (keys, values) pair, or (in its form before model-held anchors) as a dict
+    of them with the path mask; both are handled until one form remains."""
     if isinstance(operands, dict):
         return {
             "mhca_key": operands["mhca_key"][anchor_of_row],
@@ -192,7 +194,7 @@ class PhantomVLLMAttention(PhantomAttentionMixin, nn.Module):
         quant_config: QuantizationConfig | None,
         prefix: str,
     ) -> None:
-        nn.Module.__init__(self)
+        super().__init__()
         text = config.text_config
         self.config = text  # PhantomAttentionMixin.init_phantom reads the head counts here
         self.head_dim = config.phantom_head_dim
@@ -408,9 +410,9 @@ class PhantomProcessingInfo(BaseProcessingInfo):
     def get_image_size_with_most_features(self) -> ImageSize:
         """An image that is cut into the most tiles: `max_patches` tiles side by side (plus the thumbnail)."""
         processor = self.get_hf_processor()
-        tile = processor.tile_size
-        columns = int(getattr(processor.image_processor, "max_patches", 1)) if getattr(processor.image_processor, "crop_to_patches", False) else 1
-        return ImageSize(width=tile * columns, height=tile)
+        image_processor = processor.image_processor
+        columns = int(image_processor.max_patches) if getattr(image_processor, "crop_to_patches", False) else 1
+        return ImageSize(width=processor.tile_size * columns, height=processor.tile_size)
 
     def get_max_image_tokens(self) -> int:
         size = self.get_image_size_with_most_features()
@@ -468,7 +470,7 @@ class PhantomMultiModalProcessor(BaseMultiModalProcessor[PhantomProcessingInfo])
         marker = tokenizer.encode(IMAGE_MARKER, add_special_tokens=False)
         return [PromptReplacement(modality="image", target=marker, replacement=replacement)]
 
-    def apply(self, inputs: Any, timing_ctx: Any) -> Any:
+    def apply(self, inputs: ProcessorInputs, timing_ctx: TimingContext) -> MultiModalInput:
         result = super().apply(inputs, timing_ctx)
         config = self.info.get_hf_config()
         prompt = result["prompt_token_ids"]

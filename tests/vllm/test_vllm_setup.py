@@ -44,6 +44,27 @@ def test_sliding_window_backbone_keeps_the_anchor(tmp_path):
         assert list(output.outputs[0].token_ids) == hf_greedy(model, processor, prompt, images, 12)[1]
 
 
+@pytest.mark.parametrize(
+    "ablation", [dict(phantom_expansion="repeat", phantom_mixing="mean"), dict(phantom_mixing="sum")], ids=["repeat-mean", "mhca-sum"]
+)
+def test_ablations_equal_transformers(tmp_path, ablation):
+    """The configurations of the paper's ablations (Appendix E): q/k/v repeated instead of the MHCA (no anchor
+    needed), and the halves summed or averaged instead of Eq. 3's weighting."""
+    model, processor = make_phantom("qwen2", **ablation)
+    engine = vllm_engine(save(model, processor, tmp_path))
+    requests = [(chat_prompt(processor, "w1 w2 a dog ?", images=1), [random_image(56, 28, seed=8)]), ("w5 w6 w7", [])]
+    try:
+        outputs = engine.generate(
+            [as_vllm_prompt(prompt, images) for prompt, images in requests],
+            vllm.SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
+            use_tqdm=False,
+        )
+    finally:
+        shutdown(engine)
+    for (prompt, images), output in zip(requests, outputs):
+        assert list(output.outputs[0].token_ids) == hf_greedy(model, processor, prompt, images, 8)[1]
+
+
 def test_an_anchor_token_other_than_the_first_is_refused(tmp_path):
     model, processor = make_phantom("qwen2", phantom_anchor_token_id=3)
     with pytest.raises(Exception, match="phantom_anchor_token_id=3"):
