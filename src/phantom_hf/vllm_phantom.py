@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -86,6 +86,9 @@ from .modeling.processing_phantom import IMAGE_MARKER, PhantomProcessor
 # Score of the anchor-lookup query on the position-0 key (every other key scores 0): exp(-1e4) is 0 in every float
 # type, so the lookup reads position 0 exactly.
 ANCHOR_LOOKUP_SCALE = 1e4
+# Anchor ids whose operands the model keeps (a few hundred KB each at the published sizes); the table starts over
+# when it is full.
+ANCHOR_TABLE_SIZE = 256
 # Token ids are carried as this many bits (0/1 values are exact in every KV-cache dtype): ids below 2**31.
 ANCHOR_ID_BITS = 31
 
@@ -117,11 +120,16 @@ def _sliding_window(text_config: PretrainedConfig, layer_index: int) -> int | No
 
 @dataclass
 class AnchorRows:
-    """Where the anchor rows are in a forward pass: the first `num_tokens` rows are the batch's tokens, the rest one
-    row per distinct anchor; `anchor_of_row` (num_tokens + num_anchors,) is the anchor index of every row."""
+    """The anchors of one forward pass. The first `num_tokens` rows of the hidden states are the batch's tokens; one
+    row follows for each anchor not yet in the model's table. `anchor_of_row` (rows,) indexes every row's anchor in
+    [anchors from the table, new anchors]; `known` holds the table's operands, (layers, known anchors, H_all, D) keys
+    and values; each layer appends the operands it computes for the new anchors to `computed`."""
 
     num_tokens: int
     anchor_of_row: torch.Tensor
+    new_ids: list[int]
+    known: tuple[torch.Tensor, torch.Tensor] | None
+    computed: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
 
 class PhantomAnchorLookup(nn.Module):
@@ -164,17 +172,13 @@ class PhantomAnchorLookup(nn.Module):
         return (bits.long() * self.bit_values).sum(-1).clamp_(0, self.vocab_size - 1)
 
 
-def _rows_of(operands: Any, anchor_of_row: torch.Tensor) -> Any:
-    """The anchor-side MHCA operands of `PhantomAttentionMixin._phantom_anchors` (one row per anchor) gathered for
-    every row. The mixin returns them as a (keys, values) pair, or (in its form before model-held anchors) as a dict
-    of them with the path mask; both are handled until one form remains."""
+def _operand_pair(operands: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The anchor-side MHCA operands (keys, values), each (anchors, H_all, D), from what
+    `PhantomAttentionMixin._phantom_anchors` returns: that pair, or (in the mixin's form before model-held anchors) a
+    dict holding them as `mhca_key` / `mhca_value` beside the path mask; both are read until one form remains."""
     if isinstance(operands, dict):
-        return {
-            "mhca_key": operands["mhca_key"][anchor_of_row],
-            "mhca_value": operands["mhca_value"][anchor_of_row],
-            "mhca_mask": operands["mhca_mask"][:1].expand(anchor_of_row.shape[0], -1, -1),
-        }
-    return tuple(operand[anchor_of_row] for operand in operands)
+        return operands["mhca_key"], operands["mhca_value"]
+    return operands
 
 
 class PhantomVLLMAttention(PhantomAttentionMixin, nn.Module):
@@ -203,6 +207,7 @@ class PhantomVLLMAttention(PhantomAttentionMixin, nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.phantom = bool(config.phantom_dimension)
+        self.layer_index = layer_index
         qkv_bias, o_bias, _, qk_norm = _backbone_biases(text)
         self.qkv_proj = QKVParallelLinear(
             text.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads, bias=qkv_bias,
@@ -245,6 +250,33 @@ class PhantomVLLMAttention(PhantomAttentionMixin, nn.Module):
         query, key = self.rotary_emb(positions, query, key)
         return query, key, value
 
+    def _anchor_operands(self, states: tuple[torch.Tensor, ...], anchors: AnchorRows) -> Any:
+        """The fused MHCA's anchor operands for every row, as `_phantom_expand` takes them: the table's for known
+        anchors, computed from the anchor rows (q/k/v at position 0) for new ones and handed back in `anchors`."""
+        keys, values = [], []
+        if anchors.known is not None:
+            keys.append(anchors.known[0][self.layer_index])
+            values.append(anchors.known[1][self.layer_index])
+        new_rows = tuple(state[anchors.num_tokens :] for state in states)
+        if new_rows[0].shape[0]:
+            first = torch.zeros(new_rows[0].shape[0], dtype=torch.long, device=new_rows[0].device)
+            computed = self._phantom_anchors(*new_rows, first)
+            if isinstance(computed, dict):
+                self._path_mask = computed["mhca_mask"][0]
+            computed = _operand_pair(computed)
+            anchors.computed.append(computed)
+            keys.append(computed[0])
+            values.append(computed[1])
+        key, value = (parts[0] if len(parts) == 1 else torch.cat(parts) for parts in (keys, values))
+        rows = anchors.anchor_of_row.shape[0]
+        if key.shape[0] == 1:  # the usual case, one anchor for the whole batch: no copy
+            key, value = key.expand(rows, -1, -1), value.expand(rows, -1, -1)
+        else:
+            key, value = key[anchors.anchor_of_row], value[anchors.anchor_of_row]
+        if hasattr(self, "_phantom_mask"):
+            return key, value
+        return {"mhca_key": key, "mhca_value": value, "mhca_mask": self._path_mask.expand(rows, -1, -1)}
+
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, anchors: AnchorRows | None) -> torch.Tensor:
         query, key, value = self._project(positions, hidden_states)
         if not self.phantom:
@@ -261,9 +293,7 @@ class PhantomVLLMAttention(PhantomAttentionMixin, nn.Module):
         tokens = rows
         if anchors is not None:
             tokens = anchors.num_tokens
-            anchor_rows = tuple(state[tokens:] for state in states)
-            first = torch.zeros(anchor_rows[0].shape[0], dtype=torch.long, device=query.device)
-            products = _rows_of(self._phantom_anchors(*anchor_rows, first), anchors.anchor_of_row)
+            products = self._anchor_operands(states, anchors)
         query, key, value = (state.reshape(rows, -1, 2 * dim) for state in self._phantom_expand("qkv", states, products))
         output = torch.empty(rows, self.num_heads, 2 * dim, dtype=query.dtype, device=query.device)
         output[:tokens] = self.attn(
@@ -345,6 +375,9 @@ class PhantomLanguageModel(nn.Module):
             for index in range(text.num_hidden_layers)
         )
         self.norm = RMSNorm(text.hidden_size, eps=text.rms_norm_eps)
+        # anchor token id -> the anchor-side MHCA operands of every layer, (layers, H_all, D) keys and values: a pure
+        # function of the token id and the weights (see the module docstring), filled on first use
+        self.anchor_table: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.anchor_lookup: PhantomAnchorLookup | None = None
         if config.phantom_dimension and config.phantom_expansion == "mhca":
             # vLLM orders cache layers by the one integer in their name: this one comes after the decoder layers
@@ -371,19 +404,43 @@ class PhantomLanguageModel(nn.Module):
         if self.anchor_lookup is not None:
             if input_ids is None:
                 raise ValueError("Phantom Dimension needs the token ids of the batch to find each sequence's anchor")
-            anchor_ids = self.anchor_lookup(input_ids[:tokens], positions[:tokens], hidden_states.dtype)
-            unique_ids, anchor_of_token = torch.unique(anchor_ids, return_inverse=True)
-            hidden_states = torch.cat([hidden_states, self.embed_input_ids(unique_ids)])
-            positions = torch.cat([positions[:tokens], positions.new_zeros(unique_ids.shape[0])])
-            anchor_of_row = torch.cat([anchor_of_token, torch.arange(unique_ids.shape[0], device=anchor_ids.device)])
-            anchors = AnchorRows(num_tokens=tokens, anchor_of_row=anchor_of_row)
+            anchors = self._anchors(self.anchor_lookup(input_ids[:tokens], positions[:tokens], hidden_states.dtype))
+            new_ids = anchors.anchor_of_row.new_tensor(anchors.new_ids)
+            hidden_states = torch.cat([hidden_states[:tokens], self.embed_input_ids(new_ids)])
+            positions = torch.cat([positions[:tokens], positions.new_zeros(new_ids.shape[0])])
         residual = None
         for layer in self.layers:
             hidden_states, residual = layer(positions, hidden_states, residual, anchors)
         hidden_states, _ = self.norm(hidden_states, residual)
+        if anchors is not None and anchors.new_ids:
+            self._remember(anchors)
         return hidden_states[:tokens]
 
+    def _anchors(self, anchor_ids: torch.Tensor) -> AnchorRows:
+        """The pass's anchors: each distinct anchor id in the table, or else a new anchor row (position 0)."""
+        unique_ids, anchor_of_token = torch.unique(anchor_ids, return_inverse=True)
+        ids = unique_ids.tolist()
+        known = [token for token in ids if token in self.anchor_table]
+        new = [token for token in ids if token not in self.anchor_table]
+        slot = {token: index for index, token in enumerate(known + new)}
+        anchor_of_token = anchor_ids.new_tensor([slot[token] for token in ids])[anchor_of_token]
+        new_slots = torch.arange(len(known), len(known) + len(new), device=anchor_ids.device)
+        operands = None
+        if known:
+            operands = tuple(torch.stack([self.anchor_table[token][part] for token in known], dim=1) for part in (0, 1))
+        anchor_of_row = torch.cat([anchor_of_token, new_slots])
+        return AnchorRows(num_tokens=anchor_ids.shape[0], anchor_of_row=anchor_of_row, new_ids=new, known=operands)
+
+    def _remember(self, anchors: AnchorRows) -> None:
+        """Keep the operands the layers computed for new anchors: (layers, H_all, D) keys and values per token id."""
+        if len(self.anchor_table) + len(anchors.new_ids) > ANCHOR_TABLE_SIZE:
+            self.anchor_table.clear()
+        keys, values = (torch.stack([operands[part] for operands in anchors.computed]) for part in (0, 1))
+        for index, token in enumerate(anchors.new_ids):
+            self.anchor_table[token] = (keys[:, index].clone(), values[:, index].clone())
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        self.anchor_table.clear()  # computed from the weights these replace
         return AutoWeightsLoader(self).load_weights(weights, mapper=_STACKED_WEIGHTS)
 
 

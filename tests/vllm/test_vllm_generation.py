@@ -66,6 +66,9 @@ def test_greedy_batch_equals_transformers(served):
         assert list(output.outputs[0].token_ids) == expected
         answers.append(tuple(expected))
     assert len(set(answers)) > 2  # prompts answer differently: a mix-up between sequences would show
+    if model.config.phantom_dimension:  # the anchors' operands were computed once per first token, then reused
+        (table,) = engine.apply_model(lambda vllm_model: sorted(vllm_model.language_model.anchor_table))
+        assert {output.prompt_token_ids[0] for output in outputs} <= set(table)
     lengths = [len(output.prompt_token_ids) for output in outputs]
     assert max(lengths) > 2 * MAX_BATCHED_TOKENS  # the longest prefills ran in chunks
 
