@@ -24,17 +24,19 @@ The anchor without per-sequence state
       kept in vLLM's KV cache like everything else about a sequence: prefills, chunked prefills, decodes, prefix
       caching and preemption need nothing from the model between steps. Cost: one more layer of KV cache
       (1/num_layers more) and one small attention per step.
-    * each forward pass appends one row per distinct anchor id in the batch (usually one) to the hidden states, at
-      position 0, and runs it through the layers beside the tokens: its attention output is its own expanded value
-      (softmax over one key), and each layer's anchor-side MHCA products are computed from it and gathered for the
-      tokens. The anchor's q/k/v are the ones transformers computes for that token at prefill.
+    * the anchor-side operands of the fused MHCA in every layer (gelu(Lk(a)) and Lo(gelu(Lv(a))) of the anchor's
+      q/k/v) are thus a pure function of the anchor's token id and the weights: the language model keeps them per
+      token id (`anchor_table`, filled on first use, cleared with new weights). A forward pass that meets an anchor id
+      not in the table appends one row for it to the hidden states, at position 0, and runs it through the layers
+      beside the tokens: its attention output is its own expanded value (softmax over one key), and each layer
+      computes the operands from its q/k/v, the ones transformers computes for that token at prefill.
 
-    The forward pass has a data-dependent shape (the distinct anchors), so the model runs eagerly: vLLM does not
+    The forward pass has data-dependent shapes (the new anchors), so the model runs eagerly: vLLM does not
     torch.compile it nor capture CUDA graphs of it.
 
-Limits (clear errors at load): `phantom_anchor_token_id` (an anchor that is not the first token depends on the
-prefix), tensor and pipeline parallelism (the MHCA of a head attends over all heads of the anchor; see README,
-"Serving with vLLM"), and a prompt whose first token would be an image embedding.
+Limits, refused with the reason: at load, `phantom_anchor_token_id` (an anchor that is not the first token depends
+on the prefix) and tensor or pipeline parallelism (the MHCA of a head attends over all heads of the anchor; README,
+"Serving with vLLM"); per request, a prompt whose first token would be an image embedding.
 
 Images go through `PhantomProcessor` (`phantom_hf.modeling.processing_phantom`: dynamic tiling, no torchvision),
 called by vLLM's multimodal processing; vLLM expands each `<image>` marker with the processor's placeholders.
