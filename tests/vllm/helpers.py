@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import Phi3Config
+from transformers import MistralConfig, Phi3Config, Qwen3Config
 
 from phantom_hf import PhantomConfig, PhantomForConditionalGeneration
 from phantom_hf.modeling.processing_phantom import PhantomProcessor
@@ -50,6 +50,10 @@ def text_config(backbone: str, vocab_size: int, pad_token_id: int, **overrides: 
     shape.update(overrides)
     if backbone == "phi3":
         return Phi3Config(**{"bos_token_id": None, "eos_token_id": None, "sliding_window": None, **shape})
+    if backbone == "qwen3":
+        return Qwen3Config(**{"head_dim": 32, **shape})
+    if backbone == "mistral":
+        return MistralConfig(**{"sliding_window": None, **shape})
     return tiny_text_config(backbone, **shape)
 
 

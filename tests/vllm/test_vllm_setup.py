@@ -45,6 +45,27 @@ def test_sliding_window_backbone_keeps_the_anchor(tmp_path):
 
 
 @pytest.mark.parametrize(
+    "backbone, text", [("llama", {"attention_bias": True}), ("qwen3", {}), ("mistral", {})], ids=["llama-biases", "qwen3", "mistral"]
+)
+def test_other_backbones_equal_transformers(tmp_path, backbone, text):
+    """The other decoders Phantom wraps: Llama (here with q/k/v/o biases), Qwen3 (per-head q/k RMSNorm before
+    rotary), Mistral; Phantom Dimension on, text and image prompts."""
+    model, processor = make_phantom(backbone, text_config=text)
+    engine = vllm_engine(save(model, processor, tmp_path))
+    requests = [(chat_prompt(processor, "w1 w2 a dog ?", images=1), [random_image(56, 28, seed=9)]), ("w8 w9 w10 w11", [])]
+    try:
+        outputs = engine.generate(
+            [as_vllm_prompt(prompt, images) for prompt, images in requests],
+            vllm.SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
+            use_tqdm=False,
+        )
+    finally:
+        shutdown(engine)
+    for (prompt, images), output in zip(requests, outputs):
+        assert list(output.outputs[0].token_ids) == hf_greedy(model, processor, prompt, images, 8)[1]
+
+
+@pytest.mark.parametrize(
     "ablation", [dict(phantom_expansion="repeat", phantom_mixing="mean"), dict(phantom_mixing="sum")], ids=["repeat-mean", "mhca-sum"]
 )
 def test_ablations_equal_transformers(tmp_path, ablation):
