@@ -310,15 +310,17 @@ def test_anchor_token_id_selects_first_occurrence_and_missing_is_an_error() -> N
     input_ids[1, 4] = anchor_id
     with torch.no_grad():
         output = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True)
-    anchors = cache_of(output).get_anchors(0)
+    anchor_keys, _ = cache_of(output).get_anchors(0)
     layer = model.language_model.layers[0].self_attn
-    # the cached anchor keys equal the keys (after rotary) at positions 3 and 4
+    # the cached anchor keys of the key path are gelu(Lk(k_a)) of the keys (after rotary) at positions 3 and 4
     with torch.no_grad():
         hidden = model.language_model.layers[0].input_layernorm(model.get_input_embeddings()(input_ids))
         _, keys, _ = layer._phantom_project(hidden)
         cos, sin = model.language_model.rotary_emb(hidden, torch.arange(8)[None].expand(2, -1))  # forward's default
         _, keys = layer._phantom_rotary(keys, keys, cos, sin)
-    torch.testing.assert_close(anchors["k"], torch.stack([keys[0, :, 3], keys[1, :, 4]]))
+        expected, _ = layer.xattn_key_phantom.anchor_states(torch.stack([keys[0, :, 3], keys[1, :, 4]]))
+    heads, kv_heads = layer.phantom_num_heads, layer.phantom_num_kv_heads
+    torch.testing.assert_close(anchor_keys[:, heads : heads + kv_heads], expected)
 
     input_ids[1, 4] = 11
     with pytest.raises(ValueError, match=r"phantom_anchor_token_id=7 does not occur in rows \[1\]"):
