@@ -455,7 +455,7 @@ class PhantomPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = False
     _supports_attention_backend = True
-    _can_compile_fullgraph = False
+    _can_compile_fullgraph = True  # decode steps with a static cache (PhantomStaticCache): tests/test_static_cache.py
 
     def enable_input_require_grads(self) -> None:
         """Make the language model's input embeddings require grad (activation checkpointing or adapters on a
