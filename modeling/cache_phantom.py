@@ -303,6 +303,14 @@ class PhantomStaticCache(PhantomCacheMixin, StaticCache):
     prefills and beam reorders, so a compiled decode step reads them at a fixed address. Phantom models convert
     an empty `StaticCache` into this class by themselves: `generate(..., cache_implementation="static")`
     works as it does for transformers' own models.
+
+    Why per-row buffers and not anchors held by the model: at inference a row's anchor is usually its first
+    attended token at position 0, which under causal attention sees only itself, so its anchor operands depend
+    on its token id alone (checked for all five backbones). But computed by a separate one-token forward they
+    differ from the prefill's in the last bits (other matrix shapes, other rounding: up to 5e-5 at the 0.5B
+    shape in float32), so decoding would no longer reproduce the uncached model exactly; and the assumption
+    fails for `phantom_anchor_token_id`, explicit position ids, and rows whose first tokens differ. The buffers
+    cost 2 x (B, H_q + 2 H_kv, head_dim) per layer and one small read per step.
     """
 
     def __init__(self, config: Any, max_cache_len: int, *args: Any, mode: str = "expanded", **kwargs: Any) -> None:

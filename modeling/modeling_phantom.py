@@ -718,7 +718,9 @@ class PhantomModel(PhantomPreTrainedModel):
 
 class PhantomForConditionalGeneration(PhantomPreTrainedModel, GenerationMixin):
     """Phantom vision-language model with a language-modelling head: `forward` (with `labels` for the
-    loss) and `generate` with every decoding strategy, using `PhantomCache` by default."""
+    loss) and `generate` with every decoding strategy, using `PhantomCache` by default and `PhantomStaticCache`
+    with `cache_implementation="static"`, whose decode step compiles in one graph (`torch.compile(...,
+    fullgraph=True)`, or `generate`'s own compile path on an accelerator)."""
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
 

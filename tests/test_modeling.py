@@ -11,7 +11,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from phantom_hf import PhantomConfig, PhantomForConditionalGeneration
 from phantom_hf.modeling import modeling_phantom
 from phantom_hf.modeling.compat_phantom import cache_of
-from phantom_hf.modeling.modeling_phantom import sdpa_packed_gqa_decode
+from phantom_hf.modeling.modeling_phantom import anchor_positions, sdpa_packed_gqa_decode
 from phantom_hf.tiny import tiny_text_config, tiny_vision_config
 
 from .conftest import IMAGE_TOKEN_ID, left_padded_batch, make_model, no_split_modules, randomize_phantom_weights
@@ -420,6 +420,23 @@ def test_anchor_token_id_selects_first_occurrence_and_missing_is_an_error() -> N
     input_ids[1, 4] = 11
     with pytest.raises(ValueError, match=r"phantom_anchor_token_id=7 does not occur in rows \[1\]"):
         model(input_ids=input_ids, attention_mask=attention_mask)
+
+
+def test_anchor_positions_from_a_prepared_4d_mask_equal_the_2d_masks() -> None:
+    """`generate` with a static cache passes a prepared 4D mask (boolean for sdpa, additive for eager, a dict per
+    layer type with sliding windows); the anchors found from it are the 2D mask's."""
+    _, attention_mask = left_padded_batch([6, 3, 5], seed=7)
+    expected = anchor_positions(None, attention_mask, None, 3, torch.device("cpu"))
+    assert expected.tolist() == [0, 3, 1]
+    causal = torch.ones(6, 9, dtype=torch.bool).tril()  # 6 queries over a static cache of 9 slots
+    allowed = causal[None, None] & torch.nn.functional.pad(attention_mask.bool(), (0, 3))[:, None, None, :]
+    additive = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    for mask in (allowed, additive, {"full_attention": allowed, "sliding_attention": allowed}):
+        assert torch.equal(anchor_positions(None, mask, None, 3, torch.device("cpu")), expected)
+    input_ids = torch.full((3, 6), 11)
+    input_ids[:, 4] = 7
+    input_ids[0, 2] = 7
+    assert anchor_positions(input_ids, additive, 7, 3, torch.device("cpu")).tolist() == [2, 4, 4]
 
 
 def test_gradient_checkpointing_gives_the_same_gradients() -> None:
