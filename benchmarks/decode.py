@@ -249,7 +249,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
                     states.pop(name, None)
                     model = models[MODEL_OF[name]]
                     cache = new_cache(name, model, context + args.new_tokens + 1)
-                    state = DecodeState(model, input_ids, args.new_tokens, device, cache, forwards.get(MODEL_OF[name]) if name.endswith("-compiled") else None)
+                    forward = forwards[MODEL_OF[name]] if name.endswith("-compiled") else None
+                    state = DecodeState(model, input_ids, args.new_tokens, device, cache, forward)
                     prefill[name].append(state.prefill_seconds)
                     states[name] = state
             first_round: dict[str, float] = {}

@@ -306,11 +306,12 @@ class PhantomStaticCache(PhantomCacheMixin, StaticCache):
 
     Why per-row buffers and not anchors held by the model: at inference a row's anchor is usually its first
     attended token at position 0, which under causal attention sees only itself, so its anchor operands depend
-    on its token id alone (checked for all five backbones). But computed by a separate one-token forward they
-    differ from the prefill's in the last bits (other matrix shapes, other rounding: up to 5e-5 at the 0.5B
-    shape in float32), so decoding would no longer reproduce the uncached model exactly; and the assumption
-    fails for `phantom_anchor_token_id`, explicit position ids, and rows whose first tokens differ. The buffers
-    cost 2 x (B, H_q + 2 H_kv, head_dim) per layer and one small read per step.
+    on its token id alone (checked for all five backbones, to rounding). But computed by a separate one-token
+    forward they differ from the prefill's in the last bits (other matrix shapes, other rounding: up to 5e-5 at
+    hidden size 896 in float32), so decoding would no longer reproduce the uncached model exactly; the
+    assumption fails for `phantom_anchor_token_id` and explicit position ids; and rows with different first
+    tokens would still need a per-row index. The buffers cost 2 x (B, H_q + 2 H_kv, head_dim) per layer and one
+    small read per step.
     """
 
     def __init__(self, config: Any, max_cache_len: int, *args: Any, mode: str = "expanded", **kwargs: Any) -> None:
@@ -344,7 +345,7 @@ class PhantomStaticCache(PhantomCacheMixin, StaticCache):
             buffer.shape != new.shape or buffer.dtype != new.dtype or buffer.device != new.device
             for buffer, new in zip(buffers, (key, value))
         ):
-            buffers = (torch.empty(key.shape, dtype=key.dtype, device=key.device), torch.empty(value.shape, dtype=value.dtype, device=value.device))
+            buffers = tuple(torch.empty(new.shape, dtype=new.dtype, device=new.device) for new in (key, value))
             if not is_torchdynamo_compiling():  # as StaticLayer does: a fixed address for compiled steps and CUDA graphs
                 for buffer in buffers:
                     torch._dynamo.mark_static_address(buffer)
