@@ -76,7 +76,7 @@ def copy_cache(base: Any, variant: str, head_dim: int) -> Any:
         cache = PhantomCache() if kind in ("buffered", "matched") else DynamicCache()
     else:
         cache = PhantomCache(mode=family)
-        cache.anchors = {layer_idx: dict(tensors) for layer_idx, tensors in base.anchors.items()}
+        cache.anchors = dict(base.anchors)
     for layer_idx, layer in enumerate(base.layers):
         keys, values = layer.keys, layer.values
         if family == "compact":

@@ -239,7 +239,7 @@ def cache_bytes(cache: Any) -> dict[str, int]:
         key_value += filled
         length = layer.get_seq_length()
         reserved += filled * layer.capacity // length if isinstance(layer, BufferedDynamicLayer) and length else filled
-    anchors = sum(t.numel() * t.element_size() for layer in getattr(cache, "anchors", {}).values() for t in layer.values())
+    anchors = sum(t.numel() * t.element_size() for layer in getattr(cache, "anchors", {}).values() for t in layer)
     return {"key_value": key_value, "reserved": reserved, "anchors": anchors}
 
 

@@ -3,8 +3,8 @@ and stage 2: the shared vision pass against a naive one that encodes each image 
 
 Variants, on one random-weight model (the same tensors for all of them), one batch of triples with one image
 (one 448-px tile) each:
-  shared  `PhantomPOTrainer` as it is: the vision tower and projector run once per triple and the projector
-          output is repeated for the rejected rows (`concatenated_forward`);
+  shared  `PhantomPOTrainer` as it is: the vision tower and projector run once per triple; the tiles are passed
+          once, with `image_tile_index` giving them to the rejected rows too (`concatenated_forward`);
   naive   the same trainer with `concatenated_forward` passing `pixel_values` twice (chosen half, then rejected
           half), so the tower and projector encode every image twice: the baseline of the ratio column;
   vision  not a training step: the vision pass alone, `get_image_features` on the batch's tiles and its

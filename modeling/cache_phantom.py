@@ -1,4 +1,4 @@
-"""The Phantom-Dimension cache (PHANTOM_SPEC section 3).
+"""The Phantom-Dimension caches: `PhantomCache` (dynamic, the default) and `PhantomStaticCache` (for compiled decoding).
 
 Hub remote code: imports only torch and transformers.
 """
@@ -10,8 +10,11 @@ import math
 from typing import Any, Callable
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import DynamicLayer
+from transformers.utils import is_torchdynamo_compiling
+
+from .configuration_phantom import PHANTOM_CACHE_MODES
 
 
 def _check_growth(growth: float, min_spare: int) -> None:
@@ -189,8 +192,37 @@ class BufferedDynamicLayer(DynamicLayer):
         self._publish()
 
 
-class PhantomCache(DynamicCache):
-    """A `DynamicCache` that also keeps, per layer, the anchor features of each row.
+def _check_mode(mode: str) -> None:
+    if mode not in PHANTOM_CACHE_MODES:
+        raise ValueError(f"PhantomCache mode must be 'expanded' or 'compact', got {mode!r}")
+
+
+class PhantomCacheMixin:
+    """What Phantom attention keeps in a cache besides keys and values: the mode, and each row's anchor operands.
+
+    The anchors of a layer are two tensors with the batch in dimension 0, computed once per sequence at prefill
+    from the anchor token's q, k, v (paper Sec. 3, Eq. 1): the keys gelu(Lk(a)) and the values Lo(gelu(Lv(a)))
+    of the layer's three cross-attentions, their heads concatenated ((B, H_q + 2 H_kv, D) each). That is all a
+    decode step reads; the raw anchor features are not kept. Every batch operation of the cache moves the
+    anchors with the rows.
+    """
+
+    mode: str
+
+    def get_anchors(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The (key, value) anchor operands of `layer_idx` set at prefill, or None before."""
+        raise NotImplementedError
+
+    def set_anchors(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def has_anchors(self) -> bool:
+        """Whether a prefill has set anchors (decode steps then read them instead of looking for the anchor)."""
+        raise NotImplementedError
+
+
+class PhantomCache(PhantomCacheMixin, DynamicCache):
+    """A `DynamicCache` that also keeps, per layer, the anchor operands of each row (`PhantomCacheMixin`).
 
     In `"expanded"` mode (the default) the key/value tensors it stores are the Phantom-expanded ones,
     [k, k*] and [v, v*], of head size 2*head_dim: a decode step computes the expansions of its new
@@ -201,17 +233,13 @@ class PhantomCache(DynamicCache):
     In both modes the full-attention layers are `BufferedDynamicLayer`s: new tokens are written in place
     into buffers with spare room (`growth`, `min_spare`) instead of `torch.cat`-copying the whole cache
     every step as `DynamicLayer` does; `layer.keys` / `layer.values` show only the filled tokens. Sliding-
-    window and other special layers keep transformers' own classes.
-
-    The anchors of a layer are a dict of tensors with the batch in dimension 0: the raw anchor
-    features (`q`, `k`, `v`, shapes (B, H_q, D), (B, H_kv, D), (B, H_kv, D)) and the anchor-side
-    products of the three cross-attentions, computed once at prefill. Every batch operation of the
-    cache (beam reorder, repeat-interleave, select, reset, crop to empty) moves them with the rows.
+    window and other special layers keep transformers' own classes. Every batch operation of the cache
+    (beam reorder, repeat-interleave, select, reset, crop to empty) moves the anchors with the rows.
+    For `torch.compile` and CUDA graphs use `PhantomStaticCache`.
     """
 
     def __init__(self, *args: Any, mode: str = "expanded", growth: float = 1.25, min_spare: int = 64, **kwargs: Any) -> None:
-        if mode not in ("expanded", "compact"):
-            raise ValueError(f"PhantomCache mode must be 'expanded' or 'compact', got {mode!r}")
+        _check_mode(mode)
         _check_growth(growth, min_spare)
         super().__init__(*args, **kwargs)
         make_layer = functools.partial(BufferedDynamicLayer, growth=growth, min_spare=min_spare)
@@ -219,7 +247,7 @@ class PhantomCache(DynamicCache):
         if self.layer_class_to_replicate is DynamicLayer:
             self.layer_class_to_replicate = make_layer
         self.mode = mode
-        self.anchors: dict[int, dict[str, torch.Tensor]] = {}
+        self.anchors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @staticmethod
     def _buffered(layer: Any, make_layer: Callable[[], BufferedDynamicLayer]) -> Any:
@@ -231,20 +259,17 @@ class PhantomCache(DynamicCache):
             buffered.update(layer.keys, layer.values)
         return buffered
 
-    def get_anchors(self, layer_idx: int) -> dict[str, torch.Tensor] | None:
-        """The anchors stored for `layer_idx` at prefill, or None before prefill."""
+    def get_anchors(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         return self.anchors.get(layer_idx)
 
-    def set_anchors(self, layer_idx: int, anchors: dict[str, torch.Tensor]) -> None:
-        self.anchors[layer_idx] = anchors
+    def set_anchors(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        self.anchors[layer_idx] = (key, value)
 
     def has_anchors(self) -> bool:
         return bool(self.anchors)
 
-    def _map_anchors(self, fn) -> None:
-        self.anchors = {
-            layer_idx: {name: fn(tensor) for name, tensor in layer.items()} for layer_idx, layer in self.anchors.items()
-        }
+    def _map_anchors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.anchors = {layer_idx: (fn(key), fn(value)) for layer_idx, (key, value) in self.anchors.items()}
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
@@ -268,4 +293,84 @@ class PhantomCache(DynamicCache):
         self.anchors.clear()
 
 
-__all__ = ["BufferedDynamicLayer", "PhantomCache"]
+class PhantomStaticCache(PhantomCacheMixin, StaticCache):
+    """A `StaticCache` (preallocated keys/values of `max_cache_len` tokens, written in place: what `torch.compile`
+    and CUDA graphs need) that also keeps each row's anchor operands in preallocated buffers (`PhantomCacheMixin`).
+
+    `mode` as `PhantomCache`'s: "expanded" stores [k, k*], [v, v*] (head size 2*head_dim, twice the backbone's
+    static cache), "compact" the plain k, v, re-expanding all `max_cache_len` slots every step. The anchor
+    buffers are allocated at the first prefill, marked as static addresses, and rewritten in place by later
+    prefills and beam reorders, so a compiled decode step reads them at a fixed address. Phantom models convert
+    an empty `StaticCache` into this class by themselves: `generate(..., cache_implementation="static")`
+    works as it does for transformers' own models.
+
+    Why per-row buffers and not anchors held by the model: at inference a row's anchor is usually its first
+    attended token at position 0, which under causal attention sees only itself, so its anchor operands depend
+    on its token id alone (checked for all five backbones, to rounding). But computed by a separate one-token
+    forward they differ from the prefill's in the last bits (other matrix shapes, other rounding: up to 5e-5 at
+    hidden size 896 in float32), so decoding would no longer reproduce the uncached model exactly; the
+    assumption fails for `phantom_anchor_token_id` and explicit position ids; and rows with different first
+    tokens would still need a per-row index. The buffers cost 2 x (B, H_q + 2 H_kv, head_dim) per layer and one
+    small read per step.
+    """
+
+    def __init__(self, config: Any, max_cache_len: int, *args: Any, mode: str = "expanded", **kwargs: Any) -> None:
+        _check_mode(mode)
+        super().__init__(config, max_cache_len, *args, **kwargs)
+        self.mode = mode
+        self._clear_anchors()
+
+    def _clear_anchors(self) -> None:
+        self.anchor_buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._anchored: set[int] = set()  # layers whose buffers hold the current sequences' anchors
+
+    @classmethod
+    def from_static_cache(cls, cache: StaticCache, mode: str = "expanded") -> "PhantomStaticCache":
+        """An empty `StaticCache` as a `PhantomStaticCache` that takes over its layers (same sizes, same buffers)."""
+        _check_mode(mode)
+        if isinstance(cache, PhantomStaticCache):
+            return cache
+        converted = cls.__new__(cls)
+        converted.__dict__.update(cache.__dict__)
+        converted.mode = mode
+        converted._clear_anchors()
+        return converted
+
+    def get_anchors(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return self.anchor_buffers[layer_idx] if layer_idx in self._anchored else None
+
+    def set_anchors(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        buffers = self.anchor_buffers.get(layer_idx)
+        if buffers is None or any(
+            buffer.shape != new.shape or buffer.dtype != new.dtype or buffer.device != new.device
+            for buffer, new in zip(buffers, (key, value))
+        ):
+            buffers = tuple(torch.empty(new.shape, dtype=new.dtype, device=new.device) for new in (key, value))
+            if not is_torchdynamo_compiling():  # as StaticLayer does: a fixed address for compiled steps and CUDA graphs
+                for buffer in buffers:
+                    torch._dynamo.mark_static_address(buffer)
+            self.anchor_buffers[layer_idx] = buffers
+        buffers[0].copy_(key)
+        buffers[1].copy_(value)
+        self._anchored.add(layer_idx)
+
+    def has_anchors(self) -> bool:
+        return bool(self._anchored)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        for layer_idx in self._anchored:
+            for buffer in self.anchor_buffers[layer_idx]:
+                buffer.copy_(buffer.index_select(0, beam_idx.to(buffer.device)))
+
+    def crop(self, *args: Any, **kwargs: Any) -> None:
+        super().crop(*args, **kwargs)
+        if int(self.get_seq_length()) == 0:
+            self._anchored.clear()
+
+    def reset(self) -> None:
+        super().reset()
+        self._anchored.clear()
+
+
+__all__ = ["BufferedDynamicLayer", "PhantomCache", "PhantomCacheMixin", "PhantomStaticCache"]

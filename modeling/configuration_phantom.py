@@ -72,12 +72,17 @@ class PhantomConfig(PretrainedConfig):
         vision_feature_layer: which hidden state of the vision tower feeds the projector (-1: last).
         vision_feature_select_strategy: "default" drops the CLS token, "full" keeps it.
         phantom_dimension: add Phantom Dimension to every attention layer; False gives the plain baseline.
-        phantom_eta: scale of the expansions (q* = eta*MHCA, v* = v + eta*MHCA); must be > 0.
+        phantom_eta: scale of the expansions (q* = eta*MHCA, v* = v + eta*MHCA); must be > 0. Read at every
+            forward: setting `model.config.phantom_eta` on a built model takes effect at once.
         phantom_mixing: how the two halves of the attention output are folded: "weighted" (Eq. 3), "sum", "mean".
         phantom_expansion: "mhca" (the paper) or "repeat" (Appendix E: q*, k*, v* are copies of q, k, v).
+            This and `phantom_mixing` decide which modules a layer has: they are fixed when the model is built
+            (changing them on a built model's config has no effect; build a new model).
         phantom_anchor_token_id: token whose first occurrence is the anchor; None means the first attended token.
         phantom_cache_mode: "expanded" caches [k, k*] and [v, v*] (O(1) extra work per decode step, twice the
-            memory of a plain cache); "compact" caches plain k, v and recomputes the expansions every step.
+            memory of a plain cache); "compact" caches plain k, v and recomputes the expansions every step. Both
+            `PhantomCache` (the default) and `PhantomStaticCache` (`generate(..., cache_implementation="static")`,
+            compiled decoding) take it.
     """
 
     model_type = "phantom"

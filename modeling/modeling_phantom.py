@@ -19,14 +19,15 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel, DynamicCache, GenerationMixin, PreTrainedModel
+from transformers import AutoModel, DynamicCache, GenerationMixin, PreTrainedModel, StaticCache
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.internvl.modeling_internvl import InternVLModel, InternVLMultiModalProjector
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+from transformers.utils import is_torchdynamo_compiling
 
-from .cache_phantom import PhantomCache
+from .cache_phantom import PhantomCache, PhantomCacheMixin, PhantomStaticCache
 from .compat_phantom import CACHE_NAME, cache_kwargs, cache_of, take_cache
 from .configuration_phantom import AUTO_MAP, PhantomConfig
 
@@ -36,14 +37,16 @@ from .configuration_phantom import AUTO_MAP, PhantomConfig
 
 
 class PhantomCrossAttention(nn.Module):
-    """Multi-head cross-attention over heads (MHCA) from every head of every token to the anchor's heads.
+    """Multi-head cross-attention over heads (MHCA, paper Sec. 3, Eq. 1) from every head of every token to the
+    anchor's heads.
 
-    For x of shape (B, H, N, D) and anchor a of shape (B, H_a, D):
+    For x of shape (B, H, N, D) and anchor features a of shape (B, H_a, D):
     y = gelu(Lo(softmax(gelu(Lq(x)) @ gelu(Lk(a))^T / sqrt(D)) @ gelu(Lv(a)))), with exact (erf) GELU.
-    The anchor-side products gelu(Lk(a)), gelu(Lv(a)) depend on the anchor only: `anchor_states`
-    computes them once per sequence, so that decoding does not recompute them per step. `forward` is this
-    one module in the spec's form; Phantom attention runs its three modules fused
-    (`PhantomAttentionMixin._phantom_expand`).
+
+    `forward` is this formula for one module, written to be read: it is the reference that the tests hold
+    the running code to. Phantom attention runs the three modules of a layer fused
+    (`PhantomAttentionMixin._phantom_expand`), with the anchor-side products computed once per sequence
+    (`PhantomAttentionMixin._phantom_anchors`, from `anchor_states`) and kept in the cache for decoding.
     """
 
     def __init__(self, head_dim: int) -> None:
@@ -58,13 +61,12 @@ class PhantomCrossAttention(nn.Module):
         """(gelu(Lk(a)), gelu(Lv(a))) for anchor features a of shape (B, H_a, D)."""
         return F.gelu(self.linear_k(anchor)), F.gelu(self.linear_v(anchor))
 
-    def forward(self, states: torch.Tensor, anchor_key: torch.Tensor, anchor_value: torch.Tensor) -> torch.Tensor:
-        batch, heads, tokens, dim = states.shape
-        query = F.gelu(self.linear_q(states)).reshape(batch, heads * tokens, dim)
-        scores = torch.matmul(query, anchor_key.transpose(-1, -2)) * dim**-0.5
-        probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(query.dtype)
-        mixed = torch.matmul(probs, anchor_value).reshape(batch, heads, tokens, dim)
-        return F.gelu(self.linear_o(mixed))
+    def forward(self, states: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+        """MHCA(x, a) of shape (B, H, N, D) for x (B, H, N, D) and anchor features a (B, H_a, D)."""
+        anchor_key, anchor_value = self.anchor_states(anchor)
+        scores = torch.einsum("bhnd,bad->bhna", F.gelu(self.linear_q(states)), anchor_key) / self.head_dim**0.5
+        probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(states.dtype)
+        return F.gelu(self.linear_o(torch.einsum("bhna,bad->bhnd", probs, anchor_value)))
 
 
 def sdpa_packed_gqa_decode(
@@ -132,14 +134,19 @@ class PhantomAttentionMixin:
     _phantom_eager: Callable
 
     def init_phantom(self, config: PhantomConfig) -> None:
-        """Add the Phantom modules (published names) and settings to this attention module."""
+        """Add the Phantom modules (published names) and settings to this attention module.
+
+        `phantom_mixing` and `phantom_expansion` decide which modules exist, so they are fixed here;
+        `phantom_eta` is read from `config` (the model's config) at every call.
+        """
         head_dim = self.head_dim
         text = self.config
+        self.phantom_config = config
         self.phantom_num_heads = text.num_attention_heads
         self.phantom_num_kv_heads = text.num_key_value_heads
-        self.phantom_eta = float(config.phantom_eta)
         self.phantom_mixing = config.phantom_mixing
         self.phantom_expansion = config.phantom_expansion
+        self._phantom_path_mask: torch.Tensor | None = None
         if self.phantom_expansion == "mhca":
             self.xattn_query_phantom = PhantomCrossAttention(head_dim)
             self.xattn_key_phantom = PhantomCrossAttention(head_dim)
@@ -164,14 +171,13 @@ class PhantomAttentionMixin:
 
     def _phantom_anchors(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, anchor_index: torch.Tensor | None
-    ) -> dict[str, torch.Tensor]:
-        """Anchor features of each row (rotary applied) and the anchor-side products of the three MHCAs.
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The anchor-side operands of the fused MHCA (`_phantom_expand`), from each row's anchor features.
 
-        Besides the per-path products (`{q,k,v}_key` = gelu(Lk(a)), `{q,k,v}_value` = gelu(Lv(a))) it keeps
-        the operands of the fused MHCA of `_phantom_expand`, concatenated over the paths' anchor heads:
-        `mhca_key` (B, H_all, D), `mhca_value` = Lo(gelu(Lv(a))) (B, H_all, D) — Lo is linear, so
-        Lo(s @ va) = s @ Lo(va) — and `mhca_mask` (B, H_all, H_all), 0 where a head and an anchor head
-        belong to the same path and -inf elsewhere. H_all = H_q + 2 H_kv.
+        The anchor features are q, k, v (rotary applied) at the anchor position of each row. Per path
+        (q, k, v) the anchor keys are gelu(Lk(a)) and the anchor values Lo(gelu(Lv(a))) — Lo is linear, so
+        Lo(s @ va) = s @ Lo(va) — concatenated over the paths' heads: two (B, H_q + 2 H_kv, D) tensors,
+        all that the cache keeps for decoding.
         """
         if anchor_index is None:
             raise ValueError(
@@ -180,32 +186,36 @@ class PhantomAttentionMixin:
             )
         rows = torch.arange(query.shape[0], device=query.device)
         anchor_index = anchor_index.to(query.device)
-        anchors = {"q": query[rows, :, anchor_index], "k": key[rows, :, anchor_index], "v": value[rows, :, anchor_index]}
-        if self.phantom_expansion == "mhca":
-            keys, values = [], []
-            for path, name in _MHCA_NAMES.items():
-                mhca = getattr(self, name)
-                anchors[f"{path}_key"], anchors[f"{path}_value"] = mhca.anchor_states(anchors[path])
-                keys.append(anchors[f"{path}_key"])
-                values.append(mhca.linear_o(anchors[f"{path}_value"]))
-            anchors["mhca_key"] = torch.cat(keys, dim=1)
-            anchors["mhca_value"] = torch.cat(values, dim=1)
-            sizes = [self.phantom_num_heads, self.phantom_num_kv_heads, self.phantom_num_kv_heads]
-            path_of_head = torch.arange(3, device=query.device).repeat_interleave(torch.tensor(sizes, device=query.device))
+        keys, values = [], []
+        for path, states in zip("qkv", (query, key, value)):
+            mhca = getattr(self, _MHCA_NAMES[path])
+            anchor_key, anchor_value = mhca.anchor_states(states[rows, :, anchor_index])
+            keys.append(anchor_key)
+            values.append(mhca.linear_o(anchor_value))
+        return torch.cat(keys, dim=1), torch.cat(values, dim=1)
+
+    def _phantom_mask(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """(H_all, H_all) additive mask of the fused MHCA: 0 where a head and an anchor head belong to the same
+        path (q, k or v), -inf elsewhere; H_all = H_q + 2 H_kv. Built once per dtype and device."""
+        mask = self._phantom_path_mask
+        if mask is None or mask.dtype != dtype or mask.device != device:
+            sizes = torch.tensor([self.phantom_num_heads, self.phantom_num_kv_heads, self.phantom_num_kv_heads])
+            path_of_head = torch.arange(3).repeat_interleave(sizes)
             other_path = path_of_head[:, None] != path_of_head[None, :]
-            mask = torch.zeros(other_path.shape, dtype=query.dtype, device=query.device).masked_fill(other_path, float("-inf"))
-            anchors["mhca_mask"] = mask.expand(query.shape[0], -1, -1)
-        return anchors
+            mask = torch.zeros(other_path.shape, dtype=dtype).masked_fill(other_path, float("-inf")).to(device)
+            self._phantom_path_mask = mask
+        return mask
 
     def _phantom_expand(
-        self, paths: str, states: tuple[torch.Tensor, ...], anchors: dict[str, torch.Tensor]
+        self, paths: str, states: tuple[torch.Tensor, ...], anchors: tuple[torch.Tensor, torch.Tensor] | None
     ) -> tuple[torch.Tensor, ...]:
         """[x, x*] along the head dimension for each path, x* = eta*MHCA(x, anchor) (+ x on the value path).
 
-        `paths` names the paths of `states` ("qkv", "kv" or "q"; (B, H_path, N, D) tensors of the same N).
-        The MHCAs of all given paths run as one: the heads of every path are stacked, each head attends
-        over the stacked anchor heads with the other paths' masked out, so a decode step costs a handful
-        of batched operations instead of a dozen small ones per path.
+        `paths` names the paths of `states` ("qkv", "kv" or "q"; (B, H_path, N, D) tensors of the same N);
+        `anchors` are `_phantom_anchors`' operands. The MHCAs of all given paths run as one: the heads of
+        every path are stacked, each head attends over the stacked anchor heads with the other paths' masked
+        out, so a decode step costs a handful of batched operations instead of a dozen small ones per path.
+        `PhantomCrossAttention.forward` is the same computation for one path, unfused.
         """
         if self.phantom_expansion == "repeat":
             return tuple(torch.cat([x, x], dim=-1) for x in states)
@@ -215,16 +225,17 @@ class PhantomAttentionMixin:
         sizes = [x.shape[1] for x in states]
         start = 0 if paths[0] == "q" else self.phantom_num_heads
         stop = start + sum(sizes)
-        key, value, mask = anchors["mhca_key"], anchors["mhca_value"], anchors["mhca_mask"]
+        key, value = anchors
+        mask = self._phantom_mask(key.dtype, key.device)
         if paths != "qkv":
-            key, value, mask = key[:, start:stop], value[:, start:stop], mask[:, start:stop, start:stop]
+            key, value, mask = key[:, start:stop], value[:, start:stop], mask[start:stop, start:stop]
         hidden = [F.linear(x, getattr(self, _MHCA_NAMES[path]).linear_q.weight) for path, x in zip(paths, states)]
         hidden = F.gelu(torch.cat(hidden, dim=1) if len(hidden) > 1 else hidden[0]).reshape(batch, -1, dim)
         if tokens > 1:  # rows are ordered (head, token)
-            mask = mask.repeat_interleave(tokens, dim=1)
+            mask = mask.repeat_interleave(tokens, dim=0)
         scores = torch.baddbmm(mask, hidden, key.transpose(1, 2), alpha=dim**-0.5)
         probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(hidden.dtype)
-        expansion = self.phantom_eta * F.gelu(torch.bmm(probs, value))
+        expansion = self.phantom_config.phantom_eta * F.gelu(torch.bmm(probs, value))
         expansion = expansion.view(batch, -1, tokens, dim).split(sizes, dim=1)
         return tuple(
             torch.cat([x, x + y if path == "v" else y], dim=-1) for path, x, y in zip(paths, states, expansion)
@@ -265,12 +276,12 @@ class PhantomAttentionMixin:
         cos, sin = position_embeddings
         query, key = self._phantom_rotary(query, key, cos, sin)
 
-        cache = past_key_values if isinstance(past_key_values, PhantomCache) else None
+        cache = past_key_values if isinstance(past_key_values, PhantomCacheMixin) else None
         anchors = cache.get_anchors(self.layer_idx) if cache is not None else None
-        if anchors is None:
+        if anchors is None and self.phantom_expansion == "mhca":
             anchors = self._phantom_anchors(query, key, value, phantom_anchor_index)
             if cache is not None:
-                cache.set_anchors(self.layer_idx, anchors)
+                cache.set_anchors(self.layer_idx, *anchors)
 
         if cache is not None and cache.mode == "compact":
             key, value = cache.update(key, value, self.layer_idx)
@@ -484,7 +495,7 @@ class PhantomPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = False
     _supports_attention_backend = True
-    _can_compile_fullgraph = False
+    _can_compile_fullgraph = True  # decode steps with a static cache (PhantomStaticCache): tests/test_static_cache.py
     # Weight quantization (`from_pretrained(..., quantization_config=...)`: bitsandbytes 8/4-bit, torchao, and every
     # config with a module skip list) leaves these modules in the compute dtype. Regexes matched from the start of a
     # module or parameter name, as transformers' quantizers read their skip lists (5.11 and 5.24 alike).
@@ -571,16 +582,39 @@ class PhantomPreTrainedModel(PreTrainedModel):
             write(Path(save_directory))
 
 
+def _attended_tokens(attention_mask: Any, batch_size: int) -> torch.Tensor | None:
+    """(B, N) bool: which tokens of the call are attended, from a 2D padding mask or a prepared 4D mask.
+
+    A 4D mask (B or 1, heads, N, kv) is what `generate` passes with a static cache; a token is attended when
+    it may attend to itself (the mask's diagonal: keys and queries start together at a prefill). Boolean
+    masks allow with True, additive ones with 0 (not the dtype's minimum or -inf). A dict of masks per layer
+    type (sliding and full attention) has the same diagonal in each. None: every token is attended.
+    """
+    if isinstance(attention_mask, dict):
+        attention_mask = next((mask for mask in attention_mask.values() if isinstance(mask, torch.Tensor)), None)
+    if not isinstance(attention_mask, torch.Tensor):
+        return None
+    if attention_mask.dim() == 2:
+        return attention_mask.bool()
+    if attention_mask.dim() != 4:
+        raise ValueError(f"attention_mask must be 2D (batch, tokens) or 4D, got shape {tuple(attention_mask.shape)}")
+    diagonal = attention_mask[:, 0].diagonal(dim1=-2, dim2=-1)
+    if diagonal.dtype != torch.bool:
+        diagonal = diagonal > torch.finfo(diagonal.dtype).min
+    return diagonal.expand(batch_size, -1)
+
+
 def anchor_positions(
     input_ids: torch.Tensor | None,
-    attention_mask: torch.Tensor | None,
+    attention_mask: Any,
     anchor_token_id: int | None,
     batch_size: int,
     device: torch.device,
 ) -> torch.Tensor:
-    """Position of each row's anchor (spec section 2): the first attended token, or the first
-    attended occurrence of `anchor_token_id` when one is configured."""
-    attended = attention_mask.bool() if attention_mask is not None and attention_mask.dim() == 2 else None
+    """Position of each row's anchor (paper Sec. 3): the first attended token, or the first attended
+    occurrence of `anchor_token_id` when one is configured. `attention_mask` as the model takes it: 2D, 4D,
+    or None."""
+    attended = _attended_tokens(attention_mask, batch_size)
     if anchor_token_id is None:
         if attended is None:
             return torch.zeros(batch_size, dtype=torch.long, device=device)
@@ -592,7 +626,7 @@ def anchor_positions(
         raise ValueError("phantom_anchor_token_id needs input_ids to find the anchor; got only inputs_embeds")
     hits = input_ids == anchor_token_id
     if attended is not None:
-        hits &= attended
+        hits &= attended.to(hits.device)
     missing = ~hits.any(-1)
     if missing.any():
         raise ValueError(
@@ -709,6 +743,17 @@ def _check_loaded_weights(model: nn.Module, loading_info: dict[str, Any], phanto
         )
 
 
+def _checked_tile_index(image_tile_index: Any, tiles: int) -> torch.Tensor:
+    """`image_tile_index` as a 1-D integer tensor of tiles in [0, tiles), or a ValueError/TypeError saying what is wrong."""
+    if not isinstance(image_tile_index, torch.Tensor) or image_tile_index.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"image_tile_index must be an int64 tensor, got {getattr(image_tile_index, 'dtype', type(image_tile_index))}")
+    if image_tile_index.dim() != 1:
+        raise ValueError(f"image_tile_index must be 1-D (one entry per placeholder tile), got shape {tuple(image_tile_index.shape)}")
+    if image_tile_index.numel() and (int(image_tile_index.min()) < 0 or int(image_tile_index.max()) >= tiles):
+        raise ValueError(f"image_tile_index holds tiles outside [0, {tiles}): {image_tile_index.tolist()}")
+    return image_tile_index
+
+
 class PhantomModel(PhantomPreTrainedModel):
     """Vision tower + projector + decoder stack with Phantom Dimension (no LM head)."""
 
@@ -777,18 +822,23 @@ class PhantomModel(PhantomPreTrainedModel):
             )
 
     def _phantom_cache(self, cache: Cache | None, use_cache: bool, cache_mode: str | None) -> Cache | None:
-        """The cache Phantom attention runs with: a `PhantomCache`, created or converted from an empty one."""
+        """The cache Phantom attention runs with: a `PhantomCache` or `PhantomStaticCache`, created, or converted
+        from an empty `DynamicCache` / `StaticCache` (what `generate` creates for `cache_implementation` None /
+        "dynamic" / "static")."""
         mode = cache_mode or self.config.phantom_cache_mode
         if cache is None:
             return PhantomCache(config=self.config.text_config, mode=mode) if use_cache else None
-        if isinstance(cache, PhantomCache):
+        if isinstance(cache, PhantomCacheMixin):
             return cache
         if type(cache) is DynamicCache and cache.get_seq_length() == 0:
             return PhantomCache(config=self.config.text_config, mode=mode)
+        if type(cache) is StaticCache and int(cache.get_seq_length()) == 0:
+            return PhantomStaticCache.from_static_cache(cache, mode=mode)
         raise ValueError(
-            f"the cache is a {type(cache).__name__} holding {cache.get_seq_length()} tokens; Phantom attention needs "
-            "a PhantomCache (it keeps the anchors and the expanded keys/values). Pass "
-            "PhantomCache(config=model.config.text_config) or no cache."
+            f"the cache is a {type(cache).__name__} holding {int(cache.get_seq_length())} tokens; Phantom attention "
+            "needs a PhantomCache or PhantomStaticCache (they keep the anchors and the expanded keys/values). Pass "
+            "PhantomCache(config=model.config.text_config), PhantomStaticCache(model.config.text_config, "
+            "max_cache_len), or no cache."
         )
 
     def forward(
@@ -804,15 +854,19 @@ class PhantomModel(PhantomPreTrainedModel):
         image_features: torch.FloatTensor | None = None,
         num_patches: torch.LongTensor | list[int] | None = None,
         past_key_values: Cache | None = None,
+        image_tile_index: torch.LongTensor | None = None,
         **kwargs: Any,
     ) -> PhantomModelOutputWithPast:
         """Run the decoder on text whose `<IMG_CONTEXT>` embeddings are replaced by the vision tokens.
 
         `pixel_values` holds the tiles of all images in the batch, in the order of their placeholders;
-        `image_features` may be given instead (precomputed `get_image_features`, e.g. shared by the chosen
-        and rejected sequences of a preference pair). `num_patches` (tiles per image, from `PhantomProcessor`)
-        is only checked against `pixel_values` and the placeholders. The cache may be passed as `cache` (the
-        name since transformers 5.24) or `past_key_values` (before).
+        `image_features` may be given instead (precomputed `get_image_features`). `image_tile_index` lets
+        rows share encoded tiles: the i-th tile of placeholders takes the vision tokens of tile
+        `image_tile_index[i]` of `pixel_values` / `image_features`, so each tile goes through the vision tower
+        once however many rows use it (a preference batch of chosen rows then rejected rows on the same images:
+        `torch.arange(tiles).repeat(2)`). `num_patches` (tiles per image, from `PhantomProcessor`) is only
+        checked against `pixel_values` and the placeholders. The cache may be passed as `cache` (the name since
+        transformers 5.24) or `past_key_values` (before).
         """
         cache = take_cache(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
@@ -823,12 +877,15 @@ class PhantomModel(PhantomPreTrainedModel):
             use_cache = not self.training and self.config.text_config.use_cache
         if self.config.phantom_dimension:
             cache = self._phantom_cache(cache, use_cache, phantom_cache_mode)
-        past_length = cache.get_seq_length() if cache is not None else 0
+        if image_tile_index is not None and pixel_values is None and image_features is None:
+            raise ValueError("image_tile_index selects tiles of pixel_values or image_features; neither was given")
 
         placeholders = 0
         # a decoding step of `generate` feeds the token the model just chose (never a placeholder): checking its
-        # range would cost a host sync per step, which generate otherwise avoids on accelerators
-        if input_ids is not None and not kwargs.pop("phantom_decode_step", False):
+        # range would cost a host sync per step, which generate otherwise avoids on accelerators; a compiled step
+        # cannot hold the data-dependent check at all (it would break the graph)
+        decode_step = kwargs.pop("phantom_decode_step", False)
+        if input_ids is not None and not decode_step and not is_torchdynamo_compiling():
             embeddings = self.get_input_embeddings().num_embeddings
             placeholders = _check_token_ids(input_ids, embeddings, self.config.image_token_id)
         batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
@@ -836,18 +893,22 @@ class PhantomModel(PhantomPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         if pixel_values is not None:
-            if num_patches is not None:
+            if num_patches is not None and image_tile_index is None:
                 self._check_num_patches(input_ids, pixel_values, num_patches)
             image_features = self.get_image_features(pixel_values)
         if image_features is not None:
-            inputs_embeds = self._merge_image_features(input_ids, inputs_embeds, image_features)
+            tile_features = image_features
+            if image_tile_index is not None:
+                tile_features = image_features[_checked_tile_index(image_tile_index, image_features.shape[0])]
+            inputs_embeds = self._merge_image_features(input_ids, inputs_embeds, tile_features)
         elif placeholders:
             raise ValueError(
                 f"the text has {placeholders} image placeholder tokens but no pixel_values"
                 + (f" (the cache holds {past_length} tokens: pass the pixel_values of the images in the new text)" if past_length else "")
             )
 
-        if self.config.phantom_dimension and not (isinstance(cache, PhantomCache) and cache.has_anchors()):
+        needs_anchors = self.config.phantom_dimension and self.config.phantom_expansion == "mhca"
+        if needs_anchors and not (isinstance(cache, PhantomCacheMixin) and cache.has_anchors()):
             kwargs["phantom_anchor_index"] = anchor_positions(
                 input_ids, attention_mask, self.config.phantom_anchor_token_id, inputs_embeds.shape[0], inputs_embeds.device
             )
@@ -949,7 +1010,9 @@ def _check_generate_inputs(config: PhantomConfig, input_ids: Any, kwargs: dict[s
 
 class PhantomForConditionalGeneration(PhantomPreTrainedModel, GenerationMixin):
     """Phantom vision-language model with a language-modelling head: `forward` (with `labels` for the
-    loss) and `generate` with every decoding strategy, using `PhantomCache` by default."""
+    loss) and `generate` with every decoding strategy, using `PhantomCache` by default and `PhantomStaticCache`
+    with `cache_implementation="static"`, whose decode step compiles in one graph (`torch.compile(...,
+    fullgraph=True)`, or `generate`'s own compile path on an accelerator)."""
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
 

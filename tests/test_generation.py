@@ -86,15 +86,17 @@ def test_cache_batch_operations_move_anchors_with_rows() -> None:
     with torch.no_grad():
         cache = cache_of(model(input_ids=input_ids, attention_mask=attention_mask))
     keys = cache.layers[0].keys.clone()
-    anchors = {name: tensor.clone() for name, tensor in cache.get_anchors(0).items()}
+    anchor_key, anchor_value = (tensor.clone() for tensor in cache.get_anchors(0))
+    assert len(set(anchor_key[:, 0, 0].tolist())) == 3  # rows differ: moves are visible
     cache.reorder_cache(torch.tensor([2, 0, 1]))
-    assert torch.equal(cache.get_anchors(0)["k"], anchors["k"][[2, 0, 1]])
+    assert torch.equal(cache.get_anchors(0)[0], anchor_key[[2, 0, 1]])
+    assert torch.equal(cache.get_anchors(0)[1], anchor_value[[2, 0, 1]])
     assert torch.equal(cache.layers[0].keys, keys[[2, 0, 1]])
     cache.batch_repeat_interleave(2)
-    assert torch.equal(cache.get_anchors(1)["q_key"][1], cache.get_anchors(1)["q_key"][0])
-    assert cache.get_anchors(0)["v"].shape[0] == 6
+    assert torch.equal(cache.get_anchors(1)[0][1], cache.get_anchors(1)[0][0])
+    assert cache.get_anchors(0)[1].shape[0] == 6
     cache.batch_select_indices(torch.tensor([0, 5]))
-    assert torch.equal(cache.get_anchors(0)["q"], anchors["q"][[2, 1]])
+    assert torch.equal(cache.get_anchors(0)[0], anchor_key[[2, 1]])
     cache.crop(-cache.get_seq_length())
     assert not cache.has_anchors()
     with torch.no_grad():

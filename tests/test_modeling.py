@@ -11,7 +11,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from phantom_hf import PhantomConfig, PhantomForConditionalGeneration
 from phantom_hf.modeling import modeling_phantom
 from phantom_hf.modeling.compat_phantom import cache_of
-from phantom_hf.modeling.modeling_phantom import sdpa_packed_gqa_decode
+from phantom_hf.modeling.modeling_phantom import anchor_positions, sdpa_packed_gqa_decode
 from phantom_hf.tiny import tiny_text_config, tiny_vision_config
 
 from .conftest import IMAGE_TOKEN_ID, left_padded_batch, make_model, no_split_modules, randomize_phantom_weights
@@ -49,10 +49,22 @@ def phantom_attention_reference(
     heads, kv_heads = attention.config.num_attention_heads, attention.config.num_key_value_heads
     dim = attention.head_dim
 
-    def project(name: str, n_heads: int) -> torch.Tensor:
-        return (hidden @ weights[f"{name}.weight"].T + weights[f"{name}.bias"]).view(batch, tokens, n_heads, dim)
+    def linear(name: str) -> torch.Tensor:
+        out = hidden @ weights[f"{name}.weight"].T
+        return out + weights[f"{name}.bias"] if f"{name}.bias" in weights else out
 
-    q, k, v = project("q_proj", heads), project("k_proj", kv_heads), project("v_proj", kv_heads)
+    if "qkv_proj.weight" in weights:  # Phi-3 packs q, k, v in one projection
+        q, k, v = linear("qkv_proj").split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    else:
+        q, k, v = linear("q_proj"), linear("k_proj"), linear("v_proj")
+    q, k, v = q.view(batch, tokens, heads, dim), k.view(batch, tokens, kv_heads, dim), v.view(batch, tokens, kv_heads, dim)
+    if "q_norm.weight" in weights:  # Qwen3: RMSNorm of each head's q and k before rotary, computed in float32
+
+        def rms_norm(x: torch.Tensor, name: str) -> torch.Tensor:
+            eps, x32 = getattr(attention, name).variance_epsilon, x.float()
+            return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).double() * weights[f"{name}.weight"]
+
+        q, k = rms_norm(q, "q_norm"), rms_norm(k, "k_norm")
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
@@ -89,20 +101,23 @@ def phantom_attention_reference(
 
 
 @pytest.mark.parametrize(
-    "attn_implementation,mixing,expansion",
+    "attn_implementation,mixing,expansion,backbone",
     [
-        ("eager", "weighted", "mhca"),
-        ("sdpa", "weighted", "mhca"),
-        ("sdpa", "sum", "mhca"),
-        ("eager", "mean", "mhca"),
-        ("sdpa", "weighted", "repeat"),
+        ("eager", "weighted", "mhca", "qwen2"),
+        ("sdpa", "weighted", "mhca", "qwen2"),
+        ("sdpa", "sum", "mhca", "qwen2"),
+        ("eager", "mean", "mhca", "qwen2"),
+        ("sdpa", "weighted", "repeat", "qwen2"),
+        *[(attn, "weighted", "mhca", backbone) for backbone in ("llama", "mistral", "qwen3", "phi3") for attn in ("eager", "sdpa")],
     ],
 )
-def test_phantom_attention_equals_spec_reference(attn_implementation: str, mixing: str, expansion: str) -> None:
+def test_phantom_attention_equals_spec_reference(attn_implementation: str, mixing: str, expansion: str, backbone: str) -> None:
+    """Every backbone the config accepts: Qwen2 (q/k/v biases), Llama, Mistral, Qwen3 (q/k norms), Phi-3 (packed qkv)."""
     # transformers' eager attention is NaN on padded rows in float64 (its float32 softmax of a float64 mask
     # minimum), so eager runs in float32
     dtype = torch.float32 if attn_implementation == "eager" else torch.float64
-    model = make_model(phantom_mixing=mixing, phantom_expansion=expansion, dtype=dtype)
+    model = make_model(phantom_mixing=mixing, phantom_expansion=expansion, dtype=dtype, text_config={"model_type": backbone})
+    assert model.config.text_config.model_type == backbone
     model.set_attn_implementation(attn_implementation)
     input_ids, attention_mask = left_padded_batch([9, 6, 4], seed=1)
     captured: dict[int, dict] = {}
@@ -133,6 +148,52 @@ def test_phantom_attention_equals_spec_reference(attn_implementation: str, mixin
         tolerance = 1e-5 if dtype == torch.float32 else 1e-10
         output = captured[index]["output"].double()
         torch.testing.assert_close(output[real], expected[real], rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_fused_expansion_equals_the_cross_attention_modules(tokens: int) -> None:
+    """What runs (the three MHCAs of a layer fused, anchor operands precomputed once) equals
+    `PhantomCrossAttention.forward`, the paper's form (Eq. 1), path by path; also the compact cache's "kv" and
+    "q" calls, with the config's eta read at call time."""
+    model = make_model(seed=3)
+    model.config.phantom_eta = 0.7
+    layer = model.language_model.layers[1].self_attn
+    generator = torch.Generator().manual_seed(0)
+    heads, kv_heads, dim = layer.phantom_num_heads, layer.phantom_num_kv_heads, layer.head_dim
+    states = {
+        path: torch.randn(2, n, tokens, dim, generator=generator, dtype=torch.float64)
+        for path, n in (("q", heads), ("k", kv_heads), ("v", kv_heads))
+    }
+    anchor_index = torch.tensor([0, tokens - 1])
+    rows = torch.arange(2)
+    expected = {}
+    for path, name in (("q", "xattn_query_phantom"), ("k", "xattn_key_phantom"), ("v", "xattn_value_phantom")):
+        x = states[path]
+        star = 0.7 * getattr(layer, name)(x, x[rows, :, anchor_index])
+        expected[path] = torch.cat([x, x + star if path == "v" else star], dim=-1)
+    with torch.no_grad():
+        anchors = layer._phantom_anchors(states["q"], states["k"], states["v"], anchor_index)
+        assert [tensor.shape for tensor in anchors] == [(2, heads + 2 * kv_heads, dim)] * 2  # all the cache keeps
+        fused = dict(zip("qkv", layer._phantom_expand("qkv", (states["q"], states["k"], states["v"]), anchors)))
+        fused.update(zip("kv", layer._phantom_expand("kv", (states["k"], states["v"]), anchors)))
+        compact_q = layer._phantom_expand("q", (states["q"],), anchors)[0]
+    for path in "qkv":
+        torch.testing.assert_close(fused[path], expected[path], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(compact_q, expected["q"], rtol=1e-12, atol=1e-12)
+
+
+def test_phantom_eta_is_read_from_the_model_config() -> None:
+    """Changing `model.config.phantom_eta` after building changes the model as building it with that eta does."""
+    model = make_model(seed=2, phantom_eta=1.0)
+    input_ids, attention_mask = left_padded_batch([7, 5], seed=2)
+    with torch.no_grad():
+        before = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        model.config.phantom_eta = 0.25
+        after = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        built = make_model(seed=2, phantom_eta=0.25)(input_ids=input_ids, attention_mask=attention_mask).logits
+    real = attention_mask.bool()
+    assert not torch.allclose(after[real], before[real])
+    torch.testing.assert_close(after[real], built[real], rtol=1e-12, atol=1e-12)
 
 
 def test_sdpa_and_eager_agree_on_padded_batch() -> None:
@@ -259,6 +320,40 @@ def test_images_are_placed_at_placeholders_and_counts_checked(model: PhantomForC
         model(input_ids=input_ids, pixel_values=pixel_values.long())
 
 
+def test_rows_share_encoded_tiles_through_image_tile_index(model: PhantomForConditionalGeneration) -> None:
+    """A preference batch (chosen rows, then rejected rows on the same images) passes its tiles once; the vision
+    tower runs once on them and the logits equal those of passing every tile twice."""
+    per_tile = model.config.image_seq_length
+    pixel_values = torch.randn(3, 3, 28, 28, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    input_ids = torch.randint(10, 128, (2, 20), generator=torch.Generator().manual_seed(2))
+    input_ids[0, 2 : 2 + 2 * per_tile] = IMAGE_TOKEN_ID  # row 0: two tiles
+    input_ids[1, 5 : 5 + per_tile] = IMAGE_TOKEN_ID  # row 1: one tile
+    pairs = torch.cat([input_ids, input_ids])
+    encoded = []
+    model.vision_tower.register_forward_pre_hook(
+        lambda module, args, kwargs: encoded.append(kwargs["pixel_values"].shape[0]), with_kwargs=True
+    )
+    index = torch.tensor([0, 1, 2, 2, 1, 0])
+    with torch.no_grad():
+        shared = model(input_ids=pairs, pixel_values=pixel_values, image_tile_index=torch.arange(3).repeat(2), use_cache=False)
+        naive = model(input_ids=pairs, pixel_values=torch.cat([pixel_values, pixel_values]), use_cache=False)
+        permuted = model(input_ids=pairs, pixel_values=pixel_values, image_tile_index=index, use_cache=False)
+        naive_permuted = model(input_ids=pairs, pixel_values=pixel_values[index], use_cache=False)
+    assert encoded == [3, 6, 3, 6]
+    torch.testing.assert_close(shared.logits, naive.logits, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(permuted.logits, naive_permuted.logits, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(permuted.logits[2:], shared.logits[2:])  # the index decides which tile goes where
+
+    with pytest.raises(ValueError, match=r"tiles outside \[0, 3\)"):
+        model(input_ids=pairs, pixel_values=pixel_values, image_tile_index=torch.tensor([0, 1, 2, 3, 1, 0]))
+    with pytest.raises(TypeError, match="image_tile_index must be an int64 tensor"):
+        model(input_ids=pairs, pixel_values=pixel_values, image_tile_index=index.float())
+    with pytest.raises(ValueError, match="neither was given"):
+        model(input_ids=input_ids, image_tile_index=index)
+    with pytest.raises(ValueError, match=r"24 image placeholder tokens .* 3 tiles x 4 = 12 vision tokens"):
+        model(input_ids=pairs, pixel_values=pixel_values, image_tile_index=torch.arange(3))
+
+
 def test_vision_side_matches_spec() -> None:
     """InternViT last hidden state, CLS dropped, pixel shuffle 0.5, LayerNorm-Linear-GELU-Linear."""
     model = make_model()
@@ -310,19 +405,38 @@ def test_anchor_token_id_selects_first_occurrence_and_missing_is_an_error() -> N
     input_ids[1, 4] = anchor_id
     with torch.no_grad():
         output = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True)
-    anchors = cache_of(output).get_anchors(0)
+    anchor_keys, _ = cache_of(output).get_anchors(0)
     layer = model.language_model.layers[0].self_attn
-    # the cached anchor keys equal the keys (after rotary) at positions 3 and 4
+    # the cached anchor keys of the key path are gelu(Lk(k_a)) of the keys (after rotary) at positions 3 and 4
     with torch.no_grad():
         hidden = model.language_model.layers[0].input_layernorm(model.get_input_embeddings()(input_ids))
         _, keys, _ = layer._phantom_project(hidden)
         cos, sin = model.language_model.rotary_emb(hidden, torch.arange(8)[None].expand(2, -1))  # forward's default
         _, keys = layer._phantom_rotary(keys, keys, cos, sin)
-    torch.testing.assert_close(anchors["k"], torch.stack([keys[0, :, 3], keys[1, :, 4]]))
+        expected, _ = layer.xattn_key_phantom.anchor_states(torch.stack([keys[0, :, 3], keys[1, :, 4]]))
+    heads, kv_heads = layer.phantom_num_heads, layer.phantom_num_kv_heads
+    torch.testing.assert_close(anchor_keys[:, heads : heads + kv_heads], expected)
 
     input_ids[1, 4] = 11
     with pytest.raises(ValueError, match=r"phantom_anchor_token_id=7 does not occur in rows \[1\]"):
         model(input_ids=input_ids, attention_mask=attention_mask)
+
+
+def test_anchor_positions_from_a_prepared_4d_mask_equal_the_2d_masks() -> None:
+    """`generate` with a static cache passes a prepared 4D mask (boolean for sdpa, additive for eager, a dict per
+    layer type with sliding windows); the anchors found from it are the 2D mask's."""
+    _, attention_mask = left_padded_batch([6, 3, 5], seed=7)
+    expected = anchor_positions(None, attention_mask, None, 3, torch.device("cpu"))
+    assert expected.tolist() == [0, 3, 1]
+    causal = torch.ones(6, 9, dtype=torch.bool).tril()  # 6 queries over a static cache of 9 slots
+    allowed = causal[None, None] & torch.nn.functional.pad(attention_mask.bool(), (0, 3))[:, None, None, :]
+    additive = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    for mask in (allowed, additive, {"full_attention": allowed, "sliding_attention": allowed}):
+        assert torch.equal(anchor_positions(None, mask, None, 3, torch.device("cpu")), expected)
+    input_ids = torch.full((3, 6), 11)
+    input_ids[:, 4] = 7
+    input_ids[0, 2] = 7
+    assert anchor_positions(input_ids, additive, 7, 3, torch.device("cpu")).tolist() == [2, 4, 4]
 
 
 def test_gradient_checkpointing_gives_the_same_gradients() -> None:

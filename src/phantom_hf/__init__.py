@@ -13,7 +13,7 @@ from typing import Any
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
 
 from .hub import CARD_NAME, write_model_card
-from .modeling import PhantomCache, PhantomConfig, PhantomForConditionalGeneration, PhantomModel
+from .modeling import PhantomCache, PhantomConfig, PhantomForConditionalGeneration, PhantomModel, PhantomStaticCache
 from .modeling.modeling_phantom import SAVE_HOOKS
 from .modeling.processing_phantom import PhantomProcessor
 
@@ -53,5 +53,6 @@ __all__ = [
     "PhantomPOConfig",
     "PhantomPOTrainer",
     "PhantomProcessor",
+    "PhantomStaticCache",
     "__version__",
 ]

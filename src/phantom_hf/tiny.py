@@ -5,13 +5,33 @@ from __future__ import annotations
 
 from typing import Any
 
-from transformers import InternVLVisionConfig, LlamaConfig, Qwen2Config
+from transformers import (
+    InternVLVisionConfig,
+    LlamaConfig,
+    MistralConfig,
+    Phi3Config,
+    PretrainedConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 from .modeling import PhantomConfig
 
 
-def tiny_text_config(model_type: str = "qwen2", **overrides: Any) -> Qwen2Config | LlamaConfig:
-    """A 2-layer GQA decoder (4 query heads, 2 key/value heads, head_dim 16)."""
+# Token ids of the backbones' own defaults that fall outside a tiny vocabulary (Phi-3: 32000) are moved inside it.
+_TINY_SPECIAL_TOKENS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=None)
+TEXT_CONFIG_CLASSES = {
+    "qwen2": Qwen2Config,
+    "llama": LlamaConfig,
+    "mistral": MistralConfig,
+    "qwen3": Qwen3Config,
+    "phi3": Phi3Config,
+}
+
+
+def tiny_text_config(model_type: str = "qwen2", **overrides: Any) -> PretrainedConfig:
+    """A 2-layer GQA decoder (4 query heads, 2 key/value heads, head_dim 16 by default) of any backbone Phantom
+    Dimension supports: "qwen2" (q/k/v biases), "llama", "mistral", "qwen3" (per-head q/k norms), "phi3" (packed qkv)."""
     values = dict(
         vocab_size=128,
         hidden_size=64,
@@ -22,9 +42,14 @@ def tiny_text_config(model_type: str = "qwen2", **overrides: Any) -> Qwen2Config
         max_position_embeddings=512,
         tie_word_embeddings=False,
     )
+    if model_type == "phi3":
+        values.update(_TINY_SPECIAL_TOKENS)
     values.update(overrides)
-    config_class = {"qwen2": Qwen2Config, "llama": LlamaConfig}[model_type]
-    return config_class(**values)
+    if model_type == "qwen3":  # Qwen3's default head_dim is 128 whatever the hidden size
+        values.setdefault("head_dim", values["hidden_size"] // values["num_attention_heads"])
+    if model_type not in TEXT_CONFIG_CLASSES:
+        raise ValueError(f"tiny_text_config knows {sorted(TEXT_CONFIG_CLASSES)}, got {model_type!r}")
+    return TEXT_CONFIG_CLASSES[model_type](**values)
 
 
 def tiny_vision_config(**overrides: Any) -> InternVLVisionConfig:

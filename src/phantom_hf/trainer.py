@@ -458,29 +458,20 @@ class PhantomPOTrainer(CPOTrainer):
         """Nothing to do ahead of time: `PhantomPOCollator` tokenises each batch with its images."""
         return {}
 
-    def _projector(self, model: nn.Module) -> nn.Module:
-        """The projector module of the (possibly DDP/FSDP- or PEFT-wrapped) model: its outermost wrapper."""
-        for name, module in self.accelerator.unwrap_model(model).named_modules():
-            if name.endswith("multi_modal_projector"):
-                return module
-        raise ValueError("the model has no multi_modal_projector; PhantomPOTrainer needs a Phantom model")
-
     def concatenated_forward(self, model: nn.Module, batch: dict[str, Any]) -> tuple:
         """CPO's single forward over chosen + rejected rows, with the images encoded once per triple.
 
-        The batch's `pixel_values` go through the vision tower and projector once; a forward hook on the
-        projector repeats its output for the rejected rows (CPO stacks chosen rows, then rejected rows, so the
-        placeholders of both halves take the same features in the same order). Everything runs inside the
-        wrapped model's forward, as DDP, FSDP and DeepSpeed expect.
+        CPO stacks the chosen rows, then the rejected rows: the placeholders of both halves take the same tiles
+        in the same order. The batch's `pixel_values` are passed once with `image_tile_index` = [0..T-1, 0..T-1],
+        so the model runs the vision tower and projector on the T tiles once and fills both halves from them.
+        Everything runs inside the wrapped model's forward, as DDP, FSDP and DeepSpeed expect.
         """
         pixel_values = batch.get("pixel_values")
         if pixel_values is None:
             return super().concatenated_forward(model, batch)
-        hook = self._projector(model).register_forward_hook(lambda module, inputs, output: torch.cat([output, output]))
-        try:
-            return super().concatenated_forward(functools.partial(model, pixel_values=pixel_values), batch)
-        finally:
-            hook.remove()
+        tiles = torch.arange(pixel_values.shape[0], device=pixel_values.device)
+        shared = functools.partial(model, pixel_values=pixel_values, image_tile_index=tiles.repeat(2))
+        return super().concatenated_forward(shared, batch)
 
     def get_batch_loss_metrics(
         self, model: nn.Module, batch: dict[str, Any], train_eval: str = "train"
