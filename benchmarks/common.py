@@ -28,7 +28,7 @@ from phantom_hf.modeling.cache_phantom import BufferedDynamicLayer
 from phantom_hf.modeling.modeling_phantom import sdpa_attention_packed_decode
 from phantom_hf.tiny import tiny_vision_config
 
-# The default decoder: Qwen2-0.5B as in the phantom-0.5b preset (PHANTOM_SPEC section 5); the shape flags
+# The default decoder: Qwen2-0.5B as in the phantom-0.5b preset (paper Sec. 4); the shape flags
 # default to its dimensions and override them.
 DEFAULT_PRESET = "phantom-0.5b"
 _DEFAULT_TEXT = PhantomConfig.from_preset(DEFAULT_PRESET).text_config

@@ -1,4 +1,4 @@
-"""Configuration of Phantom vision-language models (Phantom of Latent, PHANTOM_SPEC sections 1-5).
+"""Configuration of Phantom vision-language models (Phantom of Latent, arXiv 2409.14713: Phantom Dimension, Sec. 3; the published sizes, Sec. 4).
 
 Hub remote code: this file is uploaded next to the weights and imports only torch, transformers and
 its sibling files.
@@ -63,8 +63,8 @@ class PhantomConfig(PretrainedConfig):
             Qwen2.
         image_token_id: id of `<IMG_CONTEXT>`, the placeholder replaced by vision tokens.
         downsample_ratio: pixel-shuffle ratio of the "phantom" projector (0.5: 1024 patches -> 256 tokens).
-        projector_type: "phantom" (pixel shuffle + LayerNorm + 2-layer GELU MLP, spec section 4), "xdp"
-            (Xmodel-VLM: group `projector_group_size` tokens, Linear-Mish-Linear, spec section 8) or "mlp2x_gelu"
+        projector_type: "phantom" (pixel shuffle + LayerNorm + 2-layer GELU MLP, InternVL's, paper Sec. 4), "xdp"
+            (Xmodel-VLM: group `projector_group_size` tokens, Linear-Mish-Linear, arXiv 2405.09215) or "mlp2x_gelu"
             (LLaVA-1.5: Linear-GELU-Linear per token).
         projector_hidden_act: activation between the two linears of the "phantom" and "mlp2x_gelu" projectors.
         projector_group_size: consecutive vision tokens merged into one by the "xdp" projector.
@@ -131,7 +131,7 @@ class PhantomConfig(PretrainedConfig):
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "PhantomConfig":
-        """Config of a published size ("phantom-0.5b", "phantom-1.8b", "phantom-3.8b", "phantom-7b"; spec section 5).
+        """Config of a published size ("phantom-0.5b", "phantom-1.8b", "phantom-3.8b", "phantom-7b"; paper Sec. 4).
 
         Keyword arguments override config fields; a dict given for `text_config` or `vision_config` updates the
         preset's sub-config field by field, a config object replaces it.

@@ -1,6 +1,6 @@
 """Phantom vision-language models: Phantom Dimension attention, vision tower, projector and LLM.
 
-Implements PHANTOM_SPEC sections 1-4. Hub remote code: imports only torch, transformers and the
+Implements Phantom Dimension (arXiv 2409.14713, Sec. 3, Eq. 1-3) and the vision side (Sec. 4). Hub remote code: imports only torch, transformers and the
 sibling files of this folder.
 """
 
@@ -32,7 +32,7 @@ from .compat_phantom import CACHE_NAME, cache_kwargs, cache_of, take_cache
 from .configuration_phantom import AUTO_MAP, PhantomConfig
 
 # ---------------------------------------------------------------------------------------------------
-# Phantom Dimension (spec section 1)
+# Phantom Dimension (paper Sec. 3, Eq. 1-3)
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -119,7 +119,7 @@ _MHCA_NAMES = {"q": "xattn_query_phantom", "k": "xattn_key_phantom", "v": "xattn
 
 
 class PhantomAttentionMixin:
-    """Phantom Dimension on top of a backbone attention module (spec section 1, steps 1-6).
+    """Phantom Dimension on top of a backbone attention module (paper Sec. 3, Eq. 1-3).
 
     `add_phantom_dimension` turns each decoder layer's attention into a subclass of its own class with
     this mixin first: the backbone's projections, q/k norms, rotary embedding, o_proj, GQA, sliding
@@ -358,7 +358,7 @@ def add_phantom_dimension(language_model: nn.Module, config: PhantomConfig) -> l
 
 
 # ---------------------------------------------------------------------------------------------------
-# Vision side (spec section 4)
+# Vision side (InternVL's, paper Sec. 4)
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -380,7 +380,7 @@ class PhantomProjector(InternVLMultiModalProjector):
 
 
 class XDPProjector(nn.Module):
-    """Xmodel-VLM's XDP projector (spec section 8): every `projector_group_size` consecutive vision tokens
+    """Xmodel-VLM's XDP projector (arXiv 2405.09215): every `projector_group_size` consecutive vision tokens
     are concatenated into one ((B, T, C) -> (B, T/g, gC), 75% fewer tokens for g = 4), then
     Linear(gC, d) -> Mish -> Linear(d, d)."""
 
@@ -880,16 +880,19 @@ class PhantomModel(PhantomPreTrainedModel):
         if image_tile_index is not None and pixel_values is None and image_features is None:
             raise ValueError("image_tile_index selects tiles of pixel_values or image_features; neither was given")
 
-        placeholders = 0
-        # a decoding step of `generate` feeds the token the model just chose (never a placeholder): checking its
-        # range would cost a host sync per step, which generate otherwise avoids on accelerators; a compiled step
-        # cannot hold the data-dependent check at all (it would break the graph)
+        # A decoding step of `generate` feeds the token the model just chose (never a placeholder): checking its
+        # range would cost a host sync per step, which generate otherwise avoids on accelerators. A compiled step
+        # holds no data-dependent check at all (it would break the graph).
+        compiling = is_torchdynamo_compiling()
         decode_step = kwargs.pop("phantom_decode_step", False)
-        if input_ids is not None and not decode_step and not is_torchdynamo_compiling():
+        past_length = int(cache.get_seq_length()) if cache is not None and not compiling else 0
+        placeholders = 0
+        if input_ids is not None and not decode_step and not compiling:
             embeddings = self.get_input_embeddings().num_embeddings
             placeholders = _check_token_ids(input_ids, embeddings, self.config.image_token_id)
         batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
-        _check_attention_mask(attention_mask, batch, length, past_length)
+        if not compiling:
+            _check_attention_mask(attention_mask, batch, length, past_length)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         if pixel_values is not None:

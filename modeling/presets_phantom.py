@@ -1,4 +1,4 @@
-"""The four published Phantom sizes (PHANTOM_SPEC section 5) as plain data.
+"""The four published Phantom sizes (paper Sec. 4) as plain data.
 
 Hub remote code: imports nothing but the standard library. `PhantomConfig.from_preset(name)` turns an entry into
 a config. Every size uses InternViT-300M-448px, the "phantom" projector (pixel shuffle 0.5, LayerNorm, Linear,
@@ -6,10 +6,10 @@ GELU, Linear) and the InternVL2 tokenizer of its language model, which adds `<im
 (and six grounding tokens) after the backbone's own special tokens; `image_token_id` is that tokenizer's id of
 `<IMG_CONTEXT>`, a default that conversion replaces by the id found in the checkpoint's tokenizer.
 
-InternLM2 backbones are Llama decoders (`wqkv` split at conversion, spec section 5); their `rope_scaling`
+InternLM2 backbones are Llama decoders (`wqkv` split at conversion); their `rope_scaling`
 "dynamic" (factor 2) is transformers' dynamic-NTK rope, the same scaling InternLM2 implements.
 
-`BASELINE_PRESETS` holds the other system of the project's sources, Xmodel-VLM (spec section 8): the LLaVA-1.5
+`BASELINE_PRESETS` holds the other system of the project's sources, Xmodel-VLM (arXiv 2405.09215): the LLaVA-1.5
 paradigm with CLIP ViT-L/14-336, the XDP projector and Xmodel-LM 1.1B, without Phantom Dimension. Its fields come
 from the public XmodelVLM / XmodelLM repositories (`XModelConfig` "xl": 24 layers, 32 heads, 4 key/value heads,
 hidden 2048, intermediate find_multiple(8 * 2048 / 3, 256) = 5632, vocabulary 32000, rotary base 10000, RMSNorm

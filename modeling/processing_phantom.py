@@ -1,6 +1,6 @@
 """Processor of Phantom vision-language models: dynamic image tiling, `<image>` expansion, chat templates.
 
-Implements PHANTOM_SPEC section 4 on the input side. Each image is cut into 1-6 tiles of the vision tower's
+Implements the published input side (InternVL's dynamic tiling, paper Sec. 4). Each image is cut into 1-6 tiles of the vision tower's
 size (448 px for the published models) whose grid best matches its aspect ratio, plus a thumbnail when there
 is more than one tile (transformers' `GotOcr2ImageProcessor`, PIL backend: no torchvision needed). Each
 `<image>` marker in a prompt becomes `<img>` + `<IMG_CONTEXT>` x (image_seq_length x tiles) + `</img>`.
@@ -12,7 +12,7 @@ published Phantom inference code feeds it: `<image>` glued to the question, no B
 (`add_special_tokens=False`, so the template's first token is the Phantom anchor), and several images of one
 prompt pasted side by side into one (`multi_image_layout="side_by_side"`).
 
-LLaVA-style baselines (spec section 8: CLIP or SigLIP towers, XDP or mlp2x_gelu projectors) see one fixed-size
+LLaVA-style baselines (Xmodel-VLM, arXiv 2405.09215: CLIP or SigLIP towers, XDP or mlp2x_gelu projectors) see one fixed-size
 image per `<image>`: CLIP images are padded to a square with the mean colour, resized and centre-cropped as
 LLaVA-1.5 and Xmodel-VLM do (`image_aspect_ratio="pad"`; transformers' `LlavaImageProcessor`), SigLIP images are
 resized; the marker becomes `<IMG_CONTEXT>` x image_seq_length alone, as LLaVA puts only image placeholders there.
@@ -63,7 +63,7 @@ OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 SIGLIP_MEAN = [0.5, 0.5, 0.5]
 SIGLIP_STD = [0.5, 0.5, 0.5]
-# Vision towers by how their images are prepared: InternViT tiles (spec section 4), the others take one image.
+# Vision towers by how their images are prepared: InternViT tiles (paper Sec. 4), the others take one image.
 TILING_VISION_MODEL_TYPES = ("internvl_vision",)
 FIXED_SIZE_VISION_MODEL_TYPES = ("clip_vision_model", "siglip_vision_model")
 DEFAULT_TILE_SIZE = 448
@@ -206,7 +206,7 @@ def build_image_processor(
     min_patches: int = DEFAULT_MIN_PATCHES,
     max_patches: int = DEFAULT_MAX_PATCHES,
 ) -> GotOcr2ImageProcessorPil:
-    """InternVL dynamic tiling (spec section 4): `tile_size` square tiles, 1 <= grid <= `max_patches`, thumbnail,
+    """InternVL dynamic tiling (paper Sec. 4): `tile_size` square tiles, 1 <= grid <= `max_patches`, thumbnail,
     bicubic resize, ImageNet mean/std."""
     if not 1 <= min_patches <= max_patches:
         raise ValueError(f"need 1 <= min_patches <= max_patches, got min_patches={min_patches}, max_patches={max_patches}")

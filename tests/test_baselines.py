@@ -1,5 +1,5 @@
 """Xmodel-VLM / LLaVA-style baselines with the same classes: CLIP and SigLIP towers, XDP and mlp2x_gelu
-projectors, and their "+Phantom Dimension" twins (spec section 8, paper Table 5)."""
+projectors, and their "+Phantom Dimension" twins (Xmodel-VLM, arXiv 2405.09215; paper Table 5)."""
 
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
-"""Conversion of published Phantom checkpoints (PHANTOM_SPEC section 6).
+"""Conversion of published Phantom checkpoints (the published layout, docs/design.md section 5).
 
 Random tiny checkpoints are written in the PUBLISHED layout, converted, reloaded through the Auto classes, and
-their logits compared with a computation of the published model written here from the spec: InternViT from its
+their logits compared with a computation of the published model written here from the paper's equations: InternViT from its
 packed `attn.qkv`, InternLM2 attention from its packed `wqkv`, Phi-3 from `qkv_proj` / `gate_up_proj`, and
-Phantom attention (spec section 1) loop-free, with eta = 1 so that the Phantom path carries weight.
+Phantom attention (paper Eq. 1-3) loop-free, with eta = 1 so that the Phantom path carries weight.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ PHANTOM_MODULES = ("xattn_query_phantom", "xattn_key_phantom", "xattn_value_phan
 
 
 def published_state(arch: str, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random weights with the published names and shapes (spec section 6)."""
+    """Random weights with the published names and shapes (docs/design.md, section 5)."""
     g = torch.Generator().manual_seed(seed)
 
     def r(*shape: int, scale: float = 0.1) -> torch.Tensor:
@@ -169,7 +169,7 @@ def write_published(folder: Path, arch: str, state: dict[str, torch.Tensor], lay
 
 
 # ---------------------------------------------------------------------------------------------------
-# The published model, computed from the spec
+# The published model, computed from the paper's equations
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -216,7 +216,7 @@ def rotate(x: torch.Tensor, theta: float) -> torch.Tensor:
 
 
 def mhca(sd: dict[str, torch.Tensor], prefix: str, x: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
-    """Spec section 1 step 3: x (B, H, N, D) attends over the anchor's heads, anchor (B, H_a, D)."""
+    """The MHCA of Eq. 1: x (B, H, N, D) attends over the anchor's heads, anchor (B, H_a, D)."""
     lq, lk, lv, lo = (sd[f"{prefix}.linear_{p}.weight"] for p in "qkvo")
     qx, ka, va = F.gelu(x @ lq.T), F.gelu(anchor @ lk.T), F.gelu(anchor @ lv.T)
     s = torch.softmax(torch.einsum("bhnd,bad->bhna", qx, ka) / HEAD_DIM**0.5, dim=-1)
@@ -224,7 +224,7 @@ def mhca(sd: dict[str, torch.Tensor], prefix: str, x: torch.Tensor, anchor: torc
 
 
 def phantom_attention(sd, a, q, k, v, eta, window=None):
-    """Spec section 1 steps 2-5 on rotary-applied q (B, H_q, N, D), k, v (B, H_kv, N, D); anchor = position 0.
+    """Eq. 1-3 on rotary-applied q (B, H_q, N, D), k, v (B, H_kv, N, D); anchor = position 0.
 
     `window`: the published Phi-3 sliding window (model/arch_3_8b/modeling_phi3.py, flash-attention
     `window_size=(window, window)` with `causal=True`): query i sees keys i - window ... i, window + 1 of them."""

@@ -1,4 +1,4 @@
-"""`phantom-hf convert --from llava`: LLaVA-style checkpoints (LLaVA-1.5 mlp2x_gelu, Xmodel-VLM XDP; spec section 8).
+"""`phantom-hf convert --from llava`: LLaVA-style checkpoints (LLaVA-1.5 mlp2x_gelu, Xmodel-VLM XDP; arXiv 2405.09215).
 
 Random tiny checkpoints are written in the LLaVA layout (`model.vision_tower.vision_tower.vision_model.*`,
 `model.mm_projector.*`, `model.layers.*`, `lm_head`), converted, and their logits compared with a computation

@@ -1,4 +1,4 @@
-"""Phantom Dimension against the spec (section 1-2), from_components, config validation, image placement."""
+"""Phantom Dimension against the paper (Sec. 3, Eq. 1-3, and the anchor), from_components, config validation, image placement."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def mhca_reference(linears: dict[str, torch.Tensor], x: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
-    """Spec section 1 step 3 for x (B, N, H, D) and anchor (B, 1, H_a, D)."""
+    """The MHCA of Eq. 1 for x (B, N, H, D) and anchor (B, 1, H_a, D)."""
     dim = x.shape[-1]
     qx = F.gelu(x @ linears["linear_q"].T)
     ka = F.gelu(anchor @ linears["linear_k"].T)
@@ -43,7 +43,7 @@ def phantom_attention_reference(
     mixing: str,
     expansion: str,
 ) -> torch.Tensor:
-    """A direct, loop-free re-implementation of spec section 1 for one layer, from the layer's weights."""
+    """A direct, loop-free re-implementation of Eq. 1-3 for one layer, from the layer's weights."""
     weights = {name: tensor.detach().double() for name, tensor in attention.named_parameters()}
     batch, tokens, _ = hidden.shape
     heads, kv_heads = attention.config.num_attention_heads, attention.config.num_key_value_heads
@@ -111,7 +111,7 @@ def phantom_attention_reference(
         *[(attn, "weighted", "mhca", backbone) for backbone in ("llama", "mistral", "qwen3", "phi3") for attn in ("eager", "sdpa")],
     ],
 )
-def test_phantom_attention_equals_spec_reference(attn_implementation: str, mixing: str, expansion: str, backbone: str) -> None:
+def test_phantom_attention_equals_reference(attn_implementation: str, mixing: str, expansion: str, backbone: str) -> None:
     """Every backbone the config accepts: Qwen2 (q/k/v biases), Llama, Mistral, Qwen3 (q/k norms), Phi-3 (packed qkv)."""
     # transformers' eager attention is NaN on padded rows in float64 (its float32 softmax of a float64 mask
     # minimum), so eager runs in float32

@@ -1,4 +1,4 @@
-"""Presets of the four published sizes (PHANTOM_SPEC section 5): dimensions, Phantom-module counts, totals."""
+"""Presets of the four published sizes (paper Sec. 4): dimensions, Phantom-module counts, totals."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import torch
 from phantom_hf import PhantomConfig, PhantomForConditionalGeneration
 from phantom_hf.presets import PRESETS, chat_format_for, get_preset_config, list_presets
 
-# spec section 5: layers, hidden, H_q, H_kv, D, chat format, text model type
-SPEC_TABLE = {
+# paper Sec. 4: layers, hidden, H_q, H_kv, D, chat format, text model type
+PAPER_TABLE = {
     "phantom-0.5b": (24, 896, 14, 2, 64, "chatml", "qwen2"),
     "phantom-1.8b": (24, 2048, 16, 8, 128, "chatml", "llama"),
     "phantom-3.8b": (32, 3072, 32, 32, 96, "phi3", "phi3"),
@@ -31,12 +31,12 @@ def meta_model(config: PhantomConfig) -> PhantomForConditionalGeneration:
 
 
 def test_names() -> None:
-    assert list_presets() == list(SPEC_TABLE) == list(PRESETS)
+    assert list_presets() == list(PAPER_TABLE) == list(PRESETS)
 
 
-@pytest.mark.parametrize("name", list(SPEC_TABLE))
-def test_dimensions_follow_spec_table(name: str) -> None:
-    layers, hidden, heads, kv_heads, head_dim, chat_format, model_type = SPEC_TABLE[name]
+@pytest.mark.parametrize("name", list(PAPER_TABLE))
+def test_dimensions_follow_paper_table(name: str) -> None:
+    layers, hidden, heads, kv_heads, head_dim, chat_format, model_type = PAPER_TABLE[name]
     config = PhantomConfig.from_preset(name)
     text, vision = config.text_config, config.vision_config
     assert (text.num_hidden_layers, text.hidden_size, text.num_attention_heads, text.num_key_value_heads) == (
@@ -55,7 +55,7 @@ def test_dimensions_follow_spec_table(name: str) -> None:
     assert 0 <= config.image_token_id < text.vocab_size
 
 
-@pytest.mark.parametrize("name", list(SPEC_TABLE))
+@pytest.mark.parametrize("name", list(PAPER_TABLE))
 def test_parameter_counts(name: str) -> None:
     config = PhantomConfig.from_preset(name)
     model = meta_model(config)

@@ -1,4 +1,4 @@
-"""PhantomProcessor: dynamic tiling (spec section 4), `<image>` expansion, chat templates, bad input, save/load."""
+"""PhantomProcessor: dynamic tiling (paper Sec. 4), `<image>` expansion, chat templates, bad input, save/load."""
 
 from __future__ import annotations
 
@@ -57,8 +57,8 @@ def random_image(width: int, height: int, seed: int = 0, mode: str = "RGB") -> I
     return Image.fromarray(array, mode=mode)
 
 
-def spec_grid(width: int, height: int, tile: int = 448, max_tiles: int = 6) -> tuple[int, int]:
-    """(columns, rows) of the spec's tiling: the grid with 1 <= cols*rows <= max_tiles whose aspect ratio is
+def published_grid(width: int, height: int, tile: int = 448, max_tiles: int = 6) -> tuple[int, int]:
+    """(columns, rows) of the published tiling: the grid with 1 <= cols*rows <= max_tiles whose aspect ratio is
     closest to the image's; on a tie the published code moves to the larger grid while the image covers more
     than half of its area."""
     grids = sorted(
@@ -75,14 +75,14 @@ def spec_grid(width: int, height: int, tile: int = 448, max_tiles: int = 6) -> t
     return best
 
 
-def spec_tiles(width: int, height: int, tile: int = 448) -> int:
+def published_tiles(width: int, height: int, tile: int = 448) -> int:
     """Tiles of one image: the grid, plus the thumbnail when the grid has more than one tile."""
-    cols, rows = spec_grid(width, height, tile)
+    cols, rows = published_grid(width, height, tile)
     return cols * rows + (1 if cols * rows > 1 else 0)
 
 
 def normalize(image: Image.Image) -> np.ndarray:
-    """ImageNet normalisation to (3, H, W), as the spec prescribes."""
+    """ImageNet normalisation to (3, H, W), as InternVL prescribes."""
     array = np.asarray(image, dtype=np.float32) / 255.0
     array = (array - np.array(IMAGENET_MEAN, dtype=np.float32)) / np.array(IMAGENET_STD, dtype=np.float32)
     return array.transpose(2, 0, 1)
@@ -117,8 +117,8 @@ def published_processor() -> PhantomProcessor:
 
 
 @pytest.mark.parametrize("width,height", SIZES)
-def test_tiling_follows_spec_grid(published_processor, width, height):
-    tiles = spec_tiles(width, height)
+def test_tiling_follows_published_grid(published_processor, width, height):
+    tiles = published_tiles(width, height)
     out = published_processor(images=random_image(width, height), text="<image>what is in the image?")
     assert out["num_patches"] == [tiles]
     assert len(out["pixel_values"]) == tiles and out["pixel_values"][0].shape == (3, 448, 448)
@@ -126,7 +126,7 @@ def test_tiling_follows_spec_grid(published_processor, width, height):
 
 
 def test_800x600_is_3x2_grid_plus_thumbnail(published_processor):
-    assert spec_grid(800, 600) == (3, 2)
+    assert published_grid(800, 600) == (3, 2)
     out = published_processor(images=random_image(800, 600), text="<image>what is in the image?", return_tensors="pt")
     assert out["num_patches"].tolist() == [7]
     assert out["pixel_values"].shape == (7, 3, 448, 448)
@@ -138,7 +138,7 @@ def test_tile_pixels_are_row_major_crops_then_thumbnail():
     normalised with ImageNet mean/std."""
     processor = tiny_processor()
     image = random_image(80, 60, seed=3)
-    cols, rows = spec_grid(80, 60, tile=TINY_TILE)
+    cols, rows = published_grid(80, 60, tile=TINY_TILE)
     assert (cols, rows) == (3, 2)
     out = processor(images=image, text="<image>", return_tensors="pt")
     resized = image.resize((cols * TINY_TILE, rows * TINY_TILE), Image.BICUBIC)
@@ -154,7 +154,7 @@ def test_tile_pixels_are_row_major_crops_then_thumbnail():
 
 def test_tile_limits_are_configurable():
     wide = random_image(120, 40)  # aspect ratio 3
-    assert spec_grid(120, 40, TINY_TILE, max_tiles=6) == (3, 1) and spec_grid(120, 40, TINY_TILE, max_tiles=2) == (2, 1)
+    assert published_grid(120, 40, TINY_TILE, max_tiles=6) == (3, 1) and published_grid(120, 40, TINY_TILE, max_tiles=2) == (2, 1)
     assert tiny_processor()(images=wide, text="<image>")["num_patches"] == [3 + 1]
     processor = tiny_processor(max_patches=2)
     assert processor(images=wide, text="<image>")["num_patches"] == [2 + 1]
@@ -175,7 +175,7 @@ def test_placeholders_match_tiles_in_a_mixed_batch():
     texts = ["<image> a cat <image> what is in the image ?", "be brief .", "<image> what is the dog ?"]
     out = processor(images=images, text=texts, padding=True, return_tensors="pt")
     tiles = out["num_patches"].tolist()
-    assert tiles == [spec_tiles(width, height, TINY_TILE) for width, height in sizes] == [7, 4, 1]
+    assert tiles == [published_tiles(width, height, TINY_TILE) for width, height in sizes] == [7, 4, 1]
     assert out["pixel_values"].shape[0] == sum(tiles)
     per_row = [context_runs(row.tolist(), processor) for row in out["input_ids"]]
     assert per_row == [[4 * 7, 4 * 4], [], [4 * 1]]
@@ -444,13 +444,13 @@ def test_side_by_side_layout_pastes_a_prompts_images_into_one():
         out = side(images=given, text=text, return_tensors="pt")
         torch.testing.assert_close(out["pixel_values"], reference["pixel_values"], rtol=0, atol=0)
         assert out["input_ids"].tolist() == reference["input_ids"].tolist()
-        assert out["num_patches"].tolist() == reference["num_patches"].tolist() == [spec_tiles(122, 57, TINY_TILE)]
+        assert out["num_patches"].tolist() == reference["num_patches"].tolist() == [published_tiles(122, 57, TINY_TILE)]
     # per prompt in a batch; a prompt with one image is unchanged; tiling each image stays available
     batch = side(images=[[images[0], images[1]], [images[2]]], text=["<image>w1", "<image>w2"], padding=True, return_tensors="pt")
     single = tiles(images=[published_side_by_side(images[:2]), images[2]], text=["<image>w1", "<image>w2"], padding=True, return_tensors="pt")
     for key in batch:
         torch.testing.assert_close(batch[key], single[key], rtol=0, atol=0)
-    assert tiles(images=images, text="<image><image><image>w1")["num_patches"] == [spec_tiles(*image.size, TINY_TILE) for image in images]
+    assert tiles(images=images, text="<image><image><image>w1")["num_patches"] == [published_tiles(*image.size, TINY_TILE) for image in images]
     with pytest.raises(ValueError, match="prompt 0 has 2 <image> marker\\(s\\) but 3 image\\(s\\)"):
         side(images=[images], text="<image><image>w1")
     with pytest.raises(ValueError, match="multi_image_layout must be one of"):

@@ -1,4 +1,4 @@
-"""PhantomProcessor for LLaVA-style baselines (spec section 8): CLIP and SigLIP towers take one fixed-size image
+"""PhantomProcessor for LLaVA-style baselines (Xmodel-VLM, arXiv 2405.09215): CLIP and SigLIP towers take one fixed-size image
 per `<image>` (no tiling), expanded into `config.image_seq_length` unwrapped placeholders."""
 
 from __future__ import annotations

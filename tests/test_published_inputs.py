@@ -24,7 +24,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedT
 from phantom_hf.convert import convert_checkpoint
 
 from .test_convert import HIDDEN, IMAGE, TOKENS_PER_TILE, published_config, published_state, reference_logits, write_published
-from .test_processor import published_side_by_side, random_image, spec_tiles
+from .test_processor import published_side_by_side, random_image, published_tiles
 
 RULES = {  # (user_start, user_end, assistant_start) of the published prompt_rule per format
     "chatml": ("<|im_start|>user\n", "<|im_end|>", "<|im_start|>assistant\n"),
@@ -104,7 +104,7 @@ def test_pipeline_feeds_the_published_ids_anchor_and_logits(tmp_path: Path, arch
     chat = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": QUESTION}]}]
     pipe(text=chat, max_new_tokens=2)
 
-    expected = published_input_ids(tokenizer, chat_format, QUESTION, spec_tiles(40, 30, IMAGE))
+    expected = published_input_ids(tokenizer, chat_format, QUESTION, published_tiles(40, 30, IMAGE))
     fed = seen[0]["input_ids"][0].tolist()
     assert fed == expected
     assert fed[0] == tokenizer.convert_tokens_to_ids({"chatml": "<|im_start|>", "phi3": "<|user|>"}[chat_format])  # the anchor
@@ -127,7 +127,7 @@ def test_several_images_are_pasted_side_by_side_as_published(tmp_path: Path) -> 
 
     pasted = published_side_by_side(images)
     assert pasted.size == (70, 50)
-    expected = published_input_ids(tokenizer, "chatml", QUESTION, spec_tiles(*pasted.size, IMAGE))
+    expected = published_input_ids(tokenizer, "chatml", QUESTION, published_tiles(*pasted.size, IMAGE))
     assert seen[0]["input_ids"][0].tolist() == expected
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
     single = processor(images=pasted, text="<image>", return_tensors="pt")
@@ -136,4 +136,4 @@ def test_several_images_are_pasted_side_by_side_as_published(tmp_path: Path) -> 
     processor.multi_image_layout = "tiles"
     prompt = processor.user_prompt(QUESTION, images=2)
     assert prompt == "<|im_start|>user\n<image><image>" + QUESTION + "<|im_end|><|im_start|>assistant\n"
-    assert processor(images=images, text=prompt)["num_patches"] == [spec_tiles(*image.size, IMAGE) for image in images]
+    assert processor(images=images, text=prompt)["num_patches"] == [published_tiles(*image.size, IMAGE) for image in images]

@@ -1,4 +1,4 @@
-"""The Xmodel-VLM 1.1B preset (spec section 8): dimensions from the public XmodelVLM / XmodelLM code, 144 vision
+"""The Xmodel-VLM 1.1B preset (arXiv 2405.09215): dimensions from the public XmodelVLM / XmodelLM code, 144 vision
 tokens per image, parameter totals, and the Vicuna v1 conversation format its code trains and infers with."""
 
 from __future__ import annotations

@@ -319,7 +319,7 @@ def resolve_config(src: str | Path, preset: str | None = None) -> PhantomConfig:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Name mapping (spec section 6)
+# Name mapping (the published layout: docs/design.md, section 5)
 # ---------------------------------------------------------------------------------------------------
 
 # (pattern on the published name, replacement), applied in order; the first match wins.
@@ -372,7 +372,7 @@ class TensorRule:
 
 
 def _split_wqkv(num_heads: int, num_kv_heads: int, head_dim: int) -> Callable[[torch.Tensor], list[torch.Tensor]]:
-    """InternLM2's `wqkv` rows are, per key/value group g: [q_(g,0) … q_(g,r-1), k_g, v_g] (spec section 5)."""
+    """InternLM2's `wqkv` rows are, per key/value group g: [q_(g,0) … q_(g,r-1), k_g, v_g] (docs/design.md, section 5)."""
     group = num_heads // num_kv_heads
 
     def split(tensor: torch.Tensor) -> list[torch.Tensor]:

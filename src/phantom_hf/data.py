@@ -1,4 +1,4 @@
-"""Phantom triples for Phantom Optimization (PHANTOM_SPEC section 7).
+"""Phantom triples for Phantom Optimization (paper Sec. 3, Eq. 4).
 
 A triple is one row with the columns `images` (a list of images, possibly empty or missing for a text-only
 row), `prompt` (the question, with `<image>` where each image goes), `chosen` (the correct answer) and

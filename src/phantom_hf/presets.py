@@ -1,4 +1,4 @@
-"""The four published Phantom sizes by name (PHANTOM_SPEC section 5).
+"""The four published Phantom sizes by name (paper Sec. 4).
 
 The data lives in the remote-code file `modeling/presets_phantom.py` so that `PhantomConfig.from_preset` works in a
 Hub folder too; this module is its public face in the library.

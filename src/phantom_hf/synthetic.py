@@ -3,7 +3,7 @@
 Each image is a square canvas cut into a 2x2 grid; 1-3 of its cells hold a filled shape (circle, square
 or triangle) in one of a few colours, drawn with Pillow without anti-aliasing so that tests can read the
 scene back from the pixels. Questions ask about colour, shape, count and position. Every question comes
-with the correct answer and an incorrect-and-ambiguous one (PHANTOM_SPEC section 7): same answer type and
+with the correct answer and an incorrect-and-ambiguous one (paper Sec. 3, the triples of Eq. 4): same answer type and
 plausible in the image — a colour, shape or position that is present elsewhere in the scene, or a count
 off by one. Everything is deterministic given the seed.
 

@@ -12,7 +12,7 @@ from .modeling.processing_phantom import IMAGE_TOKENS
 
 UNK_TOKEN = "<unk>"
 PAD_TOKEN = "<|endoftext|>"
-# Turn markers of both published chat formats (ChatML and Phi-3) and the image tokens of spec section 4.
+# Turn markers of both published chat formats (ChatML and Phi-3) and the image tokens of InternVL (paper Sec. 4).
 DEFAULT_SPECIAL_TOKENS = (
     UNK_TOKEN,
     PAD_TOKEN,

@@ -1,4 +1,4 @@
-"""Phantom Optimization (PHANTOM_SPEC section 7, Eq. 4) and the paper's two-step recipe, on TRL's CPO trainer.
+"""Phantom Optimization (paper Sec. 3, Eq. 4, Algorithm 1) and the paper's two-step recipe, on TRL's CPO trainer.
 
     L_PO = L_SFT(y+ | x) - E[log sigmoid(beta/|y+| log pi(y+|x) - beta/|y-| log pi(y-|x) - gamma)]
 
