@@ -400,7 +400,9 @@ def test_published_template_glues_the_image_to_the_question(chat_format):
     ours = tiny_processor(chat_template=chat_template_for(chat_format))
     assert ours.user_prompt(question, images=1) == published.replace("<image>", "<image>\n")
     assert ours.user_prompt("<image>\nw1") == ours.apply_chat_template([{"role": "user", "content": "<image>\nw1"}], add_generation_prompt=True)
-    assert PhantomProcessor(tiny_processor().image_processor, make_tokenizer(), image_seq_length=4).user_prompt("w1", images=2) == "<image>\n<image>\nw1"
+    # a processor built without a chat template speaks ChatML, the Phantom family's format
+    bare = PhantomProcessor(tiny_processor().image_processor, make_tokenizer(), image_seq_length=4)
+    assert bare.user_prompt("w1", images=2) == "<|im_start|>user\n<image>\n<image>\nw1<|im_end|><|im_start|>assistant\n"
 
 
 def test_add_special_tokens_default_is_the_processors():
