@@ -65,6 +65,16 @@ def generate_fixed_length(
         )
 
 
+def image_beam_batch(model: PhantomForConditionalGeneration) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Two left-padded rows holding images of 2 tiles and 1 tile, and beam-search settings with their 3 tiles."""
+    per_tile = model.config.image_seq_length
+    input_ids, attention_mask = left_padded_batch([16, 12], seed=13)
+    input_ids[0, 2 : 2 + 2 * per_tile] = IMAGE_TOKEN_ID
+    input_ids[1, 6 : 6 + per_tile] = IMAGE_TOKEN_ID
+    pixel_values = torch.randn(3, 3, 28, 28, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    return input_ids, attention_mask, dict(do_sample=False, num_beams=2, num_return_sequences=2, pixel_values=pixel_values)
+
+
 def no_split_modules(model: torch.nn.Module) -> set[str]:
     """The module classes device_map="auto" keeps whole (collected from the submodels; the API moved in v5)."""
     if hasattr(model, "_get_no_split_modules"):

@@ -9,7 +9,7 @@ from transformers import DynamicCache
 from phantom_hf import PhantomCache
 from phantom_hf.modeling.compat_phantom import cache_of
 
-from .conftest import IMAGE_TOKEN_ID, NEW_TOKENS, left_padded_batch, make_model
+from .conftest import NEW_TOKENS, image_beam_batch, left_padded_batch, make_model
 from .conftest import generate_fixed_length as generate
 
 def test_greedy_cached_equals_uncached_and_rows_equal_single_prompts() -> None:
@@ -52,16 +52,11 @@ def test_sampling_with_multiple_sequences_keeps_anchors_with_rows() -> None:
 def test_generate_with_images_in_a_beam_batch() -> None:
     """Rows with different tile counts: tiles are repeated per row as groups for beams."""
     model = make_model(seed=3)
-    per_tile = model.config.image_seq_length
-    input_ids, attention_mask = left_padded_batch([16, 12], seed=13)
-    input_ids[0, 2 : 2 + 2 * per_tile] = IMAGE_TOKEN_ID
-    input_ids[1, 6 : 6 + per_tile] = IMAGE_TOKEN_ID
-    pixel_values = torch.randn(3, 3, 28, 28, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    settings = dict(do_sample=False, num_beams=2, num_return_sequences=2, pixel_values=pixel_values)
+    input_ids, attention_mask, settings = image_beam_batch(model)
     cached = generate(model, input_ids, attention_mask, **settings)
     uncached = generate(model, input_ids, attention_mask, use_cache=False, **settings)
     assert torch.equal(cached, uncached)
-    alone = generate(model, input_ids[1:, -12:], attention_mask[1:, -12:], **{**settings, "pixel_values": pixel_values[2:]})
+    alone = generate(model, input_ids[1:, -12:], attention_mask[1:, -12:], **{**settings, "pixel_values": settings["pixel_values"][2:]})
     assert torch.equal(alone[:, -NEW_TOKENS:], cached[2:, -NEW_TOKENS:])
 
 

@@ -17,7 +17,7 @@ from transformers import CompileConfig, StaticCache
 from phantom_hf import PhantomForConditionalGeneration, PhantomStaticCache
 from phantom_hf.modeling.compat_phantom import cache_kwargs, cache_of
 
-from .conftest import IMAGE_TOKEN_ID, NEW_TOKENS, left_padded_batch, make_model
+from .conftest import NEW_TOKENS, image_beam_batch, left_padded_batch, make_model
 from .conftest import generate_fixed_length as generate
 
 LENGTHS = [9, 5, 7]
@@ -61,12 +61,7 @@ def test_static_cache_generates_the_default_cache_tokens(settings: dict, mode: s
 
 def test_static_cache_with_images_in_a_beam_batch() -> None:
     model = make_model(seed=3)
-    per_tile = model.config.image_seq_length
-    input_ids, attention_mask = left_padded_batch([16, 12], seed=13)
-    input_ids[0, 2 : 2 + 2 * per_tile] = IMAGE_TOKEN_ID
-    input_ids[1, 6 : 6 + per_tile] = IMAGE_TOKEN_ID
-    pixel_values = torch.randn(3, 3, 28, 28, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    settings = dict(do_sample=False, num_beams=2, num_return_sequences=2, pixel_values=pixel_values)
+    input_ids, attention_mask, settings = image_beam_batch(model)
     default = generate(model, input_ids, attention_mask, **settings)
     static = generate(model, input_ids, attention_mask, cache_implementation="static", **settings)
     assert torch.equal(static, default)
