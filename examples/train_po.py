@@ -23,10 +23,11 @@ import torch  # noqa: E402
 
 from phantom_hf import PhantomForConditionalGeneration  # noqa: E402
 from phantom_hf.modeling.processing_phantom import PhantomProcessor  # noqa: E402
+from phantom_hf.recipe import RecipeStep, StepResult, run_recipe  # noqa: E402
 from phantom_hf.synthetic import generate_splits, to_dataset, vocabulary  # noqa: E402
 from phantom_hf.tiny import tiny_phantom_config  # noqa: E402
 from phantom_hf.tokenization import build_tokenizer  # noqa: E402
-from phantom_hf.trainer import PhantomPOConfig, PhantomPOTrainer  # noqa: E402
+from phantom_hf.trainer import PhantomPOConfig  # noqa: E402
 
 
 def build(seed: int = 0) -> tuple[PhantomForConditionalGeneration, PhantomProcessor]:
@@ -56,42 +57,49 @@ def main() -> None:
     train, held_out = generate_splits(args.num_images, max(4, args.num_images // 4), seed=0, image_size=28, kinds=("color",))
     train, held_out = to_dataset(train), to_dataset(held_out)
     stages = [1, 2] if args.stage == "both" else [int(args.stage)]
-    for stage in stages:
-        config = PhantomPOConfig(
-            output_dir=os.path.join(args.output_dir, f"stage{stage}"),
-            training_stage=stage,
-            max_steps=args.steps,
-            per_device_train_batch_size=args.batch_size,
-            per_device_eval_batch_size=args.batch_size,
-            learning_rate=args.learning_rate,
-            logging_steps=1,
-            save_strategy="steps" if args.save_steps else "no",
-            save_steps=args.save_steps or 500,
-            bf16=False,
-            use_cpu=not torch.cuda.is_available(),
-            report_to=[],
-            seed=0,
+    steps = [
+        RecipeStep(
+            PhantomPOConfig(
+                output_dir=os.path.join(args.output_dir, f"stage{stage}"),
+                training_stage=stage,
+                max_steps=args.steps,
+                per_device_train_batch_size=args.batch_size,
+                per_device_eval_batch_size=args.batch_size,
+                learning_rate=args.learning_rate,
+                logging_steps=1,
+                save_strategy="steps" if args.save_steps else "no",
+                save_steps=args.save_steps or 500,
+                bf16=False,
+                use_cpu=not torch.cuda.is_available(),
+                report_to=[],
+                seed=0,
+            ),
+            eval_dataset=None if args.no_eval else held_out,
         )
-        trainer = PhantomPOTrainer(model, config, train_dataset=train, eval_dataset=held_out, processing_class=processor)
-        before = None if args.no_eval else trainer.evaluate()
-        trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-        after = None if args.no_eval else trainer.evaluate()
-        logged = [entry for entry in trainer.state.log_history if "loss" in entry]
-        if trainer.is_world_process_zero():
-            window = max(1, len(logged) // 4)
-            accuracy = [sum(entry["rewards/accuracies"] for entry in part) / len(part) for part in (logged[:window], logged[-window:])]
-            line = (
-                f"stage {stage} ({'PO' if config.po_weight else 'SFT'}): final train loss {logged[-1]['loss']:.6f}; "
-                f"train reward accuracy {accuracy[0]:.3f} (first {window} steps) -> {accuracy[1]:.3f} (last {window})"
-            )
-            if after is not None:
-                line += (
-                    f"; held-out reward accuracy {before['eval_rewards/accuracies']:.3f} -> "
-                    f"{after['eval_rewards/accuracies']:.3f}, nll {before['eval_nll_loss']:.3f} -> {after['eval_nll_loss']:.3f}"
-                )
-            print(line)
-        trainer.save_model(os.path.join(args.output_dir, f"stage{stage}", "final"))
+        for stage in stages
+    ]
+    run_recipe(model, processor, steps, train, resume_from_checkpoint=args.resume_from_checkpoint, on_step_end=report)
 
+
+def report(step: StepResult) -> None:
+    """Print what the step learned (on the main process) and save the step's model to OUTPUT_DIR/stageN/final."""
+    trainer, config = step.trainer, step.step.config
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    if trainer.is_world_process_zero():
+        line = f"stage {config.training_stage} ({'PO' if config.po_weight else 'SFT'}): final train loss {logged[-1]['loss']:.6f}"
+        rewarded = [entry for entry in logged if "rewards/accuracies" in entry]  # SFT-only steps log no rewards
+        if rewarded:
+            window = max(1, len(rewarded) // 4)
+            accuracy = [sum(entry["rewards/accuracies"] for entry in part) / len(part) for part in (rewarded[:window], rewarded[-window:])]
+            line += f"; train reward accuracy {accuracy[0]:.3f} (first {window} steps) -> {accuracy[1]:.3f} (last {window})"
+        before, after = step.metrics_before, step.metrics_after
+        if after is not None:
+            line += (
+                f"; held-out reward accuracy {before['eval_rewards/accuracies']:.3f} -> "
+                f"{after['eval_rewards/accuracies']:.3f}, nll {before['eval_nll_loss']:.3f} -> {after['eval_nll_loss']:.3f}"
+            )
+        print(line)
+    trainer.save_model(os.path.join(config.output_dir, "final"))
 
 if __name__ == "__main__":
     main()

@@ -32,10 +32,11 @@ from transformers import CLIPVisionConfig  # noqa: E402
 from phantom_hf import PhantomConfig, PhantomForConditionalGeneration  # noqa: E402
 from phantom_hf.cli import answer_question  # noqa: E402
 from phantom_hf.modeling.processing_phantom import VICUNA_V1_SYSTEM, PhantomProcessor  # noqa: E402
+from phantom_hf.recipe import RecipeStep, run_recipe  # noqa: E402
 from phantom_hf.synthetic import SyntheticExample, generate_splits, split_words, to_dataset, vocabulary  # noqa: E402
 from phantom_hf.tiny import tiny_text_config  # noqa: E402
 from phantom_hf.tokenization import DEFAULT_SPECIAL_TOKENS, build_tokenizer  # noqa: E402
-from phantom_hf.trainer import PhantomPOConfig, PhantomPOTrainer  # noqa: E402
+from phantom_hf.trainer import PhantomPOConfig  # noqa: E402
 
 IMAGE_SIZE = 28  # 4 x 4 patches of 7 px: 16 CLIP tokens, 4 after XDP
 
@@ -77,28 +78,29 @@ def train(
     learning_rate: float, batch_size: int, po: bool, seed: int,
 ) -> dict[int, list[str]]:
     """Step 1 (LLM frozen) then step 2 (everything, SFT); returns the trainable parameter names of each step."""
-    trainable = {}
-    for stage, max_steps in zip((1, 2), steps):
-        args = PhantomPOConfig(
-            output_dir=str(output_dir / f"stage{stage}"),
-            training_stage=stage,
-            po_weight=1.0 if po and stage == 1 else 0.0,
-            max_steps=max_steps,
-            per_device_train_batch_size=batch_size,
-            learning_rate=learning_rate,
-            logging_steps=max(1, max_steps // 4),
-            save_strategy="no",
-            bf16=False,
-            use_cpu=not torch.cuda.is_available(),
-            report_to=[],
-            disable_tqdm=True,
-            dataloader_num_workers=0,
-            seed=seed,
+    recipe = [
+        RecipeStep(
+            PhantomPOConfig(
+                output_dir=str(output_dir / f"stage{stage}"),
+                training_stage=stage,
+                po_weight=1.0 if po and stage == 1 else 0.0,
+                max_steps=max_steps,
+                per_device_train_batch_size=batch_size,
+                learning_rate=learning_rate,
+                logging_steps=max(1, max_steps // 4),
+                save_strategy="no",
+                bf16=False,
+                use_cpu=not torch.cuda.is_available(),
+                report_to=[],
+                disable_tqdm=True,
+                dataloader_num_workers=0,
+                seed=seed,
+            )
         )
-        trainer = PhantomPOTrainer(model, args, train_dataset=dataset, processing_class=processor)
-        trainable[stage] = [name for name, parameter in model.named_parameters() if parameter.requires_grad]
-        trainer.train()
-    return trainable
+        for stage, max_steps in zip((1, 2), steps)
+    ]
+    trained = run_recipe(model, processor, recipe, dataset)
+    return {step.step.config.training_stage: step.trainable for step in trained.steps}
 
 
 def exact_match(model: PhantomForConditionalGeneration, processor: PhantomProcessor, examples: list[SyntheticExample]) -> dict[str, Any]:

@@ -10,14 +10,12 @@ sub-command that needs them, so `--help` stays quick.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.util
 import inspect
 import json
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,8 +26,6 @@ from .hub import (
     CARD_NAME,
     DEFAULT_HUB_TIMEOUT,
     HubUploadError,
-    describe_training_args,
-    infer_base_model,
     push_folder,
     render_model_card,
 )
@@ -173,12 +169,6 @@ _TRAIN_FLAG_FIELDS = {
     "max_length": "max_length",
     "seed": "seed",
 }
-_RECIPE_KEYS = {
-    "model", "dataset", "dataset_split", "image_root", "output_dir", "steps", "common", "step1", "step2",
-    "lora", "card", "resume_from_checkpoint",
-}  # fmt: skip
-
-
 def _add_train(subparsers: Any, selected: bool) -> None:
     parser = subparsers.add_parser(
         "train",
@@ -229,183 +219,42 @@ def _add_train(subparsers: Any, selected: bool) -> None:
     parser.set_defaults(handler=_run_train)
 
 
-def _parse_steps(value: Any) -> list[int]:
-    if isinstance(value, str):
-        parts = [part.strip() for part in value.split(",") if part.strip()]
-    elif isinstance(value, (list, tuple)):
-        parts = list(value)
-    else:
-        parts = [value]
-    try:
-        steps = [int(part) for part in parts]
-    except (TypeError, ValueError) as error:
-        raise CLIError(f"steps must be 1, 2 or both, got {value!r}") from error
-    if not steps or any(step not in (1, 2) for step in steps) or steps != sorted(set(steps)):
-        raise CLIError(f"steps must be 1, 2 or both, in order, got {value!r}")
-    return steps
-
-
-def _resume_value(value: Any) -> bool | str | None:
-    """A recipe's `resume_from_checkpoint`: None/False (start afresh), True (the last complete checkpoint) or a path."""
-    if value is None or value is False or (isinstance(value, str) and value.strip().lower() in ("", "false", "no")):
-        return None
-    if value is True or (isinstance(value, str) and value.strip().lower() in ("true", "yes")):
-        return True
-    if isinstance(value, (str, os.PathLike)):
-        return os.fspath(value)
-    raise CLIError(f"resume_from_checkpoint must be true, false or a checkpoint folder, got {value!r}")
-
-
 def resolve_recipe(args: argparse.Namespace) -> dict[str, Any]:
-    """The training recipe: the recipe file (if any) with the command-line flags applied on top."""
+    """The training recipe: the recipe file (if any) with the command-line flags applied on top, checked
+    (`recipe.check_recipe`)."""
+    from .recipe import RecipeError, check_recipe
+
     recipe = _read_mapping(args.recipe, "recipe") if args.recipe else {}
-    unknown = sorted(set(recipe) - _RECIPE_KEYS)
-    if unknown:
-        raise CLIError(f"unknown recipe keys {unknown}; known: {sorted(_RECIPE_KEYS)}")
-    for section in ("common", "step1", "step2", "card"):
-        recipe[section] = dict(recipe.get(section) or {})
     for flag in ("model", "dataset", "dataset_split", "image_root", "output_dir", "steps"):
         if getattr(args, flag) is not None:
             recipe[flag] = getattr(args, flag)
-    for flag, field in _TRAIN_FLAG_FIELDS.items():
-        if getattr(args, flag) is not None:
-            recipe["common"][field] = getattr(args, flag)
+    common = {field: getattr(args, flag) for flag, field in _TRAIN_FLAG_FIELDS.items() if getattr(args, flag) is not None}
     if args.learning_rate is not None:
-        recipe["common"]["learning_rate"] = args.learning_rate
+        common["learning_rate"] = args.learning_rate
         for step in ("step1", "step2"):
-            recipe[step].pop("learning_rate", None)
+            if isinstance(recipe.get(step), Mapping):
+                recipe[step] = {key: value for key, value in recipe[step].items() if key != "learning_rate"}
+    if common:
+        recipe["common"] = {**(recipe.get("common") or {}), **common}
     if args.lora:
         recipe["lora"] = recipe.get("lora") or {}
     if args.resume is not None:
         recipe["resume_from_checkpoint"] = args.resume
-    recipe["resume_from_checkpoint"] = _resume_value(recipe.get("resume_from_checkpoint"))
-    if not recipe.get("model"):
-        raise CLIError("no model: pass --model (a saved Phantom folder or Hub id) or set `model` in the recipe")
-    if not recipe.get("dataset"):
-        raise CLIError("no dataset: pass --dataset or set `dataset` in the recipe")
-    recipe["steps"] = _parse_steps(recipe.get("steps", [1, 2]))
-    recipe.setdefault("output_dir", "phantom-trained")
-    recipe.setdefault("dataset_split", None)
-    recipe.setdefault("image_root", None)
-    return recipe
-
-
-def _load_triples(source: str, split: str | None, image_root: str | None) -> Any:
-    """Triples from a JSON-lines file, a `save_to_disk` folder or a Hub dataset id."""
-    path = Path(source)
-    if path.is_file():
-        from .data import load_triples_jsonl
-
-        return load_triples_jsonl(path, image_root=image_root)
-    import datasets
-
-    if path.is_dir():
-        loaded = datasets.load_from_disk(str(path))
-        if isinstance(loaded, datasets.DatasetDict):
-            name = split or "train"
-            if name not in loaded:
-                raise CLIError(f"{source!r} has splits {sorted(loaded)}, not {name!r}: pass --dataset-split")
-            loaded = loaded[name]
-        return loaded
-    return datasets.load_dataset(source, split=split or "train")
-
-
-def _step_config(config_class: type, stage: int, recipe: Mapping[str, Any]) -> Any:
-    values = {**recipe["common"], **recipe[f"step{stage}"]}
-    # Checkpoints of each step go next to the final folder, never inside it (it is what `push` uploads).
-    values.setdefault("output_dir", f"{recipe['output_dir']}-checkpoints/step{stage}")
-    values["training_stage"] = stage
-    import torch
-
-    if "bf16" not in values and "fp16" not in values:
-        # TRL turns bf16 on by default, which fails on a CPU-only machine: use it only where it runs.
-        values["bf16"] = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-    # Pinned memory only helps copies to an accelerator; without one torch warns on every data loader.
-    accelerator = getattr(torch, "accelerator", None)
-    values.setdefault("dataloader_pin_memory", accelerator.is_available() if accelerator else torch.cuda.is_available())
-    fields = {field.name for field in dataclasses.fields(config_class)}
-    unknown = sorted(set(values) - fields)
-    if unknown:
-        raise CLIError(f"step {stage}: unknown PhantomPOConfig fields {unknown}")
-    return config_class(**values)
-
-
-def _resume_for_step(recipe: Mapping[str, Any], config: Any, first: bool) -> bool | str | None:
-    """What step `config` resumes from: its own `resume_from_checkpoint` (common/stepN) when set; else the recipe's
-    (`--resume`): a given checkpoint for the first step run, and for every other step (or with a bare `--resume`)
-    the last complete checkpoint of the step's folder, or nothing (a fresh start) when it has none."""
-    from .trainer import last_complete_checkpoint
-
-    own = _resume_value(getattr(config, "resume_from_checkpoint", None))
-    if own is not None:
-        return own
-    wanted = recipe.get("resume_from_checkpoint")
-    if wanted is None:
-        return None
-    if isinstance(wanted, str) and first:
-        return wanted
-    return last_complete_checkpoint(config.output_dir) if Path(config.output_dir).is_dir() else None
-
-
-def _check_writable_folder(folder: Path, what: str) -> None:
-    """Create `folder` if needed and write a probe file into it: a read-only or impossible destination is reported
-    before training, not when the first checkpoint or the final model is saved."""
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as error:
-        raise CLIError(f"{what} {str(folder)!r} cannot be written: {_one_line(error)}") from error
+        return check_recipe(recipe)
+    except RecipeError as error:
+        raise CLIError(str(error)) from error
 
 
 def _run_train(args: argparse.Namespace) -> int:
     recipe = resolve_recipe(args)
-    from . import trainer as trainer_module
-    from .hub import write_model_card
+    from .recipe import RecipeError, train_from_recipe
 
-    configs = {stage: _step_config(trainer_module.PhantomPOConfig, stage, recipe) for stage in recipe["steps"]}
-    if isinstance(recipe["resume_from_checkpoint"], str):
-        problem = trainer_module.checkpoint_problem(recipe["resume_from_checkpoint"])
-        if problem is not None:
-            raise CLIError(f"cannot resume from {recipe['resume_from_checkpoint']}: {problem}")
-    _check_writable_folder(Path(recipe["output_dir"]), "the output folder")
-    for config in configs.values():
-        _check_writable_folder(Path(config.output_dir), "the checkpoint folder")
-    dataset = _load_triples(recipe["dataset"], recipe["dataset_split"], recipe["image_root"])
-    model, processor = _load_model_and_processor(recipe["model"])
-    base_model = infer_base_model(model.config)
-    training: dict[str, dict[str, Any]] = {}
-    for position, stage in enumerate(recipe["steps"]):
-        config = configs[stage]
-        resume = _resume_for_step(recipe, config, first=position == 0)
-        peft_config = None
-        if stage == 2 and recipe.get("lora") is not None:
-            peft_config = trainer_module.phantom_lora_config(**recipe["lora"])
-        trainer = trainer_module.PhantomPOTrainer(
-            model=model, args=config, train_dataset=dataset, processing_class=processor, peft_config=peft_config
-        )
-        if resume is not None:
-            print(f"step {stage}: resuming from {resume if isinstance(resume, str) else 'the last complete checkpoint'}")
-        result = trainer.train(resume_from_checkpoint=resume)
-        model = trainer.model
-        if peft_config is not None:
-            model = model.merge_and_unload()
-        name = "step 1: projector + Phantom Dimension, PO" if stage == 1 else "step 2: everything, SFT"
-        training[name] = describe_training_args(
-            config, po_weight=config.po_weight, training_loss=round(float(result.training_loss), 4)
-        )
-        if stage == 2 and peft_config is not None:
-            training[name]["lora"] = json.dumps(recipe["lora"]) if recipe["lora"] else "defaults"
-    output_dir = Path(recipe["output_dir"])
-    model.save_pretrained(output_dir)
-    processor.save_pretrained(output_dir)
-    card_info = {"base_model": base_model, **recipe["card"], "training": training}
-    if Path(recipe["dataset"]).exists():
-        card_info.setdefault("training_data", f"{len(dataset)} Phantom triples")
-    else:
-        card_info.setdefault("datasets", [recipe["dataset"]])
-    write_model_card(output_dir, model, **card_info)
-    print(f"saved the trained model to {output_dir}")
+    try:
+        result = train_from_recipe(recipe, load_model=_load_model_and_processor)
+    except RecipeError as error:
+        raise CLIError(str(error)) from error
+    print(f"saved the trained model to {result.output_dir}")
     return 0
 
 

@@ -242,6 +242,25 @@ def load_triples_jsonl(path: str | Path, image_root: str | Path | None = None) -
     return dataset.cast_column("images", List(Image(decode=False)))
 
 
+def load_triples(source: str | Path, split: str | None = None, image_root: str | Path | None = None) -> Dataset:
+    """Triples from a JSON-lines file (`load_triples_jsonl`), a folder written by `Dataset.save_to_disk` (with
+    `split`, default "train", when it holds a `DatasetDict`) or a Hub dataset id (its `split`, default "train")."""
+    import datasets
+
+    path = Path(source)
+    if path.is_file():
+        return load_triples_jsonl(path, image_root=image_root)
+    if path.is_dir():
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.DatasetDict):
+            name = split or "train"
+            if name not in loaded:
+                raise ValueError(f"{str(source)!r} has splits {sorted(loaded)}, not {name!r}: pass --dataset-split")
+            loaded = loaded[name]
+        return loaded
+    return datasets.load_dataset(str(source), split=split or "train")
+
+
 def load_phantom_triples(
     source: str | Path | Dataset, image_root: str | Path | None = None, on_invalid: InvalidPolicy = "skip"
 ) -> Dataset:
@@ -256,6 +275,7 @@ __all__ = [
     "InvalidTriplesError",
     "TripleProblem",
     "load_phantom_triples",
+    "load_triples",
     "load_triples_jsonl",
     "triple_problems",
     "undecoded_images",

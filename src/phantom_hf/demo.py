@@ -31,9 +31,9 @@ from typing import Any
 import torch
 from huggingface_hub import constants
 
-from .hub import describe_training_args, write_model_card
 from .modeling import PhantomConfig, PhantomForConditionalGeneration
 from .modeling.processing_phantom import IMAGE_CONTEXT_TOKEN, PhantomProcessor
+from .recipe import RecipeStep, StepResult, run_recipe, save_model_folder
 from .synthetic import SyntheticExample, generate_splits, to_dataset, vocabulary
 from .tiny import tiny_text_config, tiny_vision_config
 from .tokenization import build_tokenizer
@@ -187,16 +187,6 @@ def _trainer_config(output_dir: Path, stage: int, steps: int, budget: DemoBudget
     )
 
 
-def train_phase(model, processor, rows, output_dir: Path, stage: int, steps: int, budget: DemoBudget, seed: int, **overrides):
-    """One phase of the recipe with `PhantomPOTrainer`; returns the trainer's config (for the model card)."""
-    from .trainer import PhantomPOTrainer
-
-    config = _trainer_config(output_dir, stage, steps, budget, seed, **overrides)
-    trainer = PhantomPOTrainer(model, config, train_dataset=rows, processing_class=processor)
-    trainer.train()
-    return config
-
-
 # Environment of the demo's run: no Hub access (everything is built locally), no telemetry, no tokenizer threads.
 _DEMO_ENVIRONMENT = {"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -263,50 +253,61 @@ def _run_demo(out: Path, seed: int, budget: str | DemoBudget, use_po: bool, show
     print(f"held-out accuracy before training: {accuracy_before:.1%}")
     timings["setup"] = time.perf_counter() - start
 
+    image_rows = to_dataset(train_examples)
+    text_rows = image_rows.map(lambda row: {"prompt": row["question"], "images": []}, desc="text-only warm-up rows")
+    cell_rows = image_rows.filter(lambda kind: kind in CELL_KINDS, input_columns="kind", desc="cell questions")
+    step1_objective = "PO (Eq. 4)" if use_po else "SFT only (--no-po)"
+    # (card name, what the demo prints before the step, its stage, its optimizer steps, its rows, config overrides)
+    phases = [
+        ("warm-up (text only, SFT)", "warm-up: the LLM learns to write answers from the questions alone (no images)",
+         2, budget.warmup_steps, text_rows, {}),
+        ("step 1 (PO)" if use_po else "step 1 (SFT)", f"step 1: LLM frozen, projector + Phantom modules, {step1_objective}",
+         1, budget.step1_steps, image_rows, {"po_weight": 1.0 if use_po else 0.0}),
+        (f"step 2a (SFT, {' and '.join(CELL_KINDS)} questions)",
+         f"step 2a: everything trainable, SFT, on the questions that name a cell ({', '.join(CELL_KINDS)}) first",
+         2, budget.step2_cell_steps, cell_rows, {}),
+        ("step 2b (SFT, all questions)", "step 2b: everything trainable, SFT, all questions", 2, budget.step2_steps, image_rows, {}),
+    ]  # fmt: skip
+    announcements = iter([phase[1] for phase in phases[1:]])
+    accuracy_after_step1 = 0.0
+
+    def after_step(step: StepResult) -> None:
+        nonlocal accuracy_after_step1
+        if step.step.config.training_stage == 1:
+            accuracy_after_step1, _ = evaluate(model, processor, test_examples)
+            print(f"held-out accuracy after step 1: {accuracy_after_step1:.1%}")
+        announcement = next(announcements, None)
+        if announcement is not None:
+            print(announcement)
+
     with tempfile.TemporaryDirectory() as scratch:
-        scratch = Path(scratch)
         phase_start = time.perf_counter()
-        text_rows = to_dataset(train_examples).map(
-            lambda row: {"prompt": row["question"], "images": []}, desc="text-only warm-up rows"
-        )
-        print("warm-up: the LLM learns to write answers from the questions alone (no images)")
-        warmup = train_phase(model, processor, text_rows, scratch / "warmup", 2, budget.warmup_steps, budget, seed)
-        image_rows = to_dataset(train_examples)
-        print(f"step 1: LLM frozen, projector + Phantom modules, {'PO (Eq. 4)' if use_po else 'SFT only (--no-po)'}")
-        step1 = train_phase(
-            model, processor, image_rows, scratch / "step1", 1, budget.step1_steps, budget, seed, po_weight=1.0 if use_po else 0.0
-        )
-        accuracy_after_step1, _ = evaluate(model, processor, test_examples)
-        print(f"held-out accuracy after step 1: {accuracy_after_step1:.1%}")
-        print(f"step 2a: everything trainable, SFT, on the questions that name a cell ({', '.join(CELL_KINDS)}) first")
-        cell_rows = image_rows.filter(lambda kind: kind in CELL_KINDS, input_columns="kind", desc="cell questions")
-        step2_cells = train_phase(model, processor, cell_rows, scratch / "step2a", 2, budget.step2_cell_steps, budget, seed)
-        print("step 2b: everything trainable, SFT, all questions")
-        step2 = train_phase(model, processor, image_rows, scratch / "step2b", 2, budget.step2_steps, budget, seed)
+        steps = [
+            RecipeStep(_trainer_config(Path(scratch) / f"phase{index}", stage, max_steps, budget, seed, **overrides), rows, name)
+            for index, (name, _, stage, max_steps, rows, overrides) in enumerate(phases)
+        ]
+        print(phases[0][1])
+        trained = run_recipe(model, processor, steps, on_step_end=after_step)
         timings["training"] = time.perf_counter() - phase_start
 
     accuracy_after, by_kind = evaluate(model, processor, test_examples)
     print(f"held-out accuracy after training: {accuracy_after:.1%}  " + ", ".join(f"{k} {v:.0%}" for k, v in by_kind.items()))
 
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    write_model_card(
+    save_model_folder(
         out,
         model,
-        datasets=["synthetic-shapes (generated by phantom-hf demo)"],
-        training={
-            "warm-up (text only, SFT)": describe_training_args(warmup),
-            "step 1 (PO)" if use_po else "step 1 (SFT)": describe_training_args(step1),
-            f"step 2a (SFT, {' and '.join(CELL_KINDS)} questions)": describe_training_args(step2_cells),
-            "step 2b (SFT, all questions)": describe_training_args(step2),
+        processor,
+        card={
+            "datasets": ["synthetic-shapes (generated by phantom-hf demo)"],
+            "training": trained.training,
+            "eval_results": {
+                "held-out exact match (before)": f"{accuracy_before:.1%}",
+                "held-out exact match (after)": f"{accuracy_after:.1%}",
+                **{f"held-out exact match: {kind}": f"{value:.1%}" for kind, value in by_kind.items()},
+            },
+            "example_question": test_examples[0].question,
         },
-        eval_results={
-            "held-out exact match (before)": f"{accuracy_before:.1%}",
-            "held-out exact match (after)": f"{accuracy_after:.1%}",
-            **{f"held-out exact match: {kind}": f"{value:.1%}" for kind, value in by_kind.items()},
-        },
-        example_question=test_examples[0].question,
     )
 
     reloaded_accuracy, answers = check_reload(out, test_examples, show)

@@ -56,6 +56,13 @@ PHANTOM_MODULES_TO_SAVE = [
 ]
 
 
+def bf16_default(fp16: bool = False, use_cpu: bool = False) -> bool:
+    """Whether training runs in bf16 when the configuration does not say: where the machine has a bf16 accelerator
+    (a GPU that supports it, or XLA) and neither fp16 nor the CPU is asked for. TRL turns bf16 on everywhere, which
+    transformers refuses on a machine without such an accelerator."""
+    return not fp16 and not use_cpu and (is_torch_bf16_gpu_available() or is_torch_xla_available())
+
+
 @dataclass
 class PhantomPOConfig(CPOConfig):
     r"""Configuration of `PhantomPOTrainer`: TRL's `CPOConfig` with the paper's defaults and the recipe's stages.
@@ -140,8 +147,7 @@ class PhantomPOConfig(CPOConfig):
         if self.remove_unused_columns:
             raise ValueError("PhantomPOConfig.remove_unused_columns must be False: the collator reads the triple columns")
         if self.bf16 is None:
-            # TRL defaults to bf16, which transformers refuses on a machine without a bf16 accelerator
-            self.bf16 = not self.fp16 and not self.use_cpu and (is_torch_bf16_gpu_available() or is_torch_xla_available())
+            self.bf16 = bf16_default(self.fp16, self.use_cpu)
         super().__post_init__()
         if self.generate_during_eval:
             raise ValueError("generate_during_eval is not supported by PhantomPOTrainer (CPO's generation ignores images)")
@@ -514,5 +520,6 @@ __all__ = [
     "PhantomPOConfig",
     "PhantomPOTrainer",
     "apply_training_stage",
+    "bf16_default",
     "phantom_lora_config",
 ]
