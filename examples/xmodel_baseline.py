@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from transformers import CLIPVisionConfig  # noqa: E402
 
 from phantom_hf import PhantomConfig, PhantomForConditionalGeneration  # noqa: E402
-from phantom_hf.cli import answer_question  # noqa: E402
+from phantom_hf.answering import answer_questions  # noqa: E402
 from phantom_hf.modeling.processing_phantom import VICUNA_V1_SYSTEM, PhantomProcessor  # noqa: E402
 from phantom_hf.recipe import RecipeStep, run_recipe  # noqa: E402
 from phantom_hf.synthetic import SyntheticExample, generate_splits, split_words, to_dataset, vocabulary  # noqa: E402
@@ -107,7 +107,7 @@ def exact_match(model: PhantomForConditionalGeneration, processor: PhantomProces
     """Greedy answers to held-out questions; accuracy = share of answers equal to the correct one."""
     model.eval()
     questions = [example.question for example in examples]
-    answers = [answer_question(model, processor, example.image, example.question, max_new_tokens=6) for example in examples]
+    answers = answer_questions(model, processor, questions, [example.image for example in examples], batch_size=1, max_new_tokens=6)
     hits = [answer == example.chosen for answer, example in zip(answers, examples)]
     return {"accuracy": sum(hits) / len(hits), "questions": questions, "answers": answers}
 

@@ -14,6 +14,7 @@ import yaml
 from huggingface_hub import constants
 
 from phantom_hf import PhantomForConditionalGeneration, cli
+from phantom_hf.answering import answer_question
 from phantom_hf.hub import folder_files
 from phantom_hf.modeling.processing_phantom import PhantomProcessor
 from phantom_hf.synthetic import generate_examples, to_dataset, vocabulary
@@ -265,5 +266,5 @@ def test_interactive_chat_reads_questions_and_switches_images(
     assert answers[0] != answers[1]  # the second question saw the second image
     model = PhantomForConditionalGeneration.from_pretrained(tiny_folder).eval()
     processor = PhantomProcessor.from_pretrained(tiny_folder)
-    expected = [cli.answer_question(model, processor, example.image, question, 4) for example in examples]
+    expected = [answer_question(model, processor, example.image, question, 4) for example in examples]
     assert answers == expected

@@ -22,6 +22,7 @@ import yaml
 from huggingface_hub import constants
 
 from phantom_hf import PhantomForConditionalGeneration, cli
+from phantom_hf.answering import answer_question
 from phantom_hf.synthetic import generate_examples, to_dataset
 
 from .test_cli import run, tiny_folder  # noqa: F401  (the module-scoped tiny saved model)
@@ -120,7 +121,7 @@ def test_interactive_chat_reports_a_bad_image_and_keeps_the_session(tiny_folder:
     model = PhantomForConditionalGeneration.from_pretrained(tiny_folder).eval()
     from phantom_hf.modeling.processing_phantom import PhantomProcessor
 
-    expected = cli.answer_question(model, PhantomProcessor.from_pretrained(tiny_folder), example.image, example.question, 4)
+    expected = answer_question(model, PhantomProcessor.from_pretrained(tiny_folder), example.image, example.question, 4)
     assert out.strip() == expected  # answered about the good image, which the bad one did not replace
 
 

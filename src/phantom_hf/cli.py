@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import inspect
 import json
 import os
 import re
@@ -276,30 +275,6 @@ def _add_chat(subparsers: Any, selected: bool) -> None:
     parser.set_defaults(handler=_run_chat)
 
 
-def answer_question(model: Any, processor: Any, image: Any, question: str, max_new_tokens: int = 32) -> str:
-    """Greedy answer of `model` to `question` about `image` (anything the processor decodes: a PIL image, an array,
-    a path; None for a text-only question).
-
-    The prompt is the image and the question as one user turn, written by the processor's chat template
-    (`PhantomProcessor.user_prompt`: how the model's format places the image marker).
-    """
-    if not question or not question.strip():
-        raise ValueError("the question is empty")
-    prompt = processor.user_prompt(question, images=int(image is not None))
-    inputs = processor(text=[prompt], images=[[image]] if image is not None else None, return_tensors="pt")
-    accepted = inspect.signature(model.forward).parameters
-    inputs = {key: value.to(model.device) for key, value in inputs.items() if key in accepted}
-    tokenizer = processor.tokenizer
-    output = model.generate(
-        **inputs,
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-    )
-    new_tokens = output[0, inputs["input_ids"].shape[1] :]
-    return tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
-
-
 def _open_image(path: str | None) -> Any:
     """The image file decoded as the model's processor decodes it (an RGB array: the processor is the one place an
     image becomes pixels), or a `CLIError` naming the file and the problem."""
@@ -335,6 +310,8 @@ def _run_chat(args: argparse.Namespace) -> int:
     device = _check_device(args.device)
     model, processor = _load_model_and_processor(args.model, device)
     model.eval()
+    from .answering import answer_question
+
     if args.question is not None:
         print(answer_question(model, processor, image, args.question, args.max_new_tokens))
         return 0

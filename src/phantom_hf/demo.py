@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from huggingface_hub import constants
 
+from .answering import answer_questions
 from .modeling import PhantomConfig, PhantomForConditionalGeneration
 from .modeling.processing_phantom import IMAGE_CONTEXT_TOKEN, PhantomProcessor
 from .recipe import RecipeStep, StepResult, run_recipe, save_model_folder
@@ -127,26 +128,11 @@ def answer_examples(
     batch_size: int = 50,
 ) -> list[str]:
     """Greedy answers (4 new tokens, stripped) of `model` to `examples`, in batches of `batch_size` (left padding)."""
-    tokenizer = processor.tokenizer
-    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     model.eval()
-    answers: list[str] = []
-    try:
-        for start in range(0, len(examples), batch_size):
-            chunk = examples[start : start + batch_size]
-            inputs = processor(
-                text=[chat_prompt(processor, example.prompt) for example in chunk],
-                images=[[example.image] for example in chunk],
-                return_tensors="pt",
-                padding=True,
-            )
-            with torch.no_grad():
-                output = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-            decoded = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-            answers.extend(answer.strip() for answer in decoded)
-    finally:
-        tokenizer.padding_side = padding_side
-    return answers
+    return answer_questions(
+        model, processor, [example.prompt for example in examples], [[example.image] for example in examples],
+        batch_size=batch_size, max_new_tokens=4,
+    )  # fmt: skip
 
 
 def evaluate(

@@ -15,7 +15,6 @@ generation, right padding for log-likelihoods).
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,8 +22,8 @@ import torch
 from lmms_eval.api.instance import GenerationResult, Instance
 from lmms_eval.api.model import lmms
 
+from .answering import answer_questions, model_inputs, pad_token_id, question_prompt
 from .evaluation import LmmsTask, lmms_task, parse_task_map, published_question
-from .modeling.processing_phantom import IMAGE_MARKER
 from .prompts import PUBLISHED_GENERATION, benchmark_prompt
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -99,7 +98,6 @@ class PhantomLMMS(lmms):
         self.model.to(self._device).eval()
         self.processor = AutoProcessor.from_pretrained(pretrained, trust_remote_code=True)
         self.tokenizer = self.processor.tokenizer
-        self._forward_keys = set(inspect.signature(self.model.forward).parameters)
 
     @property
     def batch_size(self) -> int:
@@ -115,30 +113,16 @@ class PhantomLMMS(lmms):
         """The published benchmark lmms-eval task `task` stands for (None: asked as lmms-eval writes it)."""
         return None if self.prompts == "task" else lmms_task(task, self.task_map)
 
-    def build_prompt(self, context: str, task: str, num_images: int, generation: bool = True) -> str:
-        """The text given to the processor: the user turn (published question for a published benchmark when
-        `generation`, else lmms-eval's context) with one image block per image, written by the chat template.
-        A context that already holds `<image>` markers keeps them (no image blocks are added)."""
-        mapped = self.benchmark_of(task) if generation else None
-        text = published_question(context, mapped) if mapped is not None else context
-        images = 0 if IMAGE_MARKER in text else num_images
-        return self.processor.user_prompt(text, images=images)
+    def question(self, context: str, task: str) -> str:
+        """The question a generation request asks: the published question for a published benchmark, else
+        lmms-eval's `context` as it is (the user turn around it: `answering.question_prompt`)."""
+        mapped = self.benchmark_of(task)
+        return published_question(context, mapped) if mapped is not None else context
 
     def _visuals(self, doc_to_visual: Any, doc_id: Any, task: str, split: str) -> list[Any]:
         if doc_to_visual is None:
             return []
         return _flatten_visuals(doc_to_visual(self.task_dict[task][split][doc_id]))
-
-    def _encode(self, prompts: list[str], images: list[list[Any]]) -> dict[str, Any]:
-        """Processor call: images only when some prompt has some (one list per prompt), nothing else."""
-        kwargs: dict[str, Any] = {"text": prompts, "return_tensors": "pt", "padding": True}
-        if any(images):
-            kwargs["images"] = images
-        inputs = self.processor(**kwargs)
-        encoded = {key: value.to(self._device) for key, value in inputs.items() if key in self._forward_keys}
-        if "pixel_values" in encoded:
-            encoded["pixel_values"] = encoded["pixel_values"].to(self.model.dtype)
-        return encoded
 
     # -------------------------------------------------------------------------------- generation
 
@@ -160,36 +144,27 @@ class PhantomLMMS(lmms):
             context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
             settings = self._generation_settings(task, dict(gen_kwargs or {}))
             visuals = self._visuals(doc_to_visual, doc_id, task, split)
-            prepared.append((settings, index, self.build_prompt(context, task, len(visuals)), visuals))
+            prepared.append((settings, index, self.question(context, task), visuals))
         prepared.sort(key=lambda item: (repr(item[0]), item[1]))
         answers: list[str] = [""] * len(requests)
-        tokenizer = self.tokenizer
-        padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        try:
-            start = 0
-            while start < len(prepared):
-                settings = prepared[start][0]
-                end = start
-                while end < len(prepared) and end - start < self.batch_size and prepared[end][0] == settings:
-                    end += 1
-                chunk = prepared[start:end]
-                start = end
-                max_new_tokens, num_beams, do_sample, temperature, until = settings
-                inputs = self._encode([item[2] for item in chunk], [item[3] for item in chunk])
-                options: dict[str, Any] = {"max_new_tokens": max_new_tokens, "num_beams": num_beams, "do_sample": do_sample}
-                if do_sample:
-                    options["temperature"] = temperature
-                with torch.inference_mode():
-                    output = self.model.generate(**inputs, pad_token_id=pad_id, **options)
-                texts = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-                for (_, index, _, _), text in zip(chunk, texts):
-                    for stop in until:
-                        if stop and stop in text:
-                            text = text.split(stop, 1)[0]
-                    answers[index] = text.strip()
-        finally:
-            tokenizer.padding_side = padding_side
+        start = 0
+        while start < len(prepared):
+            settings = prepared[start][0]
+            end = start
+            while end < len(prepared) and end - start < self.batch_size and prepared[end][0] == settings:
+                end += 1
+            chunk = prepared[start:end]
+            start = end
+            max_new_tokens, num_beams, do_sample, temperature, until = settings
+            options: dict[str, Any] = {"max_new_tokens": max_new_tokens, "num_beams": num_beams, "do_sample": do_sample}
+            if do_sample:
+                options["temperature"] = temperature
+            texts = answer_questions(self.model, self.processor, [item[2] for item in chunk], [item[3] for item in chunk], **options)
+            for (_, index, _, _), text in zip(chunk, texts):
+                for stop in until:
+                    if stop and stop in text:
+                        text = text.split(stop, 1)[0]
+                answers[index] = text.strip()
         return answers
 
     def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
@@ -220,8 +195,7 @@ class PhantomLMMS(lmms):
             if not isinstance(continuation, str):
                 continuation = continuation(self.task_dict[task][split][doc_id])
             visuals = self._visuals(doc_to_visual, doc_id, task, split)
-            prompt = self.build_prompt(context, task, len(visuals), generation=False)
-            encoded = self._encode([prompt], [visuals])
+            encoded = model_inputs(self.model, self.processor, [question_prompt(self.processor, context, len(visuals))], [visuals])
             target = self.tokenizer(continuation, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
             if target.numel() == 0:
                 raise ValueError(f"phantom: the continuation {continuation!r} of task {task!r} has no tokens")
@@ -230,7 +204,7 @@ class PhantomLMMS(lmms):
                 pixel_values.append(encoded["pixel_values"])
                 num_patches.append(encoded["num_patches"].reshape(-1))
         length = max(len(prompt) + len(target) for prompt, target in rows)
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        pad_id = pad_token_id(self.tokenizer) or 0  # right padding, masked: any id does
         input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long, device=self._device)
         attention_mask = torch.zeros_like(input_ids)
         for row, (prompt, target) in enumerate(rows):  # right padding: every row starts with its anchor token
