@@ -31,6 +31,7 @@ from PIL import Image  # noqa: E402
 from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline  # noqa: E402
 
 from phantom_hf import PhantomForConditionalGeneration, PhantomProcessor  # noqa: E402
+from phantom_hf.hub import save_model_folder  # noqa: E402
 from phantom_hf.synthetic import generate_examples, vocabulary  # noqa: E402
 from phantom_hf.tiny import tiny_phantom_config  # noqa: E402
 from phantom_hf.tokenization import build_tokenizer  # noqa: E402
@@ -75,8 +76,7 @@ def main() -> None:
     if args.model is None:
         folder = Path(args.output_dir or scratch.name)
         model, processor = build_tiny()
-        model.save_pretrained(folder)
-        processor.save_pretrained(folder)
+        save_model_folder(folder, model, processor, card={})  # weights, config, remote code, processor, model card
         print(f"saved a tiny Phantom model to {folder}: {', '.join(sorted(p.name for p in folder.iterdir()))}")
         folder = str(folder)
     else:

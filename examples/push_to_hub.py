@@ -41,7 +41,8 @@ from phantom_hf.tokenization import build_tokenizer  # noqa: E402
 
 
 def save_tiny(folder: Path) -> None:
-    """A tiny random Phantom model and its processor, saved with `save_pretrained` (which adds a model card)."""
+    """A tiny random Phantom model and its processor, saved with `save_pretrained` (no model card: `push_folder`
+    renders one into the folder before uploading)."""
     tokenizer = build_tokenizer(vocabulary())
     config = tiny_phantom_config(
         image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"), text_config={"vocab_size": len(tokenizer)}

@@ -435,11 +435,6 @@ MODELING_FILES = (
     "presets_phantom.py",
 )
 
-# Callables (folder, model) run at the end of `save_pretrained`. Empty in remote code; `import phantom_hf`
-# registers the model-card writer, so folders saved with the package carry a rendered README.md.
-SAVE_HOOKS: list[Callable[[Path, PreTrainedModel], None]] = []
-
-
 def save_remote_code(folder: str | Path) -> None:
     """Copy the remote-code files (`MODELING_FILES`) into `folder`, next to the weights."""
     source = Path(__file__).parent
@@ -557,8 +552,8 @@ class PhantomPreTrainedModel(PreTrainedModel):
         return (model, loading_info) if output_loading_info else model
 
     def save_pretrained(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> None:
-        """Save weights and config, plus the remote-code files, so the folder loads with `trust_remote_code`;
-        then run `SAVE_HOOKS` (the `phantom_hf` package registers its model-card writer there).
+        """Save weights and config, plus the remote-code files, so the folder loads with `trust_remote_code`.
+        (No model card: whoever publishes the folder writes one, e.g. `phantom_hf.hub.push_folder`.)
 
         The files are written into a staging folder next to `save_directory` and moved in once all are written:
         a save that fails midway (a full disk, an error while writing) leaves the folder's previous model as it
@@ -576,8 +571,6 @@ class PhantomPreTrainedModel(PreTrainedModel):
 
         if main_process:
             _staged_save(Path(save_directory), write)
-            for hook in SAVE_HOOKS:
-                hook(Path(save_directory), self)
         else:
             write(Path(save_directory))
 
@@ -1246,5 +1239,4 @@ __all__ = [
     "add_phantom_dimension",
     "anchor_positions",
     "save_remote_code",
-    "SAVE_HOOKS",
 ]

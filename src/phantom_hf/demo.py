@@ -34,7 +34,8 @@ from huggingface_hub import constants
 from .answering import answer_questions
 from .modeling import PhantomConfig, PhantomForConditionalGeneration
 from .modeling.processing_phantom import IMAGE_CONTEXT_TOKEN, PhantomProcessor
-from .recipe import RecipeStep, StepResult, run_recipe, save_model_folder
+from .hub import save_model_folder
+from .recipe import RecipeStep, StepResult, run_recipe
 from .synthetic import SyntheticExample, generate_splits, to_dataset, vocabulary
 from .tiny import tiny_text_config, tiny_vision_config
 from .tokenization import build_tokenizer

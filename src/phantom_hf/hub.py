@@ -278,6 +278,17 @@ def write_model_card(folder: str | Path, model_or_config: Any = None, **info: An
     return path
 
 
+def save_model_folder(folder: str | Path, model: Any, processor: Any, card: Mapping[str, Any] | None = None) -> Path:
+    """Save `model` and `processor` into `folder` (a Hub-ready folder: weights, config, remote code, processor) and,
+    with `card` (fields of `render_model_card`), its model card `README.md`. Returns the folder."""
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    if card is not None:
+        write_model_card(folder, model, **card)
+    return folder
+
+
 def folder_files(folder: str | Path) -> list[str]:
     """Relative POSIX paths of the regular files under `folder` (sorted), `.git/` and `.cache/` excluded."""
     root = Path(folder)
@@ -417,5 +428,6 @@ __all__ = [
     "infer_base_model",
     "push_folder",
     "render_model_card",
+    "save_model_folder",
     "write_model_card",
 ]

@@ -5,7 +5,7 @@
 projector + Phantom modules trained with Phantom Optimization; 2, everything trained with SFT), optionally its own
 data and a LoRA adapter that is merged once the step ends. It resumes interrupted runs from complete checkpoints,
 describes each step for the model card, and with `output_dir` saves the model, its processor and a card
-(`save_model_folder`).
+(`hub.save_model_folder`).
 
 `train_from_recipe` runs a recipe mapping, the form a YAML/JSON recipe file takes (`RECIPE_KEYS`; what
 `phantom-hf train` reads): it builds the step configs, loads the dataset and the model, and calls `run_recipe`.
@@ -195,19 +195,6 @@ def _resume_for_step(config: Any, wanted: bool | str | None, first: bool) -> boo
 # ----------------------------------------------------------------------------------------------- running
 
 
-def save_model_folder(folder: str | Path, model: Any, processor: Any, card: Mapping[str, Any] | None = None) -> Path:
-    """Save `model` and `processor` into `folder` (a Hub-ready folder: weights, config, remote code, processor) and,
-    with `card` (fields of `hub.render_model_card`), its model card `README.md`. Returns the folder."""
-    folder = Path(folder)
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    if card is not None:
-        from .hub import write_model_card
-
-        write_model_card(folder, model, **card)
-    return folder
-
-
 def run_recipe(
     model: Any,
     processor: Any,
@@ -236,7 +223,7 @@ def run_recipe(
             and `base_model` defaults to the Hub id the model was loaded from. None: no card.
         on_step_end: called with each step's `StepResult` once the step has trained (and its adapter is merged).
     """
-    from .hub import describe_training_args, infer_base_model
+    from .hub import describe_training_args, infer_base_model, save_model_folder
     from .trainer import PhantomPOTrainer, phantom_lora_config
 
     result = RecipeResult(model=model)
@@ -342,7 +329,6 @@ __all__ = [
     "parse_steps",
     "resume_value",
     "run_recipe",
-    "save_model_folder",
     "step_config",
     "train_from_recipe",
 ]
