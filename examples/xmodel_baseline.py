@@ -31,6 +31,7 @@ from transformers import CLIPVisionConfig  # noqa: E402
 
 from phantom_hf import PhantomConfig, PhantomForConditionalGeneration  # noqa: E402
 from phantom_hf.answering import answer_questions  # noqa: E402
+from phantom_hf.modeling.configuration_phantom import is_phantom_name  # noqa: E402
 from phantom_hf.modeling.processing_phantom import VICUNA_V1_SYSTEM, PhantomProcessor  # noqa: E402
 from phantom_hf.recipe import RecipeStep, run_recipe  # noqa: E402
 from phantom_hf.synthetic import SyntheticExample, generate_splits, split_words, to_dataset, vocabulary  # noqa: E402
@@ -68,7 +69,7 @@ def phantom_twin(baseline: PhantomForConditionalGeneration, seed: int = 0) -> Ph
     torch.manual_seed(seed)
     twin = PhantomForConditionalGeneration(config)
     missing, unexpected = twin.load_state_dict(baseline.state_dict(), strict=False)
-    if unexpected or not missing or not all("phantom" in name for name in missing):
+    if unexpected or not missing or not all(is_phantom_name(name) for name in missing):
         raise RuntimeError(f"the twin should differ by Phantom modules only; missing {missing}, unexpected {unexpected}")
     return twin
 

@@ -43,6 +43,13 @@ def cache_of(output: Any) -> Any:
     return getattr(output, CACHE_NAME)
 
 
+def checkpointing_field(training_arguments: Any) -> str:
+    """The `TrainingArguments` field that turns activation checkpointing on: `activation_checkpointing` since
+    transformers 5.23 (the old `gradient_checkpointing` still works there, with a deprecation warning),
+    `gradient_checkpointing` before."""
+    return "activation_checkpointing" if hasattr(training_arguments, "activation_checkpointing") else "gradient_checkpointing"
+
+
 def unmarked(text: str) -> str:
     """`text` without the spans `sanitize_control_tokens` marked as user text (5.23+; unchanged before)."""
     return _MARKED_RE.sub("", text) if _MARKED_RE is not None else text
@@ -53,6 +60,7 @@ __all__ = [
     "CACHE_NAME",
     "cache_kwargs",
     "cache_of",
+    "checkpointing_field",
     "take_cache",
     "unmarked",
 ]

@@ -24,6 +24,25 @@ VISION_MODEL_TYPES_WITHOUT_CLS = ("siglip_vision_model", "siglip2_vision_model")
 # FlashAttention kernels support head sizes up to 256; Phantom attention runs at 2 * head_dim.
 FLASH_ATTENTION_MAX_HEAD_DIM = 256
 
+# The Phantom modules of every attention layer, by their published names: the multi-head cross-attention of each
+# of the q, k and v paths (paper Eq. 1) and the two gates of the weighted average (Eq. 3). They are the only modules
+# whose name holds "phantom"; training, LoRA, quantization and loading find them through this table.
+PHANTOM_MHCA_MODULES = {"q": "xattn_query_phantom", "k": "xattn_key_phantom", "v": "xattn_value_phantom"}
+PHANTOM_GATE_MODULES = ("gating_phantom_1", "gating_phantom_2")
+PHANTOM_MODULE_NAMES = (*PHANTOM_MHCA_MODULES.values(), *PHANTOM_GATE_MODULES)
+
+
+def is_phantom_name(name: str) -> bool:
+    """Whether a dotted module or parameter name lies inside a Phantom module (`PHANTOM_MODULE_NAMES`), also
+    under a wrapper's prefixes (PEFT's `base_model.model.` and `modules_to_save.default.`)."""
+    return any(part in PHANTOM_MODULE_NAMES for part in name.split("."))
+
+
+def size_pair(value: int | list[int] | tuple[int, int]) -> tuple[int, int]:
+    """A vision config's `image_size` / `patch_size` (an int, or a pair) as (height, width)."""
+    return (int(value), int(value)) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
 # Written into config.json so that the Auto classes find the remote code next to the weights.
 # AutoModel maps to the generation model (as InternVL's and Phantom's published remote code do), so
 # `AutoModel.from_pretrained(..., trust_remote_code=True)` returns a model with logits and `generate`.
@@ -46,10 +65,6 @@ def _as_config(value: Any, default_model_type: str, field: str) -> PretrainedCon
         model_type = value.pop("model_type", default_model_type)
         return AutoConfig.for_model(model_type, **value)
     raise TypeError(f"PhantomConfig.{field} must be a dict or a PretrainedConfig, got {type(value).__name__}")
-
-
-def _pair(value: int | list[int] | tuple[int, int]) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
 class PhantomConfig(PretrainedConfig):
@@ -159,8 +174,8 @@ class PhantomConfig(PretrainedConfig):
     def image_seq_length(self) -> int:
         """Vision tokens per image tile after the projector: 256 for InternViT-448 with pixel shuffle 0.5,
         144 for CLIP-336 with XDP, 576 for CLIP-336 with mlp2x_gelu."""
-        image_h, image_w = _pair(self.vision_config.image_size)
-        patch_h, patch_w = _pair(self.vision_config.patch_size)
+        image_h, image_w = size_pair(self.vision_config.image_size)
+        patch_h, patch_w = size_pair(self.vision_config.patch_size)
         patches = (image_h // patch_h) * (image_w // patch_w)
         if self.vision_feature_select_strategy == "full" and self.vision_has_cls_token:
             patches += 1
@@ -245,4 +260,4 @@ class PhantomConfig(PretrainedConfig):
             )
 
 
-__all__ = ["PhantomConfig"]
+__all__ = ["PHANTOM_GATE_MODULES", "PHANTOM_MHCA_MODULES", "PHANTOM_MODULE_NAMES", "PhantomConfig", "is_phantom_name", "size_pair"]

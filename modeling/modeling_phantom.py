@@ -29,7 +29,16 @@ from transformers.utils import is_torchdynamo_compiling
 
 from .cache_phantom import PhantomCache, PhantomCacheMixin, PhantomStaticCache
 from .compat_phantom import CACHE_NAME, cache_kwargs, cache_of, take_cache
-from .configuration_phantom import AUTO_MAP, PhantomConfig
+from .configuration_phantom import (
+    AUTO_MAP,
+    PHANTOM_GATE_MODULES,
+    PHANTOM_MHCA_MODULES,
+    PHANTOM_MODULE_NAMES,
+    PhantomConfig,
+    is_phantom_name,
+    size_pair,
+)
+from .quantization_phantom import MODULES_NOT_QUANTIZED, PHANTOM_MODULES_NOT_QUANTIZED, keep_modules_unquantized
 
 # ---------------------------------------------------------------------------------------------------
 # Phantom Dimension (paper Sec. 3, Eq. 1-3)
@@ -115,9 +124,6 @@ def sdpa_attention_packed_decode(
     return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, **kwargs)
 
 
-_MHCA_NAMES = {"q": "xattn_query_phantom", "k": "xattn_key_phantom", "v": "xattn_value_phantom"}
-
-
 class PhantomAttentionMixin:
     """Phantom Dimension on top of a backbone attention module (paper Sec. 3, Eq. 1-3).
 
@@ -148,12 +154,11 @@ class PhantomAttentionMixin:
         self.phantom_expansion = config.phantom_expansion
         self._phantom_path_mask: torch.Tensor | None = None
         if self.phantom_expansion == "mhca":
-            self.xattn_query_phantom = PhantomCrossAttention(head_dim)
-            self.xattn_key_phantom = PhantomCrossAttention(head_dim)
-            self.xattn_value_phantom = PhantomCrossAttention(head_dim)
+            for name in PHANTOM_MHCA_MODULES.values():  # xattn_{query,key,value}_phantom
+                setattr(self, name, PhantomCrossAttention(head_dim))
         if self.phantom_mixing == "weighted":
-            self.gating_phantom_1 = nn.Linear(head_dim, 1)
-            self.gating_phantom_2 = nn.Linear(head_dim, 1)
+            for name in PHANTOM_GATE_MODULES:  # gating_phantom_1, gating_phantom_2
+                setattr(self, name, nn.Linear(head_dim, 1))
 
     def _phantom_project(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The backbone's q, k, v of shape (B, H, N, D), before rotary."""
@@ -188,7 +193,7 @@ class PhantomAttentionMixin:
         anchor_index = anchor_index.to(query.device)
         keys, values = [], []
         for path, states in zip("qkv", (query, key, value)):
-            mhca = getattr(self, _MHCA_NAMES[path])
+            mhca = getattr(self, PHANTOM_MHCA_MODULES[path])
             anchor_key, anchor_value = mhca.anchor_states(states[rows, :, anchor_index])
             keys.append(anchor_key)
             values.append(mhca.linear_o(anchor_value))
@@ -229,7 +234,7 @@ class PhantomAttentionMixin:
         mask = self._phantom_mask(key.dtype, key.device)
         if paths != "qkv":
             key, value, mask = key[:, start:stop], value[:, start:stop], mask[start:stop, start:stop]
-        hidden = [F.linear(x, getattr(self, _MHCA_NAMES[path]).linear_q.weight) for path, x in zip(paths, states)]
+        hidden = [F.linear(x, getattr(self, PHANTOM_MHCA_MODULES[path]).linear_q.weight) for path, x in zip(paths, states)]
         hidden = F.gelu(torch.cat(hidden, dim=1) if len(hidden) > 1 else hidden[0]).reshape(batch, -1, dim)
         if tokens > 1:  # rows are ordered (head, token)
             mask = mask.repeat_interleave(tokens, dim=0)
@@ -351,7 +356,7 @@ def add_phantom_dimension(language_model: nn.Module, config: PhantomConfig) -> l
         reference = attention.o_proj.weight
         attention.init_phantom(config)
         for name, child in attention.named_children():
-            if "phantom" in name:
+            if name in PHANTOM_MODULE_NAMES:
                 child.to(device=reference.device, dtype=reference.dtype)
         converted.append(attention)
     return converted
@@ -433,6 +438,7 @@ MODELING_FILES = (
     "modeling_phantom.py",
     "processing_phantom.py",
     "presets_phantom.py",
+    "quantization_phantom.py",
 )
 
 def save_remote_code(folder: str | Path) -> None:
@@ -491,18 +497,9 @@ class PhantomPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = False
     _supports_attention_backend = True
     _can_compile_fullgraph = True  # decode steps with a static cache (PhantomStaticCache): tests/test_static_cache.py
-    # Weight quantization (`from_pretrained(..., quantization_config=...)`: bitsandbytes 8/4-bit, torchao, and every
-    # config with a module skip list) leaves these modules in the compute dtype. Regexes matched from the start of a
-    # module or parameter name, as transformers' quantizers read their skip lists (5.11 and 5.24 alike).
-    # The Phantom modules are tiny (1.2M parameters at 0.5B) and the fused MHCA reads `linear_q.weight` as a plain
-    # tensor, so they are always kept; the vision tower, projector and `lm_head` are kept unless the config names
-    # its own list (the published loader kept the projector and `lm_head` too, and quantized the vision tower).
-    _phantom_modules_not_quantized = (r".*\.xattn_(?:query|key|value)_phantom", r".*\.gating_phantom_[12]")
-    _modules_not_quantized = _phantom_modules_not_quantized + (
-        r"(?:model\.)?vision_tower",
-        r"(?:model\.)?multi_modal_projector",
-        "lm_head",
-    )
+    # Modules weight quantization leaves in the compute dtype (quantization_phantom.py says why).
+    _phantom_modules_not_quantized = PHANTOM_MODULES_NOT_QUANTIZED
+    _modules_not_quantized = MODULES_NOT_QUANTIZED
 
     def enable_input_require_grads(self) -> None:
         """Make the language model's input embeddings require grad (activation checkpointing or adapters on a
@@ -522,21 +519,7 @@ class PhantomPreTrainedModel(PreTrainedModel):
         `modules_to_not_convert` of torchao and the others) keeps this class's modules unquantized: all of
         `_modules_not_quantized` when the config names none, else the config's list plus the Phantom modules.
         Configs without a skip list are returned as they are. `from_pretrained` applies it."""
-        if isinstance(quantization_config, dict):
-            from transformers.quantizers import AutoQuantizationConfig
-
-            quantization_config = AutoQuantizationConfig.from_dict(quantization_config)
-        for field in ("llm_int8_skip_modules", "modules_to_not_convert"):
-            if hasattr(quantization_config, field):
-                break
-        else:
-            return quantization_config
-        skip = getattr(quantization_config, field)
-        kept = list(cls._modules_not_quantized) if skip is None else list(skip)
-        kept += [pattern for pattern in cls._phantom_modules_not_quantized if pattern not in kept]
-        quantization_config = copy.deepcopy(quantization_config)
-        setattr(quantization_config, field, kept)
-        return quantization_config
+        return keep_modules_unquantized(quantization_config, cls._modules_not_quantized, cls._phantom_modules_not_quantized)
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
@@ -693,7 +676,7 @@ def _check_pixel_values(pixel_values: torch.Tensor, vision_config: Any) -> None:
         raise TypeError(f"pixel_values must be a floating-point tensor, got {getattr(pixel_values, 'dtype', type(pixel_values))}")
     if pixel_values.dim() != 4:
         raise ValueError(f"pixel_values must have shape (num_tiles, channels, height, width), got {tuple(pixel_values.shape)}")
-    height, width = _size_pair(vision_config.image_size)
+    height, width = size_pair(vision_config.image_size)
     expected = (getattr(vision_config, "num_channels", 3), height, width)
     if tuple(pixel_values.shape[1:]) != expected:
         raise ValueError(
@@ -702,10 +685,6 @@ def _check_pixel_values(pixel_values: torch.Tensor, vision_config: Any) -> None:
         )
     if not torch.isfinite(pixel_values).all():
         raise ValueError("pixel_values holds NaN or infinite values")
-
-
-def _size_pair(value: int | list[int] | tuple[int, int]) -> tuple[int, int]:
-    return (int(value), int(value)) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
 def _check_loaded_weights(model: nn.Module, loading_info: dict[str, Any], phantom_dimension_override: bool | None) -> None:
@@ -721,9 +700,9 @@ def _check_loaded_weights(model: nn.Module, loading_info: dict[str, Any], phanto
     unexpected = sorted(name for name in loading_info.get("unexpected_keys") or [] if name.split(".")[0] in children)
     missing = sorted(loading_info.get("missing_keys") or [])
     if phantom_dimension_override is False:
-        unexpected = [name for name in unexpected if "phantom" not in name]
+        unexpected = [name for name in unexpected if not is_phantom_name(name)]
     if phantom_dimension_override is True:
-        missing = [name for name in missing if "phantom" not in name]
+        missing = [name for name in missing if not is_phantom_name(name)]
     if unexpected:
         raise ValueError(
             f"the checkpoint holds {len(unexpected)} weight(s) this config has no place for, e.g. {unexpected[:3]}: the "
@@ -1091,7 +1070,7 @@ class PhantomForConditionalGeneration(PhantomPreTrainedModel, GenerationMixin):
             new_modules += add_phantom_dimension(decoder, config)
         for root in new_modules:
             for name, module in root.named_modules():
-                if root is projector or "phantom" in name:
+                if root is projector or is_phantom_name(name):
                     model._init_weights(module)
         if language_model.generation_config is not None:
             model.generation_config = copy.deepcopy(language_model.generation_config)

@@ -33,6 +33,7 @@ from huggingface_hub import constants
 
 from .answering import answer_questions
 from .modeling import PhantomConfig, PhantomForConditionalGeneration
+from .modeling.configuration_phantom import is_phantom_name
 from .modeling.processing_phantom import IMAGE_CONTEXT_TOKEN, PhantomProcessor
 from .hub import save_model_folder
 from .recipe import RecipeStep, StepResult, run_recipe
@@ -231,7 +232,7 @@ def _run_demo(out: Path, seed: int, budget: str | DemoBudget, use_po: bool, show
     processor = PhantomProcessor.from_config(model.config, tokenizer, max_patches=1)
     parameters = {
         "total": sum(p.numel() for p in model.parameters()),
-        "phantom": sum(p.numel() for n, p in model.named_parameters() if "phantom" in n),
+        "phantom": sum(p.numel() for n, p in model.named_parameters() if is_phantom_name(n)),
     }
     print(f"task: {len(train_examples)} training questions, {len(test_examples)} held-out ({CHANCE_NOTE})")
     print(f"model: {parameters['total']:,} parameters, {parameters['phantom']:,} of them Phantom Dimension")

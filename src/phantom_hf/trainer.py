@@ -39,6 +39,8 @@ with warnings.catch_warnings():  # CPO lives in trl.experimental in TRL 1.x; imp
     from trl.experimental.cpo import CPOConfig, CPOTrainer
 
 from .data import InvalidPolicy, TripleProblem, undecoded_images, validate_triples
+from .modeling.compat_phantom import checkpointing_field
+from .modeling.configuration_phantom import PHANTOM_MODULE_NAMES, is_phantom_name
 
 logger = logging.getLogger(__name__)
 
@@ -46,14 +48,7 @@ TRAINING_STAGES = (1, 2)
 # Attention sub-modules of the language model that a LoRA adapter targets (Llama/Qwen/Mistral/Phi-3 names).
 LORA_TARGET_MODULES = r".*language_model.*\.(q_proj|k_proj|v_proj|qkv_proj|o_proj|gate_proj|up_proj|gate_up_proj|down_proj)"
 # Modules trained in full (not through LoRA) in step 2 with PEFT: the projector and every Phantom module.
-PHANTOM_MODULES_TO_SAVE = [
-    "multi_modal_projector",
-    "xattn_query_phantom",
-    "xattn_key_phantom",
-    "xattn_value_phantom",
-    "gating_phantom_1",
-    "gating_phantom_2",
-]
+PHANTOM_MODULES_TO_SAVE = ["multi_modal_projector", *PHANTOM_MODULE_NAMES]
 
 
 def bf16_default(fp16: bool = False, use_cpu: bool = False) -> bool:
@@ -133,9 +128,9 @@ class PhantomPOConfig(CPOConfig):
             raise ValueError(f"po_weight must be >= 0, got {self.po_weight!r}")
         if self.freeze_vision_tower is None:
             self.freeze_vision_tower = self.training_stage == 1
-        if hasattr(self, "activation_checkpointing"):
-            # transformers 5.23 renamed gradient_checkpointing; both names work here, on every supported release,
-            # and CPO's default (on) is set under the current one, so neither name warns
+        # both names work on every supported release, and the default (on) is set under the running release's name
+        # (compat_phantom.checkpointing_field), so neither name warns
+        if checkpointing_field(self) == "activation_checkpointing":
             if self.activation_checkpointing is None:
                 on = self.gradient_checkpointing
                 self.activation_checkpointing = True if on is None else on
@@ -170,7 +165,7 @@ def apply_training_stage(
 ) -> list[str]:
     """Set `requires_grad` of every parameter of a Phantom model for a stage of the recipe; return the trainable names.
 
-    Stage 1: only the projector and the Phantom modules (every parameter whose name contains "phantom"),
+    Stage 1: only the projector and the Phantom modules (`is_phantom_name`),
     plus the vision tower when `freeze_vision_tower` is False. Stage 2: every parameter, minus the vision tower
     when `freeze_vision_tower` is True. In both, names matching a regex of `freeze_parameters` stay frozen, and so do
     quantized weights (a model loaded with a `quantization_config`): they train through an adapter (QLoRA,
@@ -186,7 +181,7 @@ def apply_training_stage(
         if id(parameter) in vision:
             train = not freeze_vision_tower
         elif training_stage == 1:
-            train = id(parameter) in projector or "phantom" in name
+            train = id(parameter) in projector or is_phantom_name(name)
         else:
             train = True
         if any(pattern.search(name) for pattern in patterns) or is_quantized_weight(parameter):
