@@ -368,7 +368,8 @@ def _run_eval(args: argparse.Namespace) -> int:
         raise CLIError(f"{args.model!r} is not a saved model folder (no config.json)")
     if importlib.util.find_spec("lmms_eval") is None:
         raise CLIError('lmms-eval is not installed: pip install "phantom-hf[eval]"')
-    from .evaluation import results_table, run_lmms_eval
+    from .evaluation import results_table
+    from .lmms_eval_phantom import run_lmms_eval
 
     limit = args.limit
     if limit is not None and limit >= 1:

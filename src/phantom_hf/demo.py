@@ -37,7 +37,7 @@ from .modeling.configuration_phantom import is_phantom_name
 from .modeling.processing_phantom import IMAGE_CONTEXT_TOKEN, PhantomProcessor
 from .hub import save_model_folder
 from .recipe import RecipeStep, StepResult, run_recipe
-from .synthetic import SyntheticExample, generate_splits, to_dataset, vocabulary
+from .synthetic import BUDGETS, DEMO_IMAGE_SIZE, DemoBudget, SyntheticExample, demo_splits, to_dataset, vocabulary
 from .tiny import tiny_text_config, tiny_vision_config
 from .tokenization import build_tokenizer
 
@@ -45,30 +45,6 @@ CHANCE_NOTE = "chance: 1/4 for colour and position, 1/3 for shape and count"
 # Questions that name a grid cell. Step 2 starts on these alone (a curriculum): mixed with the count questions
 # from the start, the tiny model settles on reading the image as a whole and stalls near chance on them.
 CELL_KINDS = ("color", "shape")
-
-
-@dataclass
-class DemoBudget:
-    """How much data and how many optimizer steps each phase gets."""
-
-    train_images: int
-    test_images: int
-    warmup_steps: int
-    step1_steps: int
-    step2_cell_steps: int
-    step2_steps: int
-    batch_size: int = 32
-    learning_rate: float = 3e-4
-
-
-BUDGETS = {
-    "full": DemoBudget(
-        train_images=6000, test_images=100, warmup_steps=100, step1_steps=200, step2_cell_steps=500, step2_steps=3000
-    ),
-    "quick": DemoBudget(
-        train_images=400, test_images=40, warmup_steps=30, step1_steps=40, step2_cell_steps=100, step2_steps=200
-    ),
-}
 
 
 @dataclass
@@ -86,7 +62,7 @@ class DemoResult:
     folder: str = ""
 
 
-def build_model(tokenizer: Any, image_size: int = 28, seed: int = 0) -> PhantomForConditionalGeneration:
+def build_model(tokenizer: Any, image_size: int = DEMO_IMAGE_SIZE, seed: int = 0) -> PhantomForConditionalGeneration:
     """A small Phantom model: 4-layer Llama (GQA) + 2-layer InternViT on `image_size` px tiles of 7 px patches."""
     text_config = tiny_text_config(
         "llama",
@@ -226,9 +202,9 @@ def _run_demo(out: Path, seed: int, budget: str | DemoBudget, use_po: bool, show
     start = time.perf_counter()
     torch.manual_seed(seed)
 
-    train_examples, test_examples = generate_splits(budget.train_images, budget.test_images, seed=seed, image_size=28)
+    train_examples, test_examples = demo_splits(budget, seed)
     tokenizer = build_tokenizer(vocabulary(), padding_side="right", model_max_length=256)
-    model = build_model(tokenizer, image_size=28, seed=seed)
+    model = build_model(tokenizer, image_size=DEMO_IMAGE_SIZE, seed=seed)
     processor = PhantomProcessor.from_config(model.config, tokenizer, max_patches=1)
     parameters = {
         "total": sum(p.numel() for p in model.parameters()),

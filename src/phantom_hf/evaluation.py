@@ -2,9 +2,9 @@
 
 This module needs no lmms-eval to import: it holds the mapping of lmms-eval task names to the benchmarks of the
 paper's Tables 1-2 (`LMMS_TASKS`), how a task's context becomes the published question (`published_question`),
-the offline synthetic task of `phantom-hf demo` as an lmms-eval task (`write_synthetic_task`), and the runner
-behind `phantom-hf eval` (`run_lmms_eval`), which imports lmms-eval when called (`pip install "phantom-hf[eval]"`).
-The model class lmms-eval loads is `phantom_hf.lmms_eval_phantom.PhantomLMMS`.
+the offline synthetic task of `phantom-hf demo` as an lmms-eval task (`write_synthetic_task`), and the tables of
+lmms-eval's results. The model class lmms-eval loads, `PhantomLMMS`, and the runner behind `phantom-hf eval`,
+`run_lmms_eval`, live in `phantom_hf.lmms_eval_phantom`, which needs lmms-eval (`pip install "phantom-hf[eval]"`).
 """
 
 from __future__ import annotations
@@ -148,13 +148,9 @@ def write_synthetic_task(directory: str | Path, seed: int = 0, budget: str = "fu
     `phantom_synthetic` into `directory` (its YAML, its hooks and the data, no download); returns `directory`,
     the path to give lmms-eval as `--include_path`. The harness's `exact_match` equals the demo's held-out
     accuracy of the same model."""
-    from .demo import BUDGETS
-    from .synthetic import generate_splits, to_dataset
+    from .synthetic import demo_splits, to_dataset
 
-    if budget not in BUDGETS:
-        raise ValueError(f"unknown demo budget {budget!r}; choose from {sorted(BUDGETS)}")
-    plan = BUDGETS[budget]
-    _, test = generate_splits(plan.train_images, plan.test_images, seed=seed, image_size=28)
+    _, test = demo_splits(budget, seed)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     import datasets
@@ -232,61 +228,6 @@ def card_eval_results(results: Mapping[str, Any] | str | Path) -> dict[str, floa
     return {f"{task} {metric}": round(value, 4) for task, metric, value in metric_rows(results)}
 
 
-# --------------------------------------------------------------------------------- runner
-
-
-def run_lmms_eval(
-    folder: str | Path,
-    tasks: Sequence[str],
-    limit: int | float | None = None,
-    output: str | Path | None = None,
-    batch_size: int = 1,
-    device: str | None = None,
-    dtype: str = "auto",
-    include_path: Sequence[str | Path] = (),
-    synthetic_seed: int = 0,
-    synthetic_budget: str = "full",
-    model_args: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Evaluate the Phantom model in `folder` on lmms-eval `tasks` with the published prompts; returns
-    lmms-eval's result dict and, with `output`, writes it to `output/results.json`. `phantom_synthetic` among the
-    tasks is the demo's held-out split (`write_synthetic_task`, written under `output` or a temporary folder)."""
-    import tempfile
-
-    try:
-        from lmms_eval.evaluator import simple_evaluate
-        from lmms_eval.tasks import TaskManager
-    except ImportError as error:
-        raise ImportError('evaluation needs lmms-eval: pip install "phantom-hf[eval]"') from error
-    from .lmms_eval_phantom import PhantomLMMS
-
-    tasks = [task.strip() for task in tasks if task.strip()]
-    if not tasks:
-        raise ValueError("no tasks given")
-    if not (Path(folder) / "config.json").is_file():
-        raise FileNotFoundError(f"{str(folder)!r} is not a saved model folder (no config.json)")
-    paths = [str(path) for path in include_path]
-    with tempfile.TemporaryDirectory() as scratch:
-        if SYNTHETIC_TASK in tasks:
-            base = Path(output) if output is not None else Path(scratch)
-            paths.append(str(write_synthetic_task(base / "synthetic_task", synthetic_seed, synthetic_budget)))
-        model = PhantomLMMS(pretrained=str(folder), device=device, dtype=dtype, batch_size=batch_size, **dict(model_args or {}))
-        manager = TaskManager(include_path=paths or None, model_name="phantom")
-        results = simple_evaluate(
-            model=model, tasks=tasks, limit=limit, task_manager=manager, bootstrap_iters=0, log_samples=True
-        )
-    if results is None:
-        raise RuntimeError("lmms-eval returned no results")
-    if output is not None:
-        out = Path(output)
-        out.mkdir(parents=True, exist_ok=True)
-        samples = results.pop("samples", None)
-        (out / "results.json").write_text(json.dumps(results, indent=2, default=str, ensure_ascii=False), encoding="utf-8")
-        if samples is not None:
-            results["samples"] = samples
-    return results
-
-
 __all__ = [
     "GPT_JUDGED_TASKS",
     "LMMS_TASKS",
@@ -299,7 +240,6 @@ __all__ = [
     "parse_task_map",
     "published_question",
     "results_table",
-    "run_lmms_eval",
     "task_yaml",
     "write_synthetic_task",
 ]

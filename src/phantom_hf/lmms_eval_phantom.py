@@ -5,7 +5,7 @@
 
     lmms-eval --model phantom --model_args pretrained=FOLDER,dtype=bfloat16 --tasks mme,pope --batch_size 8
 
-runs the folder. For the tasks of the paper's Tables 1-2 (`phantom_hf.evaluation.LMMS_TASKS`) lmms-eval's own
+runs the folder (`run_lmms_eval` runs it from Python, as `phantom-hf eval` does). For the tasks of the paper's Tables 1-2 (`phantom_hf.evaluation.LMMS_TASKS`) lmms-eval's own
 instruction is replaced by the published one and the answer gets the published length and beam search
 (`phantom_hf.prompts`); other tasks are asked as lmms-eval writes them (`prompts=task` does that for every task).
 The user turn is written by the folder's own chat template (`PhantomProcessor.user_prompt`), images are given to
@@ -15,7 +15,9 @@ generation, right padding for log-likelihoods).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,7 +25,7 @@ from lmms_eval.api.instance import GenerationResult, Instance
 from lmms_eval.api.model import lmms
 
 from .answering import answer_questions, model_inputs, pad_token_id, question_prompt
-from .evaluation import LmmsTask, lmms_task, parse_task_map, published_question
+from .evaluation import SYNTHETIC_TASK, LmmsTask, lmms_task, parse_task_map, published_question, write_synthetic_task
 from .prompts import PUBLISHED_GENERATION, benchmark_prompt
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -229,4 +231,55 @@ class PhantomLMMS(lmms):
         return results
 
 
-__all__ = ["PhantomLMMS"]
+# --------------------------------------------------------------------------------- runner
+
+
+def run_lmms_eval(
+    folder: str | Path,
+    tasks: Sequence[str],
+    limit: int | float | None = None,
+    output: str | Path | None = None,
+    batch_size: int = 1,
+    device: str | None = None,
+    dtype: str = "auto",
+    include_path: Sequence[str | Path] = (),
+    synthetic_seed: int = 0,
+    synthetic_budget: str = "full",
+    model_args: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Evaluate the Phantom model in `folder` on lmms-eval `tasks` with the published prompts; returns
+    lmms-eval's result dict and, with `output`, writes it to `output/results.json`. `phantom_synthetic` among the
+    tasks is the demo's held-out split (`write_synthetic_task`, written under `output` or a temporary folder)."""
+    import tempfile
+
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
+
+    tasks = [task.strip() for task in tasks if task.strip()]
+    if not tasks:
+        raise ValueError("no tasks given")
+    if not (Path(folder) / "config.json").is_file():
+        raise FileNotFoundError(f"{str(folder)!r} is not a saved model folder (no config.json)")
+    paths = [str(path) for path in include_path]
+    with tempfile.TemporaryDirectory() as scratch:
+        if SYNTHETIC_TASK in tasks:
+            base = Path(output) if output is not None else Path(scratch)
+            paths.append(str(write_synthetic_task(base / "synthetic_task", synthetic_seed, synthetic_budget)))
+        model = PhantomLMMS(pretrained=str(folder), device=device, dtype=dtype, batch_size=batch_size, **dict(model_args or {}))
+        manager = TaskManager(include_path=paths or None, model_name="phantom")
+        results = simple_evaluate(
+            model=model, tasks=tasks, limit=limit, task_manager=manager, bootstrap_iters=0, log_samples=True
+        )
+    if results is None:
+        raise RuntimeError("lmms-eval returned no results")
+    if output is not None:
+        out = Path(output)
+        out.mkdir(parents=True, exist_ok=True)
+        samples = results.pop("samples", None)
+        (out / "results.json").write_text(json.dumps(results, indent=2, default=str, ensure_ascii=False), encoding="utf-8")
+        if samples is not None:
+            results["samples"] = samples
+    return results
+
+
+__all__ = ["PhantomLMMS", "run_lmms_eval"]

@@ -278,6 +278,46 @@ def generate_splits(
     return train, test
 
 
+# The demo's images: 28 px, one 28 px tile of 7 px patches for its vision tower.
+DEMO_IMAGE_SIZE = 28
+
+
+@dataclass
+class DemoBudget:
+    """How much data (scenes drawn for training and for the held-out split) and how many optimizer steps each phase
+    of `phantom-hf demo` gets; `phantom_hf.evaluation.write_synthetic_task` draws the same held-out split."""
+
+    train_images: int
+    test_images: int
+    warmup_steps: int
+    step1_steps: int
+    step2_cell_steps: int
+    step2_steps: int
+    batch_size: int = 32
+    learning_rate: float = 3e-4
+
+
+BUDGETS = {
+    "full": DemoBudget(
+        train_images=6000, test_images=100, warmup_steps=100, step1_steps=200, step2_cell_steps=500, step2_steps=3000
+    ),
+    "quick": DemoBudget(
+        train_images=400, test_images=40, warmup_steps=30, step1_steps=40, step2_cell_steps=100, step2_steps=200
+    ),
+}
+
+
+
+
+def demo_splits(budget: str | DemoBudget, seed: int = 0) -> tuple[list[SyntheticExample], list[SyntheticExample]]:
+    """The training and held-out examples of `phantom-hf demo --budget BUDGET --seed SEED` (`BUDGETS`)."""
+    if isinstance(budget, str):
+        if budget not in BUDGETS:
+            raise ValueError(f"unknown demo budget {budget!r}; choose from {sorted(BUDGETS)}")
+        budget = BUDGETS[budget]
+    return generate_splits(budget.train_images, budget.test_images, seed=seed, image_size=DEMO_IMAGE_SIZE)
+
+
 def to_rows(examples: Iterable[SyntheticExample]) -> list[dict[str, Any]]:
     """Phantom triples as plain dicts (see `SyntheticExample.to_row`)."""
     return [example.to_row() for example in examples]
@@ -326,7 +366,9 @@ def vocabulary(kinds: Sequence[str] = QUESTION_KINDS) -> list[str]:
 
 
 __all__ = [
+    "BUDGETS",
     "COLORS",
+    "DEMO_IMAGE_SIZE",
     "DEFAULT_KINDS",
     "IMAGE_PLACEHOLDER",
     "POSITIONS",
@@ -335,7 +377,9 @@ __all__ = [
     "Scene",
     "SceneObject",
     "SyntheticExample",
+    "DemoBudget",
     "ask",
+    "demo_splits",
     "generate_examples",
     "generate_splits",
     "random_scene",
