@@ -58,17 +58,17 @@ class BufferedDynamicLayer(DynamicLayer):
         self._value_buffer: torch.Tensor | None = None
         self._length = 0
         self._owned = False  # True when the buffers were allocated here and may be written in place
-        self._published: tuple[Any, Any] = (None, None)
+        self._views: tuple[Any, Any] = (None, None)
 
-    def _publish(self) -> None:
+    def _set_views(self) -> None:
         """Point `keys` / `values` at the filled part of the buffers."""
         self.keys = self._key_buffer[..., : self._length, :]
         self.values = self._value_buffer[..., : self._length, :]
-        self._published = (self.keys, self.values)
+        self._views = (self.keys, self.values)
 
     def _sync(self) -> None:
-        """Adopt tensors that other code assigned to `keys` / `values` since the last publish."""
-        if self.keys is self._published[0] and self.values is self._published[1]:
+        """Adopt tensors that other code assigned to `keys` / `values` since `_set_views`."""
+        if self.keys is self._views[0] and self.values is self._views[1]:
             return
         if self.keys is None or self.values is None or self.keys.dim() != 4:
             self._key_buffer = self._value_buffer = None
@@ -77,7 +77,7 @@ class BufferedDynamicLayer(DynamicLayer):
             self._key_buffer, self._value_buffer = self.keys, self.values
             self._length = self.keys.shape[-2]
         self._owned = False
-        self._published = (self.keys, self.values)
+        self._views = (self.keys, self.values)
 
     @property
     def capacity(self) -> int:
@@ -120,7 +120,7 @@ class BufferedDynamicLayer(DynamicLayer):
             self._key_buffer[..., length:need, :].copy_(key_states)
             self._value_buffer[..., length:need, :].copy_(value_states)
         self._length = need
-        self._publish()
+        self._set_views()
         return self.keys, self.values
 
     def _grown(self, key_states: torch.Tensor, value_states: torch.Tensor, need: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,7 +149,7 @@ class BufferedDynamicLayer(DynamicLayer):
         self._key_buffer, self._value_buffer = fn(self._key_buffer), fn(self._value_buffer)
         fresh = self._key_buffer.untyped_storage().data_ptr() != old
         self._owned = (fresh or self._owned) and not self._key_buffer.requires_grad
-        self._publish()
+        self._set_views()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map_buffers(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -164,9 +164,9 @@ class BufferedDynamicLayer(DynamicLayer):
         """`DynamicLayer.crop` (its argument rules for the installed transformers), keeping the buffers."""
         self._sync()
         super().crop(*args, **kwargs)
-        if self.keys is not self._published[0]:  # the base class sliced the published views
+        if self.keys is not self._views[0]:  # the base class sliced the published views
             self._length = self.keys.shape[-2]
-            self._publish()
+            self._set_views()
 
     def reset(self) -> None:
         """Drop the buffers: the next update starts an empty layer (like `DynamicLayer.reset` in 5.x)."""
@@ -189,7 +189,7 @@ class BufferedDynamicLayer(DynamicLayer):
             return
         self._key_buffer = self._key_buffer.to(device, non_blocking=True)
         self._value_buffer = self._value_buffer.to(device, non_blocking=True)
-        self._publish()
+        self._set_views()
 
 
 def _check_mode(mode: str) -> None:

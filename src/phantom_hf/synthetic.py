@@ -89,9 +89,6 @@ class Scene:
         """What the questions can see (drawing jitter left out): used to keep held-out scenes unseen."""
         return tuple(sorted((item.position, item.color, item.shape) for item in self.objects))
 
-    def object_at(self, position: str) -> SceneObject | None:
-        return next((item for item in self.objects if item.position == position), None)
-
     def describe(self) -> str:
         """A human description, e.g. "2 objects: a red circle at the top left, a blue square at the bottom right"."""
         ordered = sorted(self.objects, key=lambda item: list(POSITIONS).index(item.position))

@@ -51,9 +51,9 @@ def test_sliding_window_backbone_keeps_the_anchor(tmp_path):
         pytest.param(
             "qwen3",
             {},
-            # passed on the issue-18 branch; after merging issues 14-17 vLLM's 8th greedy token differed once from
-            # transformers' (10 vs 36) on this random tiny model: under investigation, see the issue-18 note
-            marks=pytest.mark.xfail(reason="Qwen3 in vLLM: 8th greedy token diverged once after the merges", strict=False),
+            # vLLM's 8th greedy token has differed from transformers' (10 vs 36) on this random tiny model in one
+            # run; root cause not found yet, so the case may fail without failing the suite
+            marks=pytest.mark.xfail(reason="Qwen3 in vLLM: the 8th greedy token has diverged from transformers' once", strict=False),
         ),
         ("mistral", {}),
     ],
