@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,6 +13,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from phantom_hf import PhantomConfig, PhantomForConditionalGeneration
 from phantom_hf.modeling import modeling_phantom
 from phantom_hf.modeling.compat_phantom import cache_of
+from phantom_hf.modeling.configuration_phantom import is_phantom_name
 from phantom_hf.modeling.modeling_phantom import anchor_positions, sdpa_packed_gqa_decode
 from phantom_hf.tiny import tiny_text_config, tiny_vision_config
 
@@ -294,6 +297,16 @@ def test_every_phantom_parameter_name_says_phantom(model: PhantomForConditionalG
         assert layer0 + expected in new
     backbone = PhantomForConditionalGeneration(PhantomConfig(**{**model.config.to_dict(), "phantom_dimension": False}))
     assert set(names) - new == {n for n, _ in backbone.named_parameters()}
+    assert new == {n for n in names if is_phantom_name(n)}  # the table of Phantom module names finds the same ones
+
+
+def test_model_pickles_through_its_phantom_attention_classes(model: PhantomForConditionalGeneration) -> None:
+    """The attention classes made at run time (`phantom_attention_class`) are found by name when unpickling."""
+    ids = torch.tensor([[1, 10, 11, 12, 13]])
+    copy = pickle.loads(pickle.dumps(model))
+    assert type(copy.model.language_model.layers[0].self_attn) is type(model.model.language_model.layers[0].self_attn)
+    with torch.no_grad():
+        assert torch.equal(copy(ids).logits, model(ids).logits)
 
 
 def test_images_are_placed_at_placeholders_and_counts_checked(model: PhantomForConditionalGeneration) -> None:
