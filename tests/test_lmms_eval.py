@@ -15,7 +15,7 @@ datasets = pytest.importorskip("datasets")
 
 from PIL import Image  # noqa: E402
 
-from phantom_hf.demo import answer_examples, build_model, chat_prompt, evaluate  # noqa: E402
+from phantom_hf.demo import answer_examples, build_model, evaluate  # noqa: E402
 from phantom_hf.evaluation import (  # noqa: E402
     LMMS_TASKS,
     SYNTHETIC_TASK,
@@ -331,7 +331,7 @@ def test_synthetic_task_equals_demo_accuracy(tmp_path: Path) -> None:
     model = PhantomLMMS(pretrained=str(folder), device="cpu", batch_size=50)
     spy = _Spy(model)
     results = _evaluate(model, [SYNTHETIC_TASK], include)
-    assert spy.texts == [chat_prompt(processor, example.prompt) for example in test]
+    assert spy.texts == [processor.user_prompt(example.prompt) for example in test]
     assert [(options["max_new_tokens"], options["num_beams"], options["rows"]) for options in spy.generate_options] == [
         (4, 1, 50),
         (4, 1, 50),

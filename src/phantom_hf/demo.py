@@ -94,11 +94,6 @@ def build_model(tokenizer: Any, image_size: int = DEMO_IMAGE_SIZE, seed: int = 0
     return model
 
 
-def chat_prompt(processor: PhantomProcessor, prompt: str) -> str:
-    """The prompt as a user turn with the generation header (how the trainer formats it)."""
-    return processor.user_prompt(prompt)
-
-
 def answer_examples(
     model: PhantomForConditionalGeneration,
     processor: PhantomProcessor,
