@@ -413,7 +413,7 @@ PROJECTOR_CLASSES = {"phantom": PhantomProjector, "xdp": XDPProjector, "mlp2x_ge
 
 
 # ---------------------------------------------------------------------------------------------------
-# Models
+# Outputs, the remote-code files, the base class (loading, saving, quantization, anchors)
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -726,6 +726,12 @@ def _checked_tile_index(image_tile_index: Any, tiles: int) -> torch.Tensor:
     return image_tile_index
 
 
+# ---------------------------------------------------------------------------------------------------
+# The models: the vision tower, projector and decoder stack (`PhantomModel`), and with the LM head and
+# `generate` (`PhantomForConditionalGeneration`)
+# ---------------------------------------------------------------------------------------------------
+
+
 class PhantomModel(PhantomPreTrainedModel):
     """Vision tower + projector + decoder stack with Phantom Dimension (no LM head)."""
 
@@ -902,6 +908,13 @@ class PhantomModel(PhantomPreTrainedModel):
             attentions=outputs.attentions,
             image_hidden_states=image_features,
         )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Generation glue: which tiles a continued cache still needs, image tokens never generated, the checks of
+# `generate`'s inputs. `PhantomForConditionalGeneration.generate`, `prepare_inputs_for_generation` and
+# `_expand_inputs_for_generation` use them.
+# ---------------------------------------------------------------------------------------------------
 
 
 def _tiles_of_new_text(

@@ -168,6 +168,8 @@ _TRAIN_FLAG_FIELDS = {
     "max_length": "max_length",
     "seed": "seed",
 }
+
+
 def _add_train(subparsers: Any, selected: bool) -> None:
     parser = subparsers.add_parser(
         "train",
