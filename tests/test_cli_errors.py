@@ -150,7 +150,7 @@ def test_demo_refuses_a_non_empty_out_folder_before_training(tmp_path: Path, cap
     def no_training(*args, **kwargs):
         raise AssertionError("the demo started although --out is not empty")
 
-    monkeypatch.setattr(demo, "generate_splits", no_training)
+    monkeypatch.setattr(demo, "demo_splits", no_training)
     (tmp_path / "config.json").write_text('{"mine": true}')
     (tmp_path / "README.md").write_text("my notes")
     status, _, err = run(capsys, "demo", "--out", str(tmp_path), "--budget", "quick")
