@@ -7,11 +7,7 @@ sibling files of this folder.
 from __future__ import annotations
 
 import copy
-import os
-import re
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -30,6 +26,7 @@ from transformers.utils import is_torchdynamo_compiling
 from .cache_phantom import PhantomCache, PhantomCacheMixin, PhantomStaticCache
 from .compat_phantom import CACHE_NAME, cache_kwargs, cache_of, take_cache
 from .configuration_phantom import AUTO_MAP, PhantomConfig
+from .folder_phantom import write_folder
 
 # ---------------------------------------------------------------------------------------------------
 # Phantom Dimension (paper Sec. 3, Eq. 1-3)
@@ -430,6 +427,7 @@ MODELING_FILES = (
     "compat_phantom.py",
     "configuration_phantom.py",
     "cache_phantom.py",
+    "folder_phantom.py",
     "modeling_phantom.py",
     "processing_phantom.py",
     "presets_phantom.py",
@@ -446,42 +444,6 @@ def save_remote_code(folder: str | Path) -> None:
     for name in MODELING_FILES:
         if (source / name).is_file():
             (Path(folder) / name).write_text((source / name).read_text())
-
-
-# Weight files a save replaces as a set: one file, or shards and their index (with an optional variant).
-_WEIGHT_FILE = re.compile(r"model(\.[\w-]+)?(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?")
-
-
-def _staged_save(folder: Path, write: Callable[[Path], None]) -> None:
-    """Run `write` into a staging folder beside `folder`, then move every file it wrote into `folder` (a rename per
-    file) and remove the weight files of an earlier save that the new one does not replace (old shards).
-
-    If `write` fails, the staging folder is removed and `folder` is untouched. Where no staging folder can be made
-    beside `folder` (a read-only parent), `write` runs in `folder` itself.
-    """
-    folder = folder.resolve()
-    folder.mkdir(parents=True, exist_ok=True)
-    try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.saving-", dir=folder.parent))
-    except OSError:
-        write(folder)
-        return
-    try:
-        write(staging)
-        written = sorted(path.name for path in staging.iterdir())
-        new_weights = {name for name in written if _WEIGHT_FILE.fullmatch(name)}
-        # weights first, config last: the folder's config names the new weights only once they are all there
-        for name in sorted(written, key=lambda name: (name not in new_weights, name == "config.json")):
-            if (staging / name).is_dir():
-                shutil.rmtree(folder / name, ignore_errors=True)
-            os.replace(staging / name, folder / name)
-        variants = {_WEIGHT_FILE.fullmatch(name).group(1) for name in new_weights}
-        for stale in folder.iterdir():
-            match = _WEIGHT_FILE.fullmatch(stale.name)
-            if match and match.group(1) in variants and stale.name not in new_weights and stale.is_file():
-                stale.unlink()
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 class PhantomPreTrainedModel(PreTrainedModel):
@@ -560,26 +522,29 @@ class PhantomPreTrainedModel(PreTrainedModel):
         """Save weights and config, plus the remote-code files, so the folder loads with `trust_remote_code`;
         then run `SAVE_HOOKS` (the `phantom_hf` package registers its model-card writer there).
 
-        The files are written into a staging folder next to `save_directory` and moved in once all are written:
-        a save that fails midway (a full disk, an error while writing) leaves the folder's previous model as it
-        was. Staging needs room for a second copy of the weights while saving.
+        The folder is written whole beside `save_directory` and swapped in with one rename (`write_folder`): a save
+        that fails midway (a full disk, an error while writing, a killed process) leaves the folder's previous model
+        as it was, and two saves into one folder at once end as one model or the other. Files of the folder that the
+        save does not write (a tokenizer, a model card, training checkpoints) are kept; weight files of an earlier
+        save are replaced as a set. Staging needs room for a second copy of the weights while saving.
         """
         self.config.auto_map = dict(AUTO_MAP)
         main_process = kwargs.get("is_main_process", True) if not args else args[0]
+        if not main_process:
+            super().save_pretrained(save_directory, *args, **kwargs)
+            return
+        if kwargs.get("push_to_hub"):
+            kwargs.setdefault("repo_id", Path(save_directory).name)  # not the staging folder's name
 
         def write(folder: Path) -> None:
-            if kwargs.get("push_to_hub"):
-                kwargs.setdefault("repo_id", Path(save_directory).name)  # not the staging folder's name
             super(PhantomPreTrainedModel, self).save_pretrained(folder, *args, **kwargs)
-            if main_process:
-                save_remote_code(folder)
+            save_remote_code(folder)
 
-        if main_process:
-            _staged_save(Path(save_directory), write)
+        def complete(folder: Path) -> None:
             for hook in SAVE_HOOKS:
-                hook(Path(save_directory), self)
-        else:
-            write(Path(save_directory))
+                hook(folder, self)
+
+        write_folder(save_directory, write, complete=complete)
 
 
 def _attended_tokens(attention_mask: Any, batch_size: int) -> torch.Tensor | None:

@@ -520,22 +520,6 @@ def test_interrupted_publication_leaves_no_partial_destination(tmp_path: Path, q
     assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".")] == []
 
 
-def test_staging_folders_of_killed_conversions_are_removed(tmp_path: Path, qwen2_state, caplog) -> None:
-    src = write_published(tmp_path / "published", "qwen2", qwen2_state, "safetensors")
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    left = [tmp_path / ".converted.partial-k3j_9x2a", tmp_path / f".converted.partial-{int(dead.stdout)}-0a1b2c3d"]
-    running = tmp_path / f".converted.partial-{os.getpid()}-0a1b2c3d"  # a conversion of a live process: kept
-    other = tmp_path / ".other.partial-k3j_9x2a"  # another destination's: not ours to judge
-    for folder in [*left, running, other]:
-        folder.mkdir()
-        (folder / "model.safetensors").write_bytes(b"x" * 1000)
-    with caplog.at_level("WARNING", logger="phantom_hf.convert"):
-        convert_checkpoint(src, tmp_path / "converted")
-    assert sorted(path.name for path in tmp_path.iterdir() if path.name.startswith(".")) == sorted([running.name, other.name])
-    assert "removed 2 staging folder(s) left by interrupted conversions" in caplog.text
-    assert (tmp_path / "converted" / "model.safetensors").is_file()
-
-
 @pytest.mark.parametrize("dtype", ["int8", torch.int8, "bool", "uint8", "not_a_dtype"])
 def test_non_floating_dtypes_are_refused_before_writing(tmp_path: Path, qwen2_state, dtype) -> None:
     src = write_published(tmp_path / "published", "qwen2", qwen2_state, "safetensors")

@@ -26,7 +26,7 @@ target model built on the meta device. A source tensor without a target, a targe
 that disagrees stops the conversion with a `ValueError` listing them, and the destination is left as it was
 (absent or empty). Tensors are then streamed one at a time into shards of at most `max_shard_size` bytes, so
 memory stays below one copy of the weights, into a hidden staging folder beside the destination that becomes the
-destination in one rename once complete.
+destination in one rename once complete (`write_folder`, the writer `save_pretrained` uses too).
 """
 
 from __future__ import annotations
@@ -35,9 +35,7 @@ import argparse
 import copy
 import json
 import logging
-import os
 import re
-import secrets
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -50,6 +48,7 @@ from safetensors.torch import save_file
 from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from .modeling import PhantomConfig, PhantomForConditionalGeneration
+from .modeling.folder_phantom import check_new_or_empty, write_folder
 from .modeling.modeling_phantom import save_remote_code
 from .modeling.processing_phantom import (
     chat_template_for,
@@ -877,11 +876,6 @@ def _write_model_card(
     )
 
 
-def _check_destination(dst: Path) -> None:
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
-        raise ValueError(f"destination {str(dst)!r} exists and is not an empty folder; choose a new one")
-
-
 def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     """The floating-point dtype to cast weights to; anything else is refused (an integer cast would zero them)."""
     if dtype is None:
@@ -893,58 +887,6 @@ def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
             "nothing was written"
         )
     return value
-
-
-_STAGING = re.compile(r"\.partial-(?:(\d+)-)?[0-9a-z_]+$")
-
-
-def _staging_owner_alive(path: Path) -> bool:
-    """Whether the conversion that made staging folder `path` may still run: its process id (in the name) is
-    alive. Names without one come from versions that did not record it, and count as left behind."""
-    match = _STAGING.search(path.name)
-    if match is None or match[1] is None:
-        return False
-    try:
-        os.kill(int(match[1]), 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists, owned by another user
-        return True
-    return True
-
-
-def _clear_stale_staging(dst: Path) -> list[Path]:
-    """Remove the staging folders of earlier conversions to `dst` that were killed before they finished (hidden
-    `.{name}.partial-*` folders beside it whose process is gone); returns them. Elsewhere than on POSIX, where a
-    process cannot be probed safely, they are only reported."""
-    prefix = f".{dst.name}.partial-"
-    left = [
-        path for path in dst.parent.iterdir()
-        if path.name.startswith(prefix) and path.is_dir() and _STAGING.search(path.name[len(dst.name) + 1 :])
-    ]  # fmt: skip
-    if os.name != "posix":
-        if left:
-            logger.warning("staging folders of interrupted conversions, safe to delete once none runs: %s", left)
-        return []
-    stale = [path for path in left if not _staging_owner_alive(path)]
-    for path in stale:
-        shutil.rmtree(path, ignore_errors=True)
-    if stale:
-        logger.warning("removed %d staging folder(s) left by interrupted conversions: %s", len(stale), stale)
-    return stale
-
-
-def _publish(staging: Path, dst: Path) -> None:
-    """Make the finished `staging` folder `dst` in one rename: `dst` appears complete or not at all. An empty `dst`
-    is replaced (POSIX renames over an empty folder; elsewhere it is removed first)."""
-    _check_destination(dst)
-    try:
-        os.rename(staging, dst)
-    except OSError:
-        if not (dst.is_dir() and not any(dst.iterdir())):
-            raise
-        dst.rmdir()
-        os.rename(staging, dst)
 
 
 def convert_checkpoint(
@@ -977,8 +919,8 @@ def convert_checkpoint(
 
     A published Phantom checkpoint's processor feeds the model as the published inference code does
     (`PhantomProcessor.from_config(..., published_format=True)`). The folder is written beside `dst` under a
-    hidden staging name and renamed to `dst` when complete; staging folders of earlier conversions that were
-    killed are removed. Returns the written config. Raises `ValueError` before writing anything when a tensor is
+    hidden staging name and renamed to `dst` when complete (`write_folder`); what killed conversions left beside
+    `dst` is removed. Returns the written config. Raises `ValueError` before writing anything when a tensor is
     left unmapped, a target is left unfilled or a shape disagrees (all listed), or when `dst` is a non-empty
     folder or `dtype` is not a floating-point dtype.
     """
@@ -986,35 +928,29 @@ def convert_checkpoint(
     layout = source_layout(source)
     dtype = _parse_dtype(dtype)
     max_bytes = _parse_size(max_shard_size)
-    _check_destination(dst)
+    check_new_or_empty(dst)
     reader = CheckpointReader(src)
     config = layout.resolve_config(src, preset)
     tokenizer, grow_rows = layout.prepare_tokenizer(src, reader, config, trust_remote_code)
     plan = plan_conversion(reader, config, source=layout.name, grow_rows=grow_rows)
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    _clear_stale_staging(dst)
-    staging = dst.parent / f".{dst.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
-    staging.mkdir()
-    try:
-        written_dtype = _write_weights(plan, reader, staging, dtype, max_bytes)
+    def write(folder: Path) -> None:
+        config.dtype = _write_weights(plan, reader, folder, dtype, max_bytes)
         if tokenizer is not None:
-            layout.processor(src, config, tokenizer, preset).save_pretrained(staging)
+            layout.processor(src, config, tokenizer, preset).save_pretrained(folder)
         else:
             for path in [*(src / name for name in TOKENIZER_FILES), *src.glob("tokenization_*.py")]:
                 if path.is_file():
-                    shutil.copyfile(path, staging / path.name)
-        config.dtype = written_dtype
-        config.save_pretrained(staging)
-        save_remote_code(staging)
-        _write_model_card(staging, src, config, plan, preset, layout)
+                    shutil.copyfile(path, folder / path.name)
+        config.save_pretrained(folder)
+        save_remote_code(folder)
+        _write_model_card(folder, src, config, plan, preset, layout)
         generation_config = (
             GenerationConfig.from_pretrained(src) if (src / "generation_config.json").is_file() else GenerationConfig.from_model_config(config.text_config)
         )
-        generation_config.save_pretrained(staging)
-        _publish(staging, dst)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        generation_config.save_pretrained(folder)
+
+    write_folder(dst, write, replace=False)
     if plan.ignored:
         logger.info("skipped %d derived buffers (e.g. %s)", len(plan.ignored), plan.ignored[0])
     if tokenizer is None and any((src / name).is_file() for name in TOKENIZER_FILES):
