@@ -23,7 +23,7 @@ from transformers.models.internvl.modeling_internvl import InternVLModel, Intern
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 from transformers.utils import is_torchdynamo_compiling
 
-from .cache_phantom import PhantomCache, PhantomCacheMixin, PhantomStaticCache
+from .cache_phantom import PhantomCache, PhantomCacheMixin, PhantomStaticCache, static_capacity
 from .compat_phantom import CACHE_NAME, cache_kwargs, cache_of, take_cache
 from .configuration_phantom import AUTO_MAP, PhantomConfig
 from .folder_phantom import write_folder
@@ -719,6 +719,15 @@ def _checked_tile_index(image_tile_index: Any, tiles: int) -> torch.Tensor:
     return image_tile_index
 
 
+def _foreign_cache_error(cache: Cache) -> ValueError:
+    return ValueError(
+        f"the cache is a {type(cache).__name__} holding {int(cache.get_seq_length())} tokens; Phantom attention "
+        "needs a PhantomCache or PhantomStaticCache (they keep the anchors and the expanded keys/values). Pass "
+        "PhantomCache(config=model.config.text_config), PhantomStaticCache(model.config.text_config, "
+        "max_cache_len), or no cache."
+    )
+
+
 class PhantomModel(PhantomPreTrainedModel):
     """Vision tower + projector + decoder stack with Phantom Dimension (no LM head)."""
 
@@ -799,12 +808,7 @@ class PhantomModel(PhantomPreTrainedModel):
             return PhantomCache(config=self.config.text_config, mode=mode)
         if type(cache) is StaticCache and int(cache.get_seq_length()) == 0:
             return PhantomStaticCache.from_static_cache(cache, mode=mode)
-        raise ValueError(
-            f"the cache is a {type(cache).__name__} holding {int(cache.get_seq_length())} tokens; Phantom attention "
-            "needs a PhantomCache or PhantomStaticCache (they keep the anchors and the expanded keys/values). Pass "
-            "PhantomCache(config=model.config.text_config), PhantomStaticCache(model.config.text_config, "
-            "max_cache_len), or no cache."
-        )
+        raise _foreign_cache_error(cache)
 
     def forward(
         self,
@@ -858,6 +862,12 @@ class PhantomModel(PhantomPreTrainedModel):
         batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
         if not compiling:
             _check_attention_mask(attention_mask, batch, length, past_length)
+            capacity = static_capacity(cache)
+            if capacity is not None and past_length + length > capacity:
+                raise ValueError(
+                    f"the static cache has room for {capacity} tokens but this call needs {past_length + length} "
+                    f"({past_length} cached + {length} new): create it with a larger max_cache_len"
+                )
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         if pixel_values is not None:
@@ -877,9 +887,12 @@ class PhantomModel(PhantomPreTrainedModel):
 
         needs_anchors = self.config.phantom_dimension and self.config.phantom_expansion == "mhca"
         if needs_anchors and not (isinstance(cache, PhantomCacheMixin) and cache.has_anchors()):
-            kwargs["phantom_anchor_index"] = anchor_positions(
+            anchor_index = anchor_positions(
                 input_ids, attention_mask, self.config.phantom_anchor_token_id, inputs_embeds.shape[0], inputs_embeds.device
             )
+            kwargs["phantom_anchor_index"] = anchor_index
+            if isinstance(cache, PhantomCacheMixin) and input_ids is not None and not compiling:
+                cache.anchor_tokens = input_ids.gather(1, anchor_index[:, None].to(input_ids.device))[:, 0]
         outputs = self.language_model(
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -973,6 +986,51 @@ def _check_generate_inputs(config: PhantomConfig, input_ids: Any, kwargs: dict[s
                 f"assisted generation with images needs an assistant that reads the same images: a Phantom model with "
                 f"image_token_id={config.image_token_id} and image_seq_length={config.image_seq_length}; got "
                 f"{type(assistant).__name__}"
+            )
+
+
+def _check_generate_cache(config: PhantomConfig, input_ids: Any, kwargs: dict[str, Any], defaults: Any) -> None:
+    """A cache given to `generate` must fit the prompt, before anything runs: a filled cache is continued, never
+    reset, so the prompt must be the conversation it holds plus new tokens (longer than what it holds, with the same
+    anchor token in every row); Phantom attention needs a Phantom cache; a static cache must have room for the prompt
+    and the new tokens (`defaults`: the model's generation config, for settings not in `kwargs`)."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if not isinstance(cache, Cache) or not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        return
+    held, prompt = int(cache.get_seq_length()), input_ids.shape[1]
+    if held and config.phantom_dimension and not isinstance(cache, PhantomCacheMixin):
+        raise _foreign_cache_error(cache)
+    if held and prompt <= held:
+        raise ValueError(
+            f"the cache already holds {held} tokens but the prompt has {prompt}: generate continues the conversation a "
+            "filled cache holds (it never resets it), so input_ids must be that whole conversation followed by new "
+            "tokens. For another prompt pass a new cache, or call cache.reset() first"
+        )
+    anchor_tokens = getattr(cache, "anchor_tokens", None)
+    if held and anchor_tokens is not None:
+        if anchor_tokens.shape[0] != input_ids.shape[0]:
+            raise ValueError(f"the cache holds {anchor_tokens.shape[0]} rows but the prompt has {input_ids.shape[0]}")
+        index = anchor_positions(
+            input_ids, kwargs.get("attention_mask"), config.phantom_anchor_token_id, input_ids.shape[0], input_ids.device
+        )
+        tokens = input_ids.gather(1, index[:, None])[:, 0]
+        differ = (tokens != anchor_tokens.to(tokens.device)).nonzero().flatten().tolist()
+        if differ:
+            raise ValueError(
+                f"rows {differ} of the prompt do not continue the conversation the cache holds: their anchor token is "
+                f"{tokens[differ].tolist()}, the cache's {anchor_tokens[differ].tolist()}. Pass a new cache, or call "
+                "cache.reset() first"
+            )
+    capacity = static_capacity(cache)
+    if capacity is not None:
+        settings = kwargs.get("generation_config") or defaults
+        new = kwargs.get("max_new_tokens", getattr(settings, "max_new_tokens", None))
+        if new is None:
+            new = kwargs.get("max_length", getattr(settings, "max_length", None) or prompt) - prompt
+        if prompt + new > capacity:
+            raise ValueError(
+                f"the static cache has room for {capacity} tokens but this generate needs {prompt + new} ({prompt} of "
+                f"prompt + {new} new): create it with max_cache_len >= {prompt + new}"
             )
 
 
@@ -1131,6 +1189,7 @@ class PhantomForConditionalGeneration(PhantomPreTrainedModel, GenerationMixin):
         (added to `suppress_tokens`): a placeholder without its image cannot be embedded."""
         input_ids = inputs if inputs is not None else kwargs.get("input_ids")
         _check_generate_inputs(self.config, input_ids, kwargs)
+        _check_generate_cache(self.config, input_ids, kwargs, self.generation_config)
         image_token_id = self.config.image_token_id
         if "suppress_tokens" in kwargs:
             kwargs["suppress_tokens"] = _with_image_tokens(kwargs["suppress_tokens"], image_token_id)
