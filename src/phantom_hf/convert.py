@@ -35,6 +35,7 @@ import argparse
 import copy
 import json
 import logging
+import pickle
 import re
 import shutil
 from collections.abc import Callable, Iterator
@@ -43,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
@@ -76,18 +77,30 @@ TOKENIZER_FILES = (
 # Buffers that older transformers versions saved although they are derived from the config.
 IGNORED_SOURCE_TENSORS = re.compile(r"\.rotary_emb\.inv_freq$|\.embeddings\.position_ids$")
 
+# safetensors dtype codes and the torch dtypes they load as (those this torch has).
 _SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
+    code: getattr(torch, name)
+    for code, name in (
+        ("F64", "float64"), ("F32", "float32"), ("F16", "float16"), ("BF16", "bfloat16"),
+        ("F8_E4M3", "float8_e4m3fn"), ("F8_E4M3FNUZ", "float8_e4m3fnuz"), ("F8_E5M2", "float8_e5m2"),
+        ("F8_E5M2FNUZ", "float8_e5m2fnuz"), ("F8_E8M0", "float8_e8m0fnu"),
+        ("I64", "int64"), ("I32", "int32"), ("I16", "int16"), ("I8", "int8"),
+        ("U64", "uint64"), ("U32", "uint32"), ("U16", "uint16"), ("U8", "uint8"), ("BOOL", "bool"), ("C64", "complex64"),
+    )
+    if hasattr(torch, name)
+}  # fmt: skip
+
+
+def read_json_file(path: Path, what: str = "") -> dict[str, Any]:
+    """The JSON object in file `path`; `ValueError` naming the file when it is not valid JSON or not an object."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON{what}: {error}") from error
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} must hold a JSON object{what}, got {type(value).__name__}")
+    return value
+
 
 # Keys of a published `llm_config` / `vision_config` that describe the old runtime, not the architecture.
 _RUNTIME_KEYS = {
@@ -136,7 +149,9 @@ class CheckpointReader:
         for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
             index = self.folder / index_name
             if index.is_file():
-                weight_map = json.loads(index.read_text())["weight_map"]
+                weight_map = read_json_file(index).get("weight_map")
+                if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
+                    raise ValueError(f"{index} has no weight_map (an object of tensor name -> shard file)")
                 files = [self.folder / name for name in dict.fromkeys(weight_map.values())]
                 missing = [str(path.name) for path in files if not path.is_file()]
                 if missing:
@@ -149,12 +164,28 @@ class CheckpointReader:
             raise ValueError(f"no weights in {str(self.folder)!r}: expected *.safetensors or pytorch_model*.bin files")
         return files
 
+    def _describe(self, path: Path) -> str:
+        """`path` as errors name it: the file, and which of the checkpoint's weight files it is."""
+        position = self.files.index(path) + 1 if path in self.files else 0
+        return f"{path} (weight file {position} of {len(self.files)})" if position else str(path)
+
     def _header(self, path: Path) -> Iterator[tuple[str, tuple[int, ...], torch.dtype]]:
         if path.suffix == ".safetensors":
-            with safe_open(path, framework="pt") as handle:
-                for name in handle.keys():
-                    tensor_slice = handle.get_slice(name)
-                    yield name, tuple(tensor_slice.get_shape()), _SAFETENSORS_DTYPES[tensor_slice.get_dtype()]
+            try:
+                with safe_open(path, framework="pt") as handle:
+                    entries = [(name, handle.get_slice(name)) for name in handle.keys()]
+                    entries = [(name, tuple(item.get_shape()), item.get_dtype()) for name, item in entries]
+            except (SafetensorError, OSError) as error:
+                raise ValueError(
+                    f"{self._describe(path)} cannot be read ({error}): it is empty, truncated or not a safetensors file"
+                ) from error
+            for name, shape, code in entries:
+                if code not in _SAFETENSORS_DTYPES:
+                    raise ValueError(
+                        f"{self._describe(path)}: tensor {name!r} has dtype {code}, which torch {torch.__version__} "
+                        f"cannot hold; readable: {', '.join(_SAFETENSORS_DTYPES)}"
+                    )
+                yield name, shape, _SAFETENSORS_DTYPES[code]
         else:
             for name, tensor in self._load_bin(path).items():
                 yield name, tuple(tensor.shape), tensor.dtype
@@ -163,11 +194,19 @@ class CheckpointReader:
         if self._bin_cache is not None and self._bin_cache[0] == path:
             return self._bin_cache[1]
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # the legacy (pre-zip) format cannot be memory-mapped
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # the legacy (pre-zip) format cannot be memory-mapped
+                state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            raise ValueError(
+                f"{self._describe(path)} was refused as unsafe: it is not a plain pickle of tensors, and loading it "
+                "would run the code it carries. Re-save its tensors as safetensors where you trust the file"
+            ) from error
+        except (RuntimeError, EOFError, OSError, ValueError) as error:
+            raise ValueError(f"{self._describe(path)} cannot be read ({error}): it is truncated or not a torch checkpoint") from error
         if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
-            raise ValueError(f"{path.name} does not hold a flat state dict of tensors")
+            raise ValueError(f"{self._describe(path)} does not hold a flat state dict of tensors")
         self._bin_cache = (path, state)
         return state
 
@@ -181,12 +220,19 @@ class CheckpointReader:
     def dtype(self, name: str) -> torch.dtype:
         return self._dtypes[name]
 
+    def file(self, name: str) -> Path:
+        """The weight file holding tensor `name`."""
+        return self._locations[name]
+
     def load(self, name: str) -> torch.Tensor:
         """One tensor, read from disk."""
         path = self._locations[name]
         if path.suffix == ".safetensors":
-            with safe_open(path, framework="pt") as handle:
-                return handle.get_tensor(name)
+            try:
+                with safe_open(path, framework="pt") as handle:
+                    return handle.get_tensor(name)
+            except (SafetensorError, OSError, KeyError, TypeError) as error:
+                raise ValueError(f"{self._describe(path)}: tensor {name!r} ({self._dtypes[name]}) cannot be read ({error!r})") from error
         return self._load_bin(path)[name]
 
     def release(self) -> None:
@@ -303,7 +349,7 @@ def resolve_config(src: str | Path, preset: str | None = None) -> PhantomConfig:
     if preset is not None and preset not in PRESETS:
         raise ValueError(f"unknown Phantom preset {preset!r}; known presets: {', '.join(PRESET_NAMES)}")
     config_path = Path(src) / "config.json"
-    published = json.loads(config_path.read_text()) if config_path.is_file() else None
+    published = read_json_file(config_path) if config_path.is_file() else None
     if published is None or "llm_config" not in published:
         if preset is None:
             raise ValueError(
@@ -516,7 +562,7 @@ def resolve_llava_config(src: str | Path, preset: str | None = None) -> PhantomC
         if preset is None:
             raise ValueError(f"{str(src)!r} has no config.json; pass preset= one of {', '.join(BASELINE_PRESET_NAMES)}")
         return PhantomConfig.from_preset(preset)
-    config = config_from_llava(json.loads(config_path.read_text()))
+    config = config_from_llava(read_json_file(config_path))
     if preset is not None:
         _check_against_preset(config, preset)
     return config
@@ -565,7 +611,7 @@ def plan_conversion(
     expected = _expected_target_shapes(config)
     vision_prefix = _vision_prefix(expected)
 
-    rules, ignored, unmapped, mismatched, produced = [], [], [], [], {}
+    rules, ignored, unmapped, mismatched, produced, integers = [], [], [], [], {}, []
     for name in names:
         rule = layout.map_name(name, config, vision_prefix, grow_rows)
         if rule is None or any(target not in expected for target in rule.targets):
@@ -585,6 +631,8 @@ def plan_conversion(
             want = None
         if want is None or reader.shape(name) != want:
             mismatched.append(f"{name}: expected {want}, found {reader.shape(name)}")
+        if not reader.dtype(name).is_floating_point:
+            integers.append(f"{name}: {reader.dtype(name)} in {reader.file(name).name}")
         for target in rule.targets:
             if target in produced:
                 unmapped.append(f"{name} (-> {target}, already filled from {produced[target]})")
@@ -599,6 +647,11 @@ def plan_conversion(
         problems.append(f"{len(unfilled)} target tensor(s) left unfilled: " + "; ".join(unfilled))
     if mismatched:
         problems.append(f"{len(mismatched)} shape mismatch(es) (name: expected, found): " + "; ".join(mismatched))
+    if integers:
+        problems.append(
+            f"{len(integers)} weight(s) not floating-point (quantized or integer data; the model's weights are "
+            "floating-point): " + "; ".join(integers)
+        )
     if problems:
         raise ValueError(f"cannot convert {str(reader.folder)!r}; nothing was written.\n" + "\n".join(problems))
     return ConversionPlan(config=config, rules=rules, target_shapes=expected, ignored=ignored)
@@ -674,7 +727,7 @@ def _write_weights(
 def _needs_own_code(src: Path) -> bool:
     """Whether the folder's tokenizer class is the checkpoint's own code (`auto_map` in tokenizer_config.json)."""
     config_path = src / "tokenizer_config.json"
-    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    config = read_json_file(config_path) if config_path.is_file() else {}
     return "AutoTokenizer" in (config.get("auto_map") or {})
 
 
@@ -853,7 +906,7 @@ def _pad_to_square(src: Path, config: PhantomConfig) -> bool | None:
     config_path = src / "config.json"
     if not config_path.is_file():
         return True
-    return json.loads(config_path.read_text()).get("image_aspect_ratio") == "pad"
+    return read_json_file(config_path).get("image_aspect_ratio") == "pad"
 
 
 def _write_model_card(
