@@ -514,7 +514,14 @@ class PhantomPreTrainedModel(PreTrainedModel):
             kwargs["quantization_config"] = cls.phantom_quantization_config(kwargs["quantization_config"])
         output_loading_info = kwargs.pop("output_loading_info", False)
         override = kwargs.get("phantom_dimension")
-        model, loading_info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        try:
+            model, loading_info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        except Exception as error:
+            safetensors = sys.modules.get("safetensors")  # imported by transformers whenever it reads safetensors
+            if not isinstance(error, getattr(safetensors, "SafetensorError", ())):
+                raise
+            source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+            raise ValueError(f"{_unreadable_weights(source, safetensors)} cannot be read ({error})") from error
         _check_loaded_weights(model, loading_info, override if isinstance(override, bool) else None)
         return (model, loading_info) if output_loading_info else model
 
@@ -545,6 +552,21 @@ class PhantomPreTrainedModel(PreTrainedModel):
                 hook(folder, self)
 
         write_folder(save_directory, write, complete=complete)
+
+
+def _unreadable_weights(source: Any, safetensors: Any) -> str:
+    """The safetensors files of folder `source` that do not open (truncated or corrupt), for an error message."""
+    folder = Path(str(source))
+    broken = []
+    for path in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+        try:
+            with safetensors.safe_open(str(path), framework="pt"):
+                pass
+        except (safetensors.SafetensorError, OSError):
+            broken.append(str(path))
+    if not broken:
+        return f"the weights of {source}"
+    return f"weights file {broken[0]}" + (f" (and {len(broken) - 1} more)" if len(broken) > 1 else "") + ", truncated or corrupt,"
 
 
 def _attended_tokens(attention_mask: Any, batch_size: int) -> torch.Tensor | None:

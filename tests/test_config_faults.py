@@ -73,3 +73,12 @@ def test_sub_config_defaults_remain_for_configs_built_in_code() -> None:
     assert config.text_config.model_type == "qwen2" and config.vision_config.model_type == "internvl_vision"
     with pytest.raises(ValueError, match="vision_feature_layer must be an int"):
         PhantomConfig(vision_feature_layer=1.0)
+
+
+@pytest.mark.parametrize("keep", [0, 20, -100])
+def test_a_truncated_weights_file_is_named_by_from_pretrained(saved: Path, tmp_path: Path, keep: int) -> None:
+    folder = edited(saved, tmp_path, lambda c: None)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:keep])
+    with pytest.raises(ValueError, match=re.escape(f"weights file {weights}, truncated or corrupt, cannot be read")):
+        PhantomForConditionalGeneration.from_pretrained(folder)
