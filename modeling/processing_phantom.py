@@ -26,6 +26,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import urllib.request
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -35,7 +36,6 @@ from transformers.image_utils import (  # PIL: Pillow, as transformers' image ut
     PIL,
     ChannelDimension,
     is_pil_image,
-    load_image,
     to_numpy_array,
 )
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
@@ -319,17 +319,24 @@ def _decode_image_bytes(data: bytes, where: str) -> Any:
         raise ValueError(f"{where} cannot be decoded: not a readable image ({error})") from error
 
 
-def _load_image_source(source: str, where: str) -> Any:
-    """A PIL image from a local path, an http(s) URL or a base64 string (optionally a `data:image/...` URL).
+# Seconds to wait for an image URL's server (to connect, and between bytes).
+IMAGE_URL_TIMEOUT = 30.0
 
-    Local files and base64 are decoded here (alpha kept, as for PIL and array inputs); URLs go through
-    transformers' `load_image`, which converts them to RGB.
-    """
+
+def _fetch(url: str, where: str) -> bytes:
+    """The bytes an http(s) URL serves, or a `ValueError` naming the URL and the reason."""
+    try:
+        with urllib.request.urlopen(url, timeout=IMAGE_URL_TIMEOUT) as response:
+            return response.read()
+    except (OSError, ValueError) as error:  # URLError, HTTPError and timeouts are OSErrors
+        raise ValueError(f"{where} cannot be fetched: {error}") from error
+
+
+def _load_image_source(source: str, where: str) -> Any:
+    """A PIL image from a local path, an http(s) URL or a base64 string (optionally a `data:image/...` URL): the
+    encoded bytes, read or fetched, decoded by `_decode_image_bytes` (alpha kept, EXIF orientation applied)."""
     if source.startswith(("http://", "https://")):
-        try:
-            return load_image(source)
-        except (OSError, ValueError, SyntaxError) as error:
-            raise ValueError(f"{where} cannot be decoded: not a readable image URL ({error})") from error
+        return _decode_image_bytes(_fetch(source, where), where)
     if os.path.isfile(source):
         try:
             with open(source, "rb") as handle:

@@ -158,3 +158,42 @@ def test_raw_arrays_of_one_possible_layout_give_the_pixels_of_the_pil_image(proc
     torch.testing.assert_close(pixels(processor, torch.from_numpy(rgb).permute(2, 0, 1)), reference, rtol=0, atol=0)
     gray = np.asarray(random_image(3, 4, seed=7, mode="L"))  # (H, W) is grayscale, whatever its size
     torch.testing.assert_close(pixels(processor, gray), pixels(processor, Image.fromarray(gray)), rtol=0, atol=0)
+
+
+def test_url_images_go_through_the_same_decoder_as_paths_and_bytes(processor, tmp_path: Path, monkeypatch) -> None:
+    """An RGBA PNG served over http (127.0.0.1, a server stopped when the test ends) keeps its alpha, laid over white,
+    as the same file given as a path or bytes; a missing URL is a ValueError naming it."""
+    import http.server
+    import threading
+
+    rgba = random_image(56, 28, seed=8, mode="RGBA")
+    buffer = io.BytesIO()
+    rgba.save(buffer, format="PNG")
+    body = buffer.getvalue()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            found = self.path == "/alpha.png"
+            self.send_response(200 if found else 404)
+            self.send_header("Content-Length", str(len(body) if found else 0))
+            self.end_headers()
+            if found:
+                self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        torch.testing.assert_close(pixels(processor, f"{url}/alpha.png"), pixels(processor, body), rtol=0, atol=0)
+        torch.testing.assert_close(pixels(processor, f"{url}/alpha.png"), pixels(processor, rgba), rtol=0, atol=0)
+        with pytest.raises(ValueError, match=f"image 0 \\({url}/missing.png\\) cannot be fetched: HTTP Error 404"):
+            pixels(processor, f"{url}/missing.png")
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
