@@ -197,7 +197,8 @@ def write_folder(
     write are carried over (hard links), except earlier weight files of the variant the save replaced (old shards).
     `complete(staging)` then runs before the swap (to add files that depend on what was carried over). If `write`
     or `complete` fails, the staging folder is removed and `folder` is untouched. Where no folder can be made beside
-    `folder` (a read-only parent), `replace=True` writes into `folder` itself, without these guarantees (logged).
+    `folder` (a read-only parent), or `folder` holds the working directory (a swap would strand it in the old
+    folder), `replace=True` writes into `folder` itself, without these guarantees (logged).
     Returns the resolved `folder`."""
     folder = Path(folder).resolve()
     if os.path.lexists(folder) and not folder.is_dir():
@@ -208,6 +209,8 @@ def write_folder(
         check_new_or_empty(folder)
     staging = _sibling(folder, "staging")
     try:
+        if replace and Path.cwd().resolve().is_relative_to(folder):
+            raise OSError(errno.EBUSY, "it holds the working directory, which a swap would leave behind")
         staging.mkdir()
     except OSError as error:
         if not replace:

@@ -166,3 +166,14 @@ def test_leftovers_of_live_processes_other_hosts_and_other_folders_are_kept(tmp_
     with pytest.raises(ValueError, match="exists and is not an empty folder"):
         write_folder(tmp_path / "model", lambda folder: (folder / "config.json").write_text("[]"), replace=False)
     assert (tmp_path / "model" / "config.json").read_text() == "{}"
+
+
+def test_saving_into_the_working_directory_keeps_it(tmp_path: Path, monkeypatch) -> None:
+    """A swap would leave the process in the old, deleted folder: such a save writes in place instead."""
+    folder = tmp_path / "model"
+    make_model(seed=0).save_pretrained(folder)
+    monkeypatch.chdir(folder)
+    seed, layers = MODELS["B"]
+    make_model(seed=seed, text_config={"num_hidden_layers": layers}).save_pretrained(".")
+    assert Path.cwd() == folder.resolve() and Path("config.json").is_file()
+    assert assert_whole(folder, ("B",)) == "B" and leftovers(folder) == []
