@@ -73,12 +73,15 @@ def clear_leftovers(folder: str | Path) -> list[Path]:
     stale = [(path, match) for path, match in found if match["host"] == _HOST and not _owner_alive(int(match["pid"]))]
     for path, match in sorted(stale, key=lambda item: item[1]["kind"] != "old"):
         if match["kind"] == "old" and not os.path.lexists(folder):
-            os.rename(path, folder)
-            logger.warning("restored %s from %s, set aside by a write that was killed", folder, path.name)
-        else:
-            shutil.rmtree(path, ignore_errors=True)
+            try:
+                os.rename(path, folder)
+                logger.warning("restored %s from %s, set aside by a write that was killed", folder, path.name)
+                continue
+            except OSError:  # another writer put a folder there meanwhile
+                pass
+        shutil.rmtree(path, ignore_errors=True)
     if stale:
-        logger.warning("removed %d folder(s) left by interrupted writes into %s", len(stale), folder)
+        logger.warning("cleaned up %d folder(s) left by interrupted writes into %s", len(stale), folder)
     return [path for path, _ in stale]
 
 
