@@ -197,6 +197,15 @@ def _check_mode(mode: str) -> None:
         raise ValueError(f"PhantomCache mode must be 'expanded' or 'compact', got {mode!r}")
 
 
+def static_capacity(cache: Any) -> int | None:
+    """Tokens a static cache can hold (its smallest full-attention layer; sliding-window layers roll over), or
+    None for caches that grow."""
+    if not isinstance(cache, StaticCache):
+        return None
+    sizes = [layer.max_cache_len for layer in cache.layers if not getattr(layer, "is_sliding", False)]
+    return min(sizes) if sizes else None
+
+
 class PhantomCacheMixin:
     """What Phantom attention keeps in a cache besides keys and values: the mode, and each row's anchor operands.
 
@@ -208,6 +217,10 @@ class PhantomCacheMixin:
     """
 
     mode: str
+    # (B,) id of each row's anchor token, recorded at prefill when the rows were given as token ids, or None: lets
+    # `generate` refuse a prompt that does not continue the conversation the cache holds. Beam reorders leave it
+    # as it is (they move rows among the beams of one prompt, which share their anchor token).
+    anchor_tokens: torch.Tensor | None = None
 
     def get_anchors(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The (key, value) anchor operands of `layer_idx` set at prefill, or None before."""
@@ -270,6 +283,8 @@ class PhantomCache(PhantomCacheMixin, DynamicCache):
 
     def _map_anchors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         self.anchors = {layer_idx: (fn(key), fn(value)) for layer_idx, (key, value) in self.anchors.items()}
+        if self.anchor_tokens is not None:
+            self.anchor_tokens = fn(self.anchor_tokens)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
@@ -287,10 +302,12 @@ class PhantomCache(PhantomCacheMixin, DynamicCache):
         super().crop(*args, **kwargs)
         if self.get_seq_length() == 0:
             self.anchors.clear()
+            self.anchor_tokens = None
 
     def reset(self) -> None:
         super().reset()
         self.anchors.clear()
+        self.anchor_tokens = None
 
 
 class PhantomStaticCache(PhantomCacheMixin, StaticCache):
@@ -323,6 +340,7 @@ class PhantomStaticCache(PhantomCacheMixin, StaticCache):
     def _clear_anchors(self) -> None:
         self.anchor_buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._anchored: set[int] = set()  # layers whose buffers hold the current sequences' anchors
+        self.anchor_tokens = None
 
     @classmethod
     def from_static_cache(cls, cache: StaticCache, mode: str = "expanded") -> "PhantomStaticCache":
@@ -367,10 +385,12 @@ class PhantomStaticCache(PhantomCacheMixin, StaticCache):
         super().crop(*args, **kwargs)
         if int(self.get_seq_length()) == 0:
             self._anchored.clear()
+            self.anchor_tokens = None
 
     def reset(self) -> None:
         super().reset()
         self._anchored.clear()
+        self.anchor_tokens = None
 
 
-__all__ = ["BufferedDynamicLayer", "PhantomCache", "PhantomCacheMixin", "PhantomStaticCache"]
+__all__ = ["BufferedDynamicLayer", "PhantomCache", "PhantomCacheMixin", "PhantomStaticCache", "static_capacity"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
+from transformers.activations import ACT2FN
 
 # Decoders whose attention `PhantomAttention` knows how to wrap: q/k/v from `q_proj`/`k_proj`/`v_proj`
 # (optionally followed by per-head `q_norm`/`k_norm`) or from one packed `qkv_proj`, rotary applied by
@@ -65,6 +66,22 @@ def _as_config(value: Any, default_model_type: str, field: str) -> PretrainedCon
         model_type = value.pop("model_type", default_model_type)
         return AutoConfig.for_model(model_type, **value)
     raise TypeError(f"PhantomConfig.{field} must be a dict or a PretrainedConfig, got {type(value).__name__}")
+
+
+def _field_error(kind: type[Exception], message: str, source: Any = None) -> Exception:
+    """An error about a config's content, naming the folder (or repository) it was read from when known; marked
+    so that `PhantomConfig.from_pretrained` adds the folder when it was not known here."""
+    error = kind(f"{source}: config.json: {message}" if source else message)
+    error.phantom_config_source = source
+    return error
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class PhantomConfig(PretrainedConfig):
@@ -185,13 +202,56 @@ class PhantomConfig(PretrainedConfig):
             return patches // self.projector_group_size
         return patches
 
+    @image_seq_length.setter
+    def image_seq_length(self, value: Any) -> None:
+        """Configs of InternVL's family carry `image_seq_length`: a value equal to the derived one is accepted (and
+        not stored: it stays derived), another is refused by name."""
+        self.validate_phantom()
+        if isinstance(value, bool) or value != self.image_seq_length:
+            raise ValueError(
+                f"image_seq_length={value!r} disagrees with the {self.image_seq_length} vision tokens per tile that "
+                f"vision_config (image_size {self.vision_config.image_size}, patch_size {self.vision_config.patch_size}), "
+                f"projector_type {self.projector_type!r} and downsample_ratio {self.downsample_ratio} give; it is derived "
+                "from them: leave it out"
+            )
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> Any:
+        """transformers' `from_pretrained`; a config it refuses (`validate_phantom`, a missing sub-config) is reported
+        with the folder or repository it came from."""
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except (ValueError, TypeError) as error:
+            if not hasattr(error, "phantom_config_source") or error.phantom_config_source:
+                raise
+            raise _field_error(type(error), str(error), pretrained_model_name_or_path) from error
+
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> Any:
         """transformers' `from_dict`, validated after the keyword overrides are applied: `from_pretrained(folder,
-        phantom_mixing="foo")` sets fields after `__init__` has run, and must be refused like `PhantomConfig(...)`."""
-        result = super().from_dict(config_dict, **kwargs)
+        phantom_mixing="foo")` sets fields after `__init__` has run, and must be refused like `PhantomConfig(...)`.
+
+        A saved config must hold both sub-configs: the defaults (Qwen2, InternViT-300M) are for `PhantomConfig()`
+        built in code, and loading them in place of a missing one would build a 7B-sized model that fits no
+        weights."""
+        source = kwargs.get("name_or_path")  # given by AutoConfig.from_pretrained
+        for field in ("text_config", "vision_config"):
+            if config_dict.get(field) is None and kwargs.get(field) is None:
+                raise _field_error(
+                    ValueError,
+                    f"{field} is missing (or null); a saved Phantom config names both sub-configs (defaults are only "
+                    "for PhantomConfig() built in code)",
+                    source,
+                )
+        try:
+            result = super().from_dict(config_dict, **kwargs)
+        except (ValueError, TypeError) as error:
+            raise _field_error(type(error), str(error), source) from error
         config = result[0] if isinstance(result, tuple) else result
-        config.validate_phantom()
+        try:
+            config.validate_phantom()
+        except (ValueError, TypeError) as error:
+            raise _field_error(type(error), str(error), source) from error
         return result
 
     def validate_phantom(self) -> None:
@@ -227,15 +287,31 @@ class PhantomConfig(PretrainedConfig):
                 f"vision_feature_select_strategy='default' drops a CLS token, but {self.vision_config.model_type} "
                 "has none; use 'full'"
             )
-        if not isinstance(self.projector_group_size, int) or self.projector_group_size < 1:
+        if not _is_int(self.projector_group_size) or self.projector_group_size < 1:
             raise ValueError(f"projector_group_size must be a positive int, got {self.projector_group_size!r}")
         if self.vision_feature_select_strategy not in VISION_FEATURE_SELECT_STRATEGIES:
             raise ValueError(
                 "vision_feature_select_strategy must be one of "
                 f"{VISION_FEATURE_SELECT_STRATEGIES}, got {self.vision_feature_select_strategy!r}"
             )
-        if self.downsample_ratio <= 0 or abs(1 / self.downsample_ratio - round(1 / self.downsample_ratio)) > 1e-6:
+        if (
+            not _is_number(self.downsample_ratio)
+            or self.downsample_ratio <= 0
+            or abs(1 / self.downsample_ratio - round(1 / self.downsample_ratio)) > 1e-6
+        ):
             raise ValueError(f"downsample_ratio must be 1/k for an integer k, got {self.downsample_ratio!r}")
+        vision_layers = getattr(self.vision_config, "num_hidden_layers", None)
+        if not _is_int(self.vision_feature_layer) or (
+            _is_int(vision_layers) and not -vision_layers - 1 <= self.vision_feature_layer <= vision_layers
+        ):
+            raise ValueError(
+                f"vision_feature_layer must be an int indexing the vision tower's {vision_layers}+1 hidden states "
+                f"(-1: the last), got {self.vision_feature_layer!r}"
+            )
+        if not isinstance(self.projector_hidden_act, str) or self.projector_hidden_act not in ACT2FN:
+            raise ValueError(f"projector_hidden_act must name a transformers activation such as 'gelu', got {self.projector_hidden_act!r}")
+        if not isinstance(self.multimodal_projector_bias, bool):
+            raise ValueError(f"multimodal_projector_bias must be True or False, got {self.multimodal_projector_bias!r}")
         if self.phantom_dimension:
             model_type = self.text_config.model_type
             if model_type not in SUPPORTED_TEXT_MODEL_TYPES:

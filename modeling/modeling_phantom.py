@@ -7,11 +7,7 @@ sibling files of this folder.
 from __future__ import annotations
 
 import copy
-import os
-import re
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -27,7 +23,7 @@ from transformers.models.internvl.modeling_internvl import InternVLModel, Intern
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 from transformers.utils import is_torchdynamo_compiling
 
-from .cache_phantom import PhantomCache, PhantomCacheMixin, PhantomStaticCache
+from .cache_phantom import PhantomCache, PhantomCacheMixin, PhantomStaticCache, static_capacity
 from .compat_phantom import CACHE_NAME, cache_kwargs, cache_of, take_cache
 from .configuration_phantom import (
     AUTO_MAP,
@@ -39,6 +35,7 @@ from .configuration_phantom import (
     size_pair,
 )
 from .quantization_phantom import MODULES_NOT_QUANTIZED, PHANTOM_MODULES_NOT_QUANTIZED, keep_modules_unquantized
+from .folder_phantom import write_folder
 
 # ---------------------------------------------------------------------------------------------------
 # Phantom Dimension (paper Sec. 3, Eq. 1-3)
@@ -435,6 +432,7 @@ MODELING_FILES = (
     "compat_phantom.py",
     "configuration_phantom.py",
     "cache_phantom.py",
+    "folder_phantom.py",
     "modeling_phantom.py",
     "processing_phantom.py",
     "presets_phantom.py",
@@ -447,42 +445,6 @@ def save_remote_code(folder: str | Path) -> None:
     for name in MODELING_FILES:
         if (source / name).is_file():
             (Path(folder) / name).write_text((source / name).read_text())
-
-
-# Weight files a save replaces as a set: one file, or shards and their index (with an optional variant).
-_WEIGHT_FILE = re.compile(r"model(\.[\w-]+)?(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?")
-
-
-def _staged_save(folder: Path, write: Callable[[Path], None]) -> None:
-    """Run `write` into a staging folder beside `folder`, then move every file it wrote into `folder` (a rename per
-    file) and remove the weight files of an earlier save that the new one does not replace (old shards).
-
-    If `write` fails, the staging folder is removed and `folder` is untouched. Where no staging folder can be made
-    beside `folder` (a read-only parent), `write` runs in `folder` itself.
-    """
-    folder = folder.resolve()
-    folder.mkdir(parents=True, exist_ok=True)
-    try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.saving-", dir=folder.parent))
-    except OSError:
-        write(folder)
-        return
-    try:
-        write(staging)
-        written = sorted(path.name for path in staging.iterdir())
-        new_weights = {name for name in written if _WEIGHT_FILE.fullmatch(name)}
-        # weights first, config last: the folder's config names the new weights only once they are all there
-        for name in sorted(written, key=lambda name: (name not in new_weights, name == "config.json")):
-            if (staging / name).is_dir():
-                shutil.rmtree(folder / name, ignore_errors=True)
-            os.replace(staging / name, folder / name)
-        variants = {_WEIGHT_FILE.fullmatch(name).group(1) for name in new_weights}
-        for stale in folder.iterdir():
-            match = _WEIGHT_FILE.fullmatch(stale.name)
-            if match and match.group(1) in variants and stale.name not in new_weights and stale.is_file():
-                stale.unlink()
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 class PhantomPreTrainedModel(PreTrainedModel):
@@ -530,7 +492,14 @@ class PhantomPreTrainedModel(PreTrainedModel):
             kwargs["quantization_config"] = cls.phantom_quantization_config(kwargs["quantization_config"])
         output_loading_info = kwargs.pop("output_loading_info", False)
         override = kwargs.get("phantom_dimension")
-        model, loading_info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        try:
+            model, loading_info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        except Exception as error:
+            safetensors = sys.modules.get("safetensors")  # imported by transformers whenever it reads safetensors
+            if not isinstance(error, getattr(safetensors, "SafetensorError", ())):
+                raise
+            source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+            raise ValueError(f"{_unreadable_weights(source, safetensors)} cannot be read ({error})") from error
         _check_loaded_weights(model, loading_info, override if isinstance(override, bool) else None)
         return (model, loading_info) if output_loading_info else model
 
@@ -538,24 +507,40 @@ class PhantomPreTrainedModel(PreTrainedModel):
         """Save weights and config, plus the remote-code files, so the folder loads with `trust_remote_code`.
         (No model card: whoever publishes the folder writes one, e.g. `phantom_hf.hub.push_folder`.)
 
-        The files are written into a staging folder next to `save_directory` and moved in once all are written:
-        a save that fails midway (a full disk, an error while writing) leaves the folder's previous model as it
-        was. Staging needs room for a second copy of the weights while saving.
+        The folder is written whole beside `save_directory` and swapped in with one rename (`write_folder`): a save
+        that fails midway (a full disk, an error while writing, a killed process) leaves the folder's previous model
+        as it was, and two saves into one folder at once end as one model or the other. Files of the folder that the
+        save does not write (a tokenizer, a model card, training checkpoints) are kept; weight files of an earlier
+        save are replaced as a set. Staging needs room for a second copy of the weights while saving.
         """
         self.config.auto_map = dict(AUTO_MAP)
         main_process = kwargs.get("is_main_process", True) if not args else args[0]
+        if not main_process:
+            super().save_pretrained(save_directory, *args, **kwargs)
+            return
+        if kwargs.get("push_to_hub"):
+            kwargs.setdefault("repo_id", Path(save_directory).name)  # not the staging folder's name
 
         def write(folder: Path) -> None:
-            if kwargs.get("push_to_hub"):
-                kwargs.setdefault("repo_id", Path(save_directory).name)  # not the staging folder's name
             super(PhantomPreTrainedModel, self).save_pretrained(folder, *args, **kwargs)
-            if main_process:
-                save_remote_code(folder)
+            save_remote_code(folder)
 
-        if main_process:
-            _staged_save(Path(save_directory), write)
-        else:
-            write(Path(save_directory))
+        write_folder(save_directory, write)
+
+
+def _unreadable_weights(source: Any, safetensors: Any) -> str:
+    """The safetensors files of folder `source` that do not open (truncated or corrupt), for an error message."""
+    folder = Path(str(source))
+    broken = []
+    for path in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+        try:
+            with safetensors.safe_open(str(path), framework="pt"):
+                pass
+        except (safetensors.SafetensorError, OSError):
+            broken.append(str(path))
+    if not broken:
+        return f"the weights of {source}"
+    return f"weights file {broken[0]}" + (f" (and {len(broken) - 1} more)" if len(broken) > 1 else "") + ", truncated or corrupt,"
 
 
 def _attended_tokens(attention_mask: Any, batch_size: int) -> torch.Tensor | None:
@@ -726,6 +711,15 @@ def _checked_tile_index(image_tile_index: Any, tiles: int) -> torch.Tensor:
     return image_tile_index
 
 
+def _foreign_cache_error(cache: Cache) -> ValueError:
+    return ValueError(
+        f"the cache is a {type(cache).__name__} holding {int(cache.get_seq_length())} tokens; Phantom attention "
+        "needs a PhantomCache or PhantomStaticCache (they keep the anchors and the expanded keys/values). Pass "
+        "PhantomCache(config=model.config.text_config), PhantomStaticCache(model.config.text_config, "
+        "max_cache_len), or no cache."
+    )
+
+
 # ---------------------------------------------------------------------------------------------------
 # The models: the vision tower, projector and decoder stack (`PhantomModel`), and with the LM head and
 # `generate` (`PhantomForConditionalGeneration`)
@@ -812,12 +806,7 @@ class PhantomModel(PhantomPreTrainedModel):
             return PhantomCache(config=self.config.text_config, mode=mode)
         if type(cache) is StaticCache and int(cache.get_seq_length()) == 0:
             return PhantomStaticCache.from_static_cache(cache, mode=mode)
-        raise ValueError(
-            f"the cache is a {type(cache).__name__} holding {int(cache.get_seq_length())} tokens; Phantom attention "
-            "needs a PhantomCache or PhantomStaticCache (they keep the anchors and the expanded keys/values). Pass "
-            "PhantomCache(config=model.config.text_config), PhantomStaticCache(model.config.text_config, "
-            "max_cache_len), or no cache."
-        )
+        raise _foreign_cache_error(cache)
 
     def forward(
         self,
@@ -871,6 +860,12 @@ class PhantomModel(PhantomPreTrainedModel):
         batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
         if not compiling:
             _check_attention_mask(attention_mask, batch, length, past_length)
+            capacity = static_capacity(cache)
+            if capacity is not None and past_length + length > capacity:
+                raise ValueError(
+                    f"the static cache has room for {capacity} tokens but this call needs {past_length + length} "
+                    f"({past_length} cached + {length} new): create it with a larger max_cache_len"
+                )
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         if pixel_values is not None:
@@ -890,9 +885,12 @@ class PhantomModel(PhantomPreTrainedModel):
 
         needs_anchors = self.config.phantom_dimension and self.config.phantom_expansion == "mhca"
         if needs_anchors and not (isinstance(cache, PhantomCacheMixin) and cache.has_anchors()):
-            kwargs["phantom_anchor_index"] = anchor_positions(
+            anchor_index = anchor_positions(
                 input_ids, attention_mask, self.config.phantom_anchor_token_id, inputs_embeds.shape[0], inputs_embeds.device
             )
+            kwargs["phantom_anchor_index"] = anchor_index
+            if isinstance(cache, PhantomCacheMixin) and input_ids is not None and not compiling:
+                cache.anchor_tokens = input_ids.gather(1, anchor_index[:, None].to(input_ids.device))[:, 0]
         outputs = self.language_model(
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -993,6 +991,51 @@ def _check_generate_inputs(config: PhantomConfig, input_ids: Any, kwargs: dict[s
                 f"assisted generation with images needs an assistant that reads the same images: a Phantom model with "
                 f"image_token_id={config.image_token_id} and image_seq_length={config.image_seq_length}; got "
                 f"{type(assistant).__name__}"
+            )
+
+
+def _check_generate_cache(config: PhantomConfig, input_ids: Any, kwargs: dict[str, Any], defaults: Any) -> None:
+    """A cache given to `generate` must fit the prompt, before anything runs: a filled cache is continued, never
+    reset, so the prompt must be the conversation it holds plus new tokens (longer than what it holds, with the same
+    anchor token in every row); Phantom attention needs a Phantom cache; a static cache must have room for the prompt
+    and the new tokens (`defaults`: the model's generation config, for settings not in `kwargs`)."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if not isinstance(cache, Cache) or not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        return
+    held, prompt = int(cache.get_seq_length()), input_ids.shape[1]
+    if held and config.phantom_dimension and not isinstance(cache, PhantomCacheMixin):
+        raise _foreign_cache_error(cache)
+    if held and prompt <= held:
+        raise ValueError(
+            f"the cache already holds {held} tokens but the prompt has {prompt}: generate continues the conversation a "
+            "filled cache holds (it never resets it), so input_ids must be that whole conversation followed by new "
+            "tokens. For another prompt pass a new cache, or call cache.reset() first"
+        )
+    anchor_tokens = getattr(cache, "anchor_tokens", None)
+    if held and anchor_tokens is not None:
+        if anchor_tokens.shape[0] != input_ids.shape[0]:
+            raise ValueError(f"the cache holds {anchor_tokens.shape[0]} rows but the prompt has {input_ids.shape[0]}")
+        index = anchor_positions(
+            input_ids, kwargs.get("attention_mask"), config.phantom_anchor_token_id, input_ids.shape[0], input_ids.device
+        )
+        tokens = input_ids.gather(1, index[:, None])[:, 0]
+        differ = (tokens != anchor_tokens.to(tokens.device)).nonzero().flatten().tolist()
+        if differ:
+            raise ValueError(
+                f"rows {differ} of the prompt do not continue the conversation the cache holds: their anchor token is "
+                f"{tokens[differ].tolist()}, the cache's {anchor_tokens[differ].tolist()}. Pass a new cache, or call "
+                "cache.reset() first"
+            )
+    capacity = static_capacity(cache)
+    if capacity is not None:
+        settings = kwargs.get("generation_config") or defaults
+        new = kwargs.get("max_new_tokens", getattr(settings, "max_new_tokens", None))
+        if new is None:
+            new = kwargs.get("max_length", getattr(settings, "max_length", None) or prompt) - prompt
+        if prompt + new > capacity:
+            raise ValueError(
+                f"the static cache has room for {capacity} tokens but this generate needs {prompt + new} ({prompt} of "
+                f"prompt + {new} new): create it with max_cache_len >= {prompt + new}"
             )
 
 
@@ -1151,6 +1194,7 @@ class PhantomForConditionalGeneration(PhantomPreTrainedModel, GenerationMixin):
         (added to `suppress_tokens`): a placeholder without its image cannot be embedded."""
         input_ids = inputs if inputs is not None else kwargs.get("input_ids")
         _check_generate_inputs(self.config, input_ids, kwargs)
+        _check_generate_cache(self.config, input_ids, kwargs, self.generation_config)
         image_token_id = self.config.image_token_id
         if "suppress_tokens" in kwargs:
             kwargs["suppress_tokens"] = _with_image_tokens(kwargs["suppress_tokens"], image_token_id)

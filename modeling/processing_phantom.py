@@ -26,6 +26,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import urllib.request
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -34,9 +35,7 @@ from transformers.image_processing_utils import BatchFeature
 from transformers.image_utils import (  # PIL: Pillow, as transformers' image utilities import it
     PIL,
     ChannelDimension,
-    infer_channel_dimension_format,
     is_pil_image,
-    load_image,
     to_numpy_array,
 )
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
@@ -320,17 +319,24 @@ def _decode_image_bytes(data: bytes, where: str) -> Any:
         raise ValueError(f"{where} cannot be decoded: not a readable image ({error})") from error
 
 
-def _load_image_source(source: str, where: str) -> Any:
-    """A PIL image from a local path, an http(s) URL or a base64 string (optionally a `data:image/...` URL).
+# Seconds to wait for an image URL's server (to connect, and between bytes).
+IMAGE_URL_TIMEOUT = 30.0
 
-    Local files and base64 are decoded here (alpha kept, as for PIL and array inputs); URLs go through
-    transformers' `load_image`, which converts them to RGB.
-    """
+
+def _fetch(url: str, where: str) -> bytes:
+    """The bytes an http(s) URL serves, or a `ValueError` naming the URL and the reason."""
+    try:
+        with urllib.request.urlopen(url, timeout=IMAGE_URL_TIMEOUT) as response:
+            return response.read()
+    except (OSError, ValueError) as error:  # URLError, HTTPError and timeouts are OSErrors
+        raise ValueError(f"{where} cannot be fetched: {error}") from error
+
+
+def _load_image_source(source: str, where: str) -> Any:
+    """A PIL image from a local path, an http(s) URL or a base64 string (optionally a `data:image/...` URL): the
+    encoded bytes, read or fetched, decoded by `_decode_image_bytes` (alpha kept, EXIF orientation applied)."""
     if source.startswith(("http://", "https://")):
-        try:
-            return load_image(source)
-        except (OSError, ValueError, SyntaxError) as error:
-            raise ValueError(f"{where} cannot be decoded: not a readable image URL ({error})") from error
+        return _decode_image_bytes(_fetch(source, where), where)
     if os.path.isfile(source):
         try:
             with open(source, "rb") as handle:
@@ -411,13 +417,35 @@ def to_rgb_array(image: Any, name: str | None = None) -> Any:
     return _to_rgb_array(image, 0, name)
 
 
+# Sizes an axis of channels may have: grayscale, RGB, RGBA.
+_CHANNEL_COUNTS = (1, 3, 4)
+
+
+def _channels_last(image: Any, where: str) -> Any:
+    """A raw (H, W, C) or (C, H, W) array as (H, W, C), by the rule: the channel axis is the first or the last one,
+    whichever alone has 1, 3 or 4 entries. Where both do ((3, 40, 3), a 1x1 (1, 1, 3)), the layout is ambiguous and
+    refused rather than guessed: a guess makes a tiny image grey or turns it on its side."""
+    first, last = image.shape[0] in _CHANNEL_COUNTS, image.shape[-1] in _CHANNEL_COUNTS
+    if first and last:
+        raise ValueError(
+            f"{where} of shape {tuple(image.shape)} may be (H, W, C) or (C, H, W): both its first and last axes could "
+            "hold the 1, 3 or 4 channels. Pass it as a PIL image (e.g. PIL.Image.fromarray(array) for an (H, W, C) "
+            "uint8 array), or as a file or bytes"
+        )
+    if not (first or last):
+        raise ValueError(f"{where} of shape {tuple(image.shape)} has no axis of 1, 3 or 4 channels first or last")
+    return image.transpose(1, 2, 0) if first else image
+
+
 def _to_rgb_array(image: Any, index: int, name: str | None = None) -> Any:
     """Decode one image into an RGB (H, W, 3) uint8 numpy array: the one place where a user's image becomes pixels.
 
-    Accepts PIL images, numpy arrays and torch tensors ((H, W), (H, W, C) or (C, H, W) with 1, 3 or 4 channels),
-    local paths, http(s) URLs, base64 strings and encoded bytes. Grayscale is repeated, alpha laid over white,
-    16-bit and floating-point pixel values scaled to 0-255 (`_as_uint8`). Undecodable or zero-sized images raise
-    `ValueError`, unknown types and dtypes `TypeError`.
+    Accepts PIL images, local paths, http(s) URLs, base64 strings and encoded bytes (their layout is known), and
+    numpy arrays and torch tensors of shape (H, W), or (H, W, C) / (C, H, W) with 1, 3 or 4 channels, the channel
+    axis being the one of first and last that alone has 1, 3 or 4 entries (`_channels_last`: an array where both do
+    is refused). Grayscale is repeated, alpha laid over white, 16-bit and floating-point pixel values scaled to
+    0-255 (`_as_uint8`). Undecodable, zero-sized or ambiguous images raise `ValueError`, unknown types and dtypes
+    `TypeError`.
     """
     where = name or f"image {index} ({_describe(image)})"
     if isinstance(image, (bytes, bytearray)):
@@ -427,7 +455,8 @@ def _to_rgb_array(image: Any, index: int, name: str | None = None) -> Any:
         image = os.fspath(image)
     if isinstance(image, str):
         image = _load_image_source(image, where)
-    if is_pil_image(image):
+    layout_known = is_pil_image(image)
+    if layout_known:
         try:
             image.load()
         except (OSError, ValueError, SyntaxError) as error:
@@ -443,18 +472,14 @@ def _to_rgb_array(image: Any, index: int, name: str | None = None) -> Any:
             f"{where} has unsupported type {type(image).__name__}: pass a PIL image, a numpy array or torch tensor "
             "of shape (H, W), (H, W, C) or (C, H, W), a local path, an http(s) URL, or encoded image bytes"
         )
-    if image.ndim == 2:
-        image = image[..., None]
-    if image.ndim != 3:
+    if image.ndim not in (2, 3):
         raise ValueError(f"{where} must have shape (H, W), (H, W, C) or (C, H, W), got {tuple(image.shape)}")
     if image.size == 0:
         raise ValueError(f"{where} has zero size (shape {tuple(image.shape)})")
-    try:
-        channel_format = infer_channel_dimension_format(image, num_channels=(1, 3, 4))
-    except ValueError as error:
-        raise ValueError(f"{where} of shape {tuple(image.shape)} has no axis of 1, 3 or 4 channels") from error
-    if channel_format == ChannelDimension.FIRST:
-        image = image.transpose(1, 2, 0)
+    if image.ndim == 2:
+        image = image[..., None]
+    elif not layout_known:
+        image = _channels_last(image, where)
     return _rgb_over_white(_as_uint8(image, where))
 
 

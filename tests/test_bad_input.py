@@ -261,7 +261,7 @@ def test_a_save_that_fails_midway_leaves_the_previous_model_loadable(tmp_path: P
     with pytest.raises(OSError, match="No space left"):
         new.save_pretrained(tmp_path)
     monkeypatch.undo()
-    assert not [path for path in tmp_path.parent.iterdir() if ".saving-" in path.name]
+    assert not [path for path in tmp_path.parent.iterdir() if path.name.startswith(f".{tmp_path.name}.")]
     reloaded = PhantomForConditionalGeneration.from_pretrained(tmp_path)
     assert reloaded.config.text_config.num_hidden_layers == 2
     for name, tensor in old.state_dict().items():

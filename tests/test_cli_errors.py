@@ -64,6 +64,7 @@ def test_broken_model_folders_images_and_devices_give_one_line(tiny_folder: Path
         (["chat", str(pickled), *question], [f"cannot load the model {str(pickled)!r}"]),
         (["chat", str(tmp_path / "missing-model"), *question], [f"model folder {str(tmp_path / 'missing-model')!r} does not exist"]),
         (["chat", str(tiny_folder), "--image", str(tmp_path / "text.png"), *question], [f"image file {str(tmp_path / 'text.png')!r} cannot be decoded"]),
+        (["chat", str(tiny_folder), "--image", str(tmp_path), *question], [f"image file {str(tmp_path)!r} is a directory"]),
         (["chat", str(tiny_folder), "--device", "nonsense", *question], ["--device 'nonsense' cannot be used"]),
         (["chat", str(tiny_folder), "--device", "cuda:7", *question], ["--device 'cuda:7' cannot be used"]),
     ]

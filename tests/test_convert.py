@@ -9,9 +9,11 @@ Phantom attention (paper Eq. 1-3) loop-free, with eta = 1 so that the Phantom pa
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -520,25 +522,66 @@ def test_interrupted_publication_leaves_no_partial_destination(tmp_path: Path, q
     assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".")] == []
 
 
-def test_staging_folders_of_killed_conversions_are_removed(tmp_path: Path, qwen2_state, caplog) -> None:
-    src = write_published(tmp_path / "published", "qwen2", qwen2_state, "safetensors")
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    left = [tmp_path / ".converted.partial-k3j_9x2a", tmp_path / f".converted.partial-{int(dead.stdout)}-0a1b2c3d"]
-    running = tmp_path / f".converted.partial-{os.getpid()}-0a1b2c3d"  # a conversion of a live process: kept
-    other = tmp_path / ".other.partial-k3j_9x2a"  # another destination's: not ours to judge
-    for folder in [*left, running, other]:
-        folder.mkdir()
-        (folder / "model.safetensors").write_bytes(b"x" * 1000)
-    with caplog.at_level("WARNING", logger="phantom_hf.convert"):
-        convert_checkpoint(src, tmp_path / "converted")
-    assert sorted(path.name for path in tmp_path.iterdir() if path.name.startswith(".")) == sorted([running.name, other.name])
-    assert "removed 2 staging folder(s) left by interrupted conversions" in caplog.text
-    assert (tmp_path / "converted" / "model.safetensors").is_file()
-
-
 @pytest.mark.parametrize("dtype", ["int8", torch.int8, "bool", "uint8", "not_a_dtype"])
 def test_non_floating_dtypes_are_refused_before_writing(tmp_path: Path, qwen2_state, dtype) -> None:
     src = write_published(tmp_path / "published", "qwen2", qwen2_state, "safetensors")
     with pytest.raises(ValueError, match="dtype must name a floating-point torch dtype .* nothing was written"):
         convert_checkpoint(src, tmp_path / "converted", dtype=dtype)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["published"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Unreadable sources: every error names the file (and for weights, which weight file)
+# ---------------------------------------------------------------------------------------------------
+
+
+class _Carrier:
+    """An object a plain tensor pickle cannot hold (unpickling it would import and run this module's code)."""
+
+
+def _cut(path: Path, keep: int) -> None:
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+@pytest.mark.parametrize(
+    "layout, damage, message",
+    [
+        ("sharded-safetensors", lambda f: _cut(f / "model-00002-of-00002.safetensors", 0), "model-00002-of-00002.safetensors (weight file 2 of 2) cannot be read"),
+        ("sharded-safetensors", lambda f: _cut(f / "model-00002-of-00002.safetensors", 20), "model-00002-of-00002.safetensors (weight file 2 of 2) cannot be read"),
+        ("sharded-safetensors", lambda f: _cut(f / "model-00001-of-00002.safetensors", -100), "model-00001-of-00002.safetensors (weight file 1 of 2) cannot be read"),
+        ("sharded-safetensors", lambda f: (f / "model.safetensors.index.json").write_text("{\"weight_map\": {"), "model.safetensors.index.json is not valid JSON"),
+        ("sharded-safetensors", lambda f: (f / "model.safetensors.index.json").write_text("{\"metadata\": {}}"), "model.safetensors.index.json has no weight_map"),
+        ("safetensors", lambda f: (f / "config.json").write_text("{\"llm_config\": "), "config.json is not valid JSON"),
+        ("sharded-bin", lambda f: _cut(f / "pytorch_model-00002-of-00002.bin", 50), "pytorch_model-00002-of-00002.bin (weight file 2 of 2) cannot be read"),
+        ("bin", lambda f: torch.save({"weight": torch.zeros(1), "extra": _Carrier()}, f / "pytorch_model.bin"), "pytorch_model.bin (weight file 1 of 1) was refused as unsafe"),
+    ],
+)
+def test_unreadable_sources_are_refused_naming_the_file(tmp_path: Path, qwen2_state, capsys, layout: str, damage, message: str) -> None:
+    src = write_published(tmp_path / "published", "qwen2", qwen2_state, layout)
+    damage(src)
+    with pytest.raises(ValueError, match=re.escape(message)) as error:
+        convert_checkpoint(src, tmp_path / "converted")
+    assert "weights_only" not in str(error.value) and not (tmp_path / "converted").exists()
+    from phantom_hf import cli
+
+    assert cli.main(["convert", str(src), str(tmp_path / "converted")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err and str(src) in err, err
+
+
+@pytest.mark.parametrize("integer", [torch.uint16, torch.int8])
+def test_integer_weights_are_refused_by_name_and_float8_weights_are_converted(tmp_path: Path, qwen2_state, integer) -> None:
+    name = "vision_proj.1.weight"
+    as_integer = {**qwen2_state, name: qwen2_state[name].abs().mul(100).to(integer)}
+    try:
+        src = write_published(tmp_path / "integer", "qwen2", as_integer, "safetensors")
+    except KeyError:  # safetensors before 0.5 (the floor, 0.4.3) has no uint16
+        pytest.skip(f"safetensors {importlib.metadata.version('safetensors')} cannot write {integer}")
+    with pytest.raises(ValueError, match=rf"1 weight\(s\) not floating-point .*{re.escape(name)}: {integer} in model.safetensors"):
+        convert_checkpoint(src, tmp_path / "converted")
+    as_float8 = {**qwen2_state, name: qwen2_state[name].to(torch.float8_e4m3fn)}
+    src = write_published(tmp_path / "float8", "qwen2", as_float8, "safetensors")
+    convert_checkpoint(src, tmp_path / "converted", dtype="float32")
+    with safe_open(tmp_path / "converted" / "model.safetensors", framework="pt") as handle:
+        converted = handle.get_tensor("model.multi_modal_projector.linear_1.weight")
+    assert torch.equal(converted, as_float8[name].float())

@@ -126,3 +126,74 @@ def test_a_processor_built_without_a_chat_template_speaks_chatml() -> None:
     assert text == "<|im_start|>user\n<image>\nwhat is in the image ?<|im_end|><|im_start|>assistant\n"
     llava = PhantomProcessor(image_processor=build_fixed_size_image_processor("clip_vision_model", 28), tokenizer=make_tokenizer())
     assert llava.chat_template == VICUNA_V1_CHAT_TEMPLATE
+
+
+RED = [(1 - 0.485) / 0.229, (0 - 0.456) / 0.224, (0 - 0.406) / 0.225]  # pure red after ImageNet normalisation
+
+
+@pytest.mark.parametrize("size", [(40, 3), (3, 40), (1, 1), (4, 1), (2, 2)])
+def test_tiny_images_of_known_layout_are_never_reguessed(processor, tmp_path: Path, size: tuple[int, int]) -> None:
+    """A few-pixel image given as PIL, file or bytes keeps its colour, and a square one stays one tile."""
+    image = Image.new("RGB", size, (255, 0, 0))
+    image.save(tmp_path / "red.png")
+    expected = torch.tensor(RED).view(1, 3, 1, 1)
+    for source in (image, image.convert("RGBA"), tmp_path / "red.png", (tmp_path / "red.png").read_bytes()):
+        out = processor(images=source, text="<image>", return_tensors="pt")
+        torch.testing.assert_close(out["pixel_values"], expected.expand_as(out["pixel_values"]), rtol=0, atol=1e-5)
+        if size[0] == size[1]:
+            assert out["num_patches"].tolist() == [1]
+
+
+@pytest.mark.parametrize("shape", [(3, 40, 3), (1, 1, 3), (4, 8, 1), (3, 3, 3)])
+def test_raw_arrays_whose_channel_axis_is_ambiguous_are_refused(processor, shape: tuple[int, ...]) -> None:
+    for image in (np.zeros(shape, dtype=np.uint8), torch.zeros(shape)):
+        with pytest.raises(ValueError, match=rf"image 0 .*of shape \({shape[0]}, {shape[1]}, {shape[2]}\) may be \(H, W, C\) or \(C, H, W\)"):
+            pixels(processor, image)
+
+
+def test_raw_arrays_of_one_possible_layout_give_the_pixels_of_the_pil_image(processor) -> None:
+    rgb = np.array(random_image(5, 40, seed=6))  # (40, 5, 3): only the last axis can hold channels
+    reference = pixels(processor, Image.fromarray(rgb))
+    torch.testing.assert_close(pixels(processor, rgb), reference, rtol=0, atol=0)
+    torch.testing.assert_close(pixels(processor, torch.from_numpy(rgb).permute(2, 0, 1)), reference, rtol=0, atol=0)
+    gray = np.asarray(random_image(3, 4, seed=7, mode="L"))  # (H, W) is grayscale, whatever its size
+    torch.testing.assert_close(pixels(processor, gray), pixels(processor, Image.fromarray(gray)), rtol=0, atol=0)
+
+
+def test_url_images_go_through_the_same_decoder_as_paths_and_bytes(processor, tmp_path: Path, monkeypatch) -> None:
+    """An RGBA PNG served over http (127.0.0.1, a server stopped when the test ends) keeps its alpha, laid over white,
+    as the same file given as a path or bytes; a missing URL is a ValueError naming it."""
+    import http.server
+    import threading
+
+    rgba = random_image(56, 28, seed=8, mode="RGBA")
+    buffer = io.BytesIO()
+    rgba.save(buffer, format="PNG")
+    body = buffer.getvalue()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            found = self.path == "/alpha.png"
+            self.send_response(200 if found else 404)
+            self.send_header("Content-Length", str(len(body) if found else 0))
+            self.end_headers()
+            if found:
+                self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        torch.testing.assert_close(pixels(processor, f"{url}/alpha.png"), pixels(processor, body), rtol=0, atol=0)
+        torch.testing.assert_close(pixels(processor, f"{url}/alpha.png"), pixels(processor, rgba), rtol=0, atol=0)
+        with pytest.raises(ValueError, match=f"image 0 \\({url}/missing.png\\) cannot be fetched: HTTP Error 404"):
+            pixels(processor, f"{url}/missing.png")
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)

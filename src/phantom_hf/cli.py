@@ -282,6 +282,8 @@ def _open_image(path: str | None) -> Any:
     image becomes pixels), or a `CLIError` naming the file and the problem."""
     if path is None:
         return None
+    if Path(path).is_dir():
+        raise CLIError(f"image file {path!r} is a directory, not an image file")
     if not Path(path).is_file():
         raise CLIError(f"image file {path!r} does not exist")
     from .modeling.processing_phantom import to_rgb_array

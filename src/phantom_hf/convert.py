@@ -26,7 +26,7 @@ target model built on the meta device. A source tensor without a target, a targe
 that disagrees stops the conversion with a `ValueError` listing them, and the destination is left as it was
 (absent or empty). Tensors are then streamed one at a time into shards of at most `max_shard_size` bytes, so
 memory stays below one copy of the weights, into a hidden staging folder beside the destination that becomes the
-destination in one rename once complete.
+destination in one rename once complete (`write_folder`, the writer `save_pretrained` uses too).
 """
 
 from __future__ import annotations
@@ -35,9 +35,8 @@ import argparse
 import copy
 import json
 import logging
-import os
+import pickle
 import re
-import secrets
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -45,11 +44,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from .modeling import PhantomConfig, PhantomForConditionalGeneration
+from .modeling.folder_phantom import check_new_or_empty, write_folder
 from .modeling.modeling_phantom import save_remote_code
 from .modeling.processing_phantom import (
     chat_template_for,
@@ -77,18 +77,30 @@ TOKENIZER_FILES = (
 # Buffers that older transformers versions saved although they are derived from the config.
 IGNORED_SOURCE_TENSORS = re.compile(r"\.rotary_emb\.inv_freq$|\.embeddings\.position_ids$")
 
+# safetensors dtype codes and the torch dtypes they load as (those this torch has).
 _SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
+    code: getattr(torch, name)
+    for code, name in (
+        ("F64", "float64"), ("F32", "float32"), ("F16", "float16"), ("BF16", "bfloat16"),
+        ("F8_E4M3", "float8_e4m3fn"), ("F8_E4M3FNUZ", "float8_e4m3fnuz"), ("F8_E5M2", "float8_e5m2"),
+        ("F8_E5M2FNUZ", "float8_e5m2fnuz"), ("F8_E8M0", "float8_e8m0fnu"),
+        ("I64", "int64"), ("I32", "int32"), ("I16", "int16"), ("I8", "int8"),
+        ("U64", "uint64"), ("U32", "uint32"), ("U16", "uint16"), ("U8", "uint8"), ("BOOL", "bool"), ("C64", "complex64"),
+    )
+    if hasattr(torch, name)
+}  # fmt: skip
+
+
+def read_json_file(path: Path, what: str = "") -> dict[str, Any]:
+    """The JSON object in file `path`; `ValueError` naming the file when it is not valid JSON or not an object."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON{what}: {error}") from error
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} must hold a JSON object{what}, got {type(value).__name__}")
+    return value
+
 
 # Keys of a published `llm_config` / `vision_config` that describe the old runtime, not the architecture.
 _RUNTIME_KEYS = {
@@ -137,7 +149,9 @@ class CheckpointReader:
         for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
             index = self.folder / index_name
             if index.is_file():
-                weight_map = json.loads(index.read_text())["weight_map"]
+                weight_map = read_json_file(index).get("weight_map")
+                if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
+                    raise ValueError(f"{index} has no weight_map (an object of tensor name -> shard file)")
                 files = [self.folder / name for name in dict.fromkeys(weight_map.values())]
                 missing = [str(path.name) for path in files if not path.is_file()]
                 if missing:
@@ -150,12 +164,28 @@ class CheckpointReader:
             raise ValueError(f"no weights in {str(self.folder)!r}: expected *.safetensors or pytorch_model*.bin files")
         return files
 
+    def _describe(self, path: Path) -> str:
+        """`path` as errors name it: the file, and which of the checkpoint's weight files it is."""
+        position = self.files.index(path) + 1 if path in self.files else 0
+        return f"{path} (weight file {position} of {len(self.files)})" if position else str(path)
+
     def _header(self, path: Path) -> Iterator[tuple[str, tuple[int, ...], torch.dtype]]:
         if path.suffix == ".safetensors":
-            with safe_open(path, framework="pt") as handle:
-                for name in handle.keys():
-                    tensor_slice = handle.get_slice(name)
-                    yield name, tuple(tensor_slice.get_shape()), _SAFETENSORS_DTYPES[tensor_slice.get_dtype()]
+            try:
+                with safe_open(path, framework="pt") as handle:
+                    entries = [(name, handle.get_slice(name)) for name in handle.keys()]
+                    entries = [(name, tuple(item.get_shape()), item.get_dtype()) for name, item in entries]
+            except (SafetensorError, OSError) as error:
+                raise ValueError(
+                    f"{self._describe(path)} cannot be read ({error}): it is empty, truncated or not a safetensors file"
+                ) from error
+            for name, shape, code in entries:
+                if code not in _SAFETENSORS_DTYPES:
+                    raise ValueError(
+                        f"{self._describe(path)}: tensor {name!r} has dtype {code}, which torch {torch.__version__} "
+                        f"cannot hold; readable: {', '.join(_SAFETENSORS_DTYPES)}"
+                    )
+                yield name, shape, _SAFETENSORS_DTYPES[code]
         else:
             for name, tensor in self._load_bin(path).items():
                 yield name, tuple(tensor.shape), tensor.dtype
@@ -164,11 +194,19 @@ class CheckpointReader:
         if self._bin_cache is not None and self._bin_cache[0] == path:
             return self._bin_cache[1]
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # the legacy (pre-zip) format cannot be memory-mapped
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # the legacy (pre-zip) format cannot be memory-mapped
+                state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            raise ValueError(
+                f"{self._describe(path)} was refused as unsafe: it is not a plain pickle of tensors, and loading it "
+                "would run the code it carries. Re-save its tensors as safetensors where you trust the file"
+            ) from error
+        except (RuntimeError, EOFError, OSError, ValueError) as error:
+            raise ValueError(f"{self._describe(path)} cannot be read ({error}): it is truncated or not a torch checkpoint") from error
         if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
-            raise ValueError(f"{path.name} does not hold a flat state dict of tensors")
+            raise ValueError(f"{self._describe(path)} does not hold a flat state dict of tensors")
         self._bin_cache = (path, state)
         return state
 
@@ -182,12 +220,19 @@ class CheckpointReader:
     def dtype(self, name: str) -> torch.dtype:
         return self._dtypes[name]
 
+    def file(self, name: str) -> Path:
+        """The weight file holding tensor `name`."""
+        return self._locations[name]
+
     def load(self, name: str) -> torch.Tensor:
         """One tensor, read from disk."""
         path = self._locations[name]
         if path.suffix == ".safetensors":
-            with safe_open(path, framework="pt") as handle:
-                return handle.get_tensor(name)
+            try:
+                with safe_open(path, framework="pt") as handle:
+                    return handle.get_tensor(name)
+            except (SafetensorError, OSError, KeyError, TypeError) as error:
+                raise ValueError(f"{self._describe(path)}: tensor {name!r} ({self._dtypes[name]}) cannot be read ({error!r})") from error
         return self._load_bin(path)[name]
 
     def release(self) -> None:
@@ -304,7 +349,7 @@ def resolve_config(src: str | Path, preset: str | None = None) -> PhantomConfig:
     if preset is not None and preset not in PRESETS:
         raise ValueError(f"unknown Phantom preset {preset!r}; known presets: {', '.join(PRESET_NAMES)}")
     config_path = Path(src) / "config.json"
-    published = json.loads(config_path.read_text()) if config_path.is_file() else None
+    published = read_json_file(config_path) if config_path.is_file() else None
     if published is None or "llm_config" not in published:
         if preset is None:
             raise ValueError(
@@ -517,7 +562,7 @@ def resolve_llava_config(src: str | Path, preset: str | None = None) -> PhantomC
         if preset is None:
             raise ValueError(f"{str(src)!r} has no config.json; pass preset= one of {', '.join(BASELINE_PRESET_NAMES)}")
         return PhantomConfig.from_preset(preset)
-    config = config_from_llava(json.loads(config_path.read_text()))
+    config = config_from_llava(read_json_file(config_path))
     if preset is not None:
         _check_against_preset(config, preset)
     return config
@@ -566,7 +611,7 @@ def plan_conversion(
     expected = _expected_target_shapes(config)
     vision_prefix = _vision_prefix(expected)
 
-    rules, ignored, unmapped, mismatched, produced = [], [], [], [], {}
+    rules, ignored, unmapped, mismatched, produced, integers = [], [], [], [], {}, []
     for name in names:
         rule = layout.map_name(name, config, vision_prefix, grow_rows)
         if rule is None or any(target not in expected for target in rule.targets):
@@ -586,6 +631,8 @@ def plan_conversion(
             want = None
         if want is None or reader.shape(name) != want:
             mismatched.append(f"{name}: expected {want}, found {reader.shape(name)}")
+        if not reader.dtype(name).is_floating_point:
+            integers.append(f"{name}: {reader.dtype(name)} in {reader.file(name).name}")
         for target in rule.targets:
             if target in produced:
                 unmapped.append(f"{name} (-> {target}, already filled from {produced[target]})")
@@ -600,6 +647,11 @@ def plan_conversion(
         problems.append(f"{len(unfilled)} target tensor(s) left unfilled: " + "; ".join(unfilled))
     if mismatched:
         problems.append(f"{len(mismatched)} shape mismatch(es) (name: expected, found): " + "; ".join(mismatched))
+    if integers:
+        problems.append(
+            f"{len(integers)} weight(s) not floating-point (quantized or integer data; the model's weights are "
+            "floating-point): " + "; ".join(integers)
+        )
     if problems:
         raise ValueError(f"cannot convert {str(reader.folder)!r}; nothing was written.\n" + "\n".join(problems))
     return ConversionPlan(config=config, rules=rules, target_shapes=expected, ignored=ignored)
@@ -675,7 +727,7 @@ def _write_weights(
 def _needs_own_code(src: Path) -> bool:
     """Whether the folder's tokenizer class is the checkpoint's own code (`auto_map` in tokenizer_config.json)."""
     config_path = src / "tokenizer_config.json"
-    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    config = read_json_file(config_path) if config_path.is_file() else {}
     return "AutoTokenizer" in (config.get("auto_map") or {})
 
 
@@ -854,7 +906,7 @@ def _pad_to_square(src: Path, config: PhantomConfig) -> bool | None:
     config_path = src / "config.json"
     if not config_path.is_file():
         return True
-    return json.loads(config_path.read_text()).get("image_aspect_ratio") == "pad"
+    return read_json_file(config_path).get("image_aspect_ratio") == "pad"
 
 
 def _write_model_card(
@@ -877,11 +929,6 @@ def _write_model_card(
     )
 
 
-def _check_destination(dst: Path) -> None:
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
-        raise ValueError(f"destination {str(dst)!r} exists and is not an empty folder; choose a new one")
-
-
 def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     """The floating-point dtype to cast weights to; anything else is refused (an integer cast would zero them)."""
     if dtype is None:
@@ -893,58 +940,6 @@ def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
             "nothing was written"
         )
     return value
-
-
-_STAGING = re.compile(r"\.partial-(?:(\d+)-)?[0-9a-z_]+$")
-
-
-def _staging_owner_alive(path: Path) -> bool:
-    """Whether the conversion that made staging folder `path` may still run: its process id (in the name) is
-    alive. Names without one come from versions that did not record it, and count as left behind."""
-    match = _STAGING.search(path.name)
-    if match is None or match[1] is None:
-        return False
-    try:
-        os.kill(int(match[1]), 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists, owned by another user
-        return True
-    return True
-
-
-def _clear_stale_staging(dst: Path) -> list[Path]:
-    """Remove the staging folders of earlier conversions to `dst` that were killed before they finished (hidden
-    `.{name}.partial-*` folders beside it whose process is gone); returns them. Elsewhere than on POSIX, where a
-    process cannot be probed safely, they are only reported."""
-    prefix = f".{dst.name}.partial-"
-    left = [
-        path for path in dst.parent.iterdir()
-        if path.name.startswith(prefix) and path.is_dir() and _STAGING.search(path.name[len(dst.name) + 1 :])
-    ]  # fmt: skip
-    if os.name != "posix":
-        if left:
-            logger.warning("staging folders of interrupted conversions, safe to delete once none runs: %s", left)
-        return []
-    stale = [path for path in left if not _staging_owner_alive(path)]
-    for path in stale:
-        shutil.rmtree(path, ignore_errors=True)
-    if stale:
-        logger.warning("removed %d staging folder(s) left by interrupted conversions: %s", len(stale), stale)
-    return stale
-
-
-def _publish(staging: Path, dst: Path) -> None:
-    """Make the finished `staging` folder `dst` in one rename: `dst` appears complete or not at all. An empty `dst`
-    is replaced (POSIX renames over an empty folder; elsewhere it is removed first)."""
-    _check_destination(dst)
-    try:
-        os.rename(staging, dst)
-    except OSError:
-        if not (dst.is_dir() and not any(dst.iterdir())):
-            raise
-        dst.rmdir()
-        os.rename(staging, dst)
 
 
 def convert_checkpoint(
@@ -977,8 +972,8 @@ def convert_checkpoint(
 
     A published Phantom checkpoint's processor feeds the model as the published inference code does
     (`PhantomProcessor.from_config(..., published_format=True)`). The folder is written beside `dst` under a
-    hidden staging name and renamed to `dst` when complete; staging folders of earlier conversions that were
-    killed are removed. Returns the written config. Raises `ValueError` before writing anything when a tensor is
+    hidden staging name and renamed to `dst` when complete (`write_folder`); what killed conversions left beside
+    `dst` is removed. Returns the written config. Raises `ValueError` before writing anything when a tensor is
     left unmapped, a target is left unfilled or a shape disagrees (all listed), or when `dst` is a non-empty
     folder or `dtype` is not a floating-point dtype.
     """
@@ -986,35 +981,29 @@ def convert_checkpoint(
     layout = source_layout(source)
     dtype = _parse_dtype(dtype)
     max_bytes = _parse_size(max_shard_size)
-    _check_destination(dst)
+    check_new_or_empty(dst)
     reader = CheckpointReader(src)
     config = layout.resolve_config(src, preset)
     tokenizer, grow_rows = layout.prepare_tokenizer(src, reader, config, trust_remote_code)
     plan = plan_conversion(reader, config, source=layout.name, grow_rows=grow_rows)
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    _clear_stale_staging(dst)
-    staging = dst.parent / f".{dst.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
-    staging.mkdir()
-    try:
-        written_dtype = _write_weights(plan, reader, staging, dtype, max_bytes)
+    def write(folder: Path) -> None:
+        config.dtype = _write_weights(plan, reader, folder, dtype, max_bytes)
         if tokenizer is not None:
-            layout.processor(src, config, tokenizer, preset).save_pretrained(staging)
+            layout.processor(src, config, tokenizer, preset).save_pretrained(folder)
         else:
             for path in [*(src / name for name in TOKENIZER_FILES), *src.glob("tokenization_*.py")]:
                 if path.is_file():
-                    shutil.copyfile(path, staging / path.name)
-        config.dtype = written_dtype
-        config.save_pretrained(staging)
-        save_remote_code(staging)
-        _write_model_card(staging, src, config, plan, preset, layout)
+                    shutil.copyfile(path, folder / path.name)
+        config.save_pretrained(folder)
+        save_remote_code(folder)
+        _write_model_card(folder, src, config, plan, preset, layout)
         generation_config = (
             GenerationConfig.from_pretrained(src) if (src / "generation_config.json").is_file() else GenerationConfig.from_model_config(config.text_config)
         )
-        generation_config.save_pretrained(staging)
-        _publish(staging, dst)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        generation_config.save_pretrained(folder)
+
+    write_folder(dst, write, replace=False)
     if plan.ignored:
         logger.info("skipped %d derived buffers (e.g. %s)", len(plan.ignored), plan.ignored[0])
     if tokenizer is None and any((src / name).is_file() for name in TOKENIZER_FILES):
