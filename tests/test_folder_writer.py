@@ -93,6 +93,7 @@ def test_a_save_keeps_the_other_files_of_the_folder_and_replaces_weights_as_a_se
     folder = tmp_path / "model"
     make_model(seed=0).save_pretrained(folder, max_shard_size="100KB")
     (folder / "tokenizer.json").write_text("{}")
+    (folder / "README.md").write_text("a model card")
     (folder / "checkpoint-2").mkdir()
     (folder / "checkpoint-2" / "trainer_state.json").write_text("{}")
     seed, layers = MODELS["B"]
@@ -100,7 +101,7 @@ def test_a_save_keeps_the_other_files_of_the_folder_and_replaces_weights_as_a_se
     assert assert_whole(folder, ("B",)) == "B"
     assert sorted(path.name for path in folder.glob("model*.safetensors*")) == ["model.safetensors"]
     assert (folder / "tokenizer.json").read_text() == "{}" and (folder / "checkpoint-2" / "trainer_state.json").is_file()
-    assert (folder / "README.md").is_file() and leftovers(folder) == []
+    assert (folder / "README.md").read_text() == "a model card" and leftovers(folder) == []
 
 
 # A save of model A into a folder holding model B, killed (os._exit, no cleanup) at one point of the write.
