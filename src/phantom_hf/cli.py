@@ -3,8 +3,8 @@
 Sub-commands: `demo` (the offline end-to-end demo), `convert` (a published checkpoint -> a Hub-ready folder),
 `train` (the two-step Phantom recipe on a triple dataset), `chat` (ask a saved model about an image), `eval`
 (lmms-eval benchmarks with the published prompts), `card` (render a model card) and `push` (upload a saved folder
-to the Hub). Heavy modules are imported only by the
-sub-command that needs them, so `--help` stays quick.
+to the Hub). Heavy modules (torch, transformers, this package's model code) are imported only by the sub-command that
+needs them, so `--help` stays quick; `phantom_hf_launch` is the console script's entry.
 """
 
 from __future__ import annotations
@@ -22,18 +22,6 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import ModelCard
-
-from .hub import (
-    CARD_NAME,
-    DEFAULT_HUB_TIMEOUT,
-    HubUploadError,
-    describe_training_args,
-    infer_base_model,
-    push_folder,
-    render_model_card,
-)
-
 # Set to 1 to see the traceback of an error (as --debug does).
 DEBUG_ENV = "PHANTOM_HF_DEBUG"
 
@@ -45,6 +33,8 @@ class CLIError(Exception):
 def _one_line(error: BaseException) -> str:
     """An exception as one line: its message, whitespace collapsed; prefixed by its type when that says more than
     the message (not for the errors whose message is written for the user)."""
+    from .hub import HubUploadError
+
     message = " ".join(str(error).split()) or type(error).__name__
     if isinstance(error, (CLIError, HubUploadError, ValueError, TypeError, OSError)):
         return message
@@ -361,7 +351,7 @@ def _check_writable_folder(folder: Path, what: str) -> None:
 def _run_train(args: argparse.Namespace) -> int:
     recipe = resolve_recipe(args)
     from . import trainer as trainer_module
-    from .hub import write_model_card
+    from .hub import describe_training_args, infer_base_model, write_model_card
 
     configs = {stage: _step_config(trainer_module.PhantomPOConfig, stage, recipe) for stage in recipe["steps"]}
     if isinstance(recipe["resume_from_checkpoint"], str):
@@ -606,6 +596,10 @@ def _add_card(subparsers: Any, selected: bool) -> None:
 
 
 def _run_card(args: argparse.Namespace) -> int:
+    from huggingface_hub import ModelCard
+
+    from .hub import CARD_NAME, render_model_card
+
     folder = Path(args.folder)
     _check_model_folder(folder)
     info: dict[str, Any] = {}
@@ -663,16 +657,21 @@ def _add_push(subparsers: Any, selected: bool) -> None:
     parser.add_argument("--revision", default=None, help="branch to commit to (created if missing; default main)")
     parser.add_argument("--token", default=None, help="Hugging Face token (default: HF_TOKEN or the saved login)")
     parser.add_argument("--no-card", action="store_true", help="do not add a model card to a folder without README.md")
-    parser.add_argument(
-        "--timeout",
-        type=float,
-        default=DEFAULT_HUB_TIMEOUT,
-        help=f"seconds to wait for any answer of the Hub before giving up (default {DEFAULT_HUB_TIMEOUT:g})",
-    )
+    if selected:
+        from .hub import DEFAULT_HUB_TIMEOUT
+
+        parser.add_argument(
+            "--timeout",
+            type=float,
+            default=DEFAULT_HUB_TIMEOUT,
+            help=f"seconds to wait for any answer of the Hub before giving up (default {DEFAULT_HUB_TIMEOUT:g})",
+        )
     parser.set_defaults(handler=_run_push)
 
 
 def _run_push(args: argparse.Namespace) -> int:
+    from .hub import push_folder
+
     commit = push_folder(
         args.folder,
         args.repo_id,
@@ -747,6 +746,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser(argv).parse_args(argv)
     debug = args.debug or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
     try:
+        from . import register_auto_classes
+
+        register_auto_classes()
         return args.handler(args)
     except KeyboardInterrupt:
         if debug:
@@ -756,6 +758,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as error:
         if debug:
             raise
+        from .hub import HubUploadError
+
         hint = "" if isinstance(error, (CLIError, HubUploadError)) else f" (--debug or {DEBUG_ENV}=1 shows the traceback)"
         print(f"phantom-hf {args.command}: error: {_one_line(error)}{hint}", file=sys.stderr)
         return 2
