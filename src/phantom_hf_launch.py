@@ -27,10 +27,13 @@ def prepare_openmp_environment(environ: MutableMapping[str, str] | None = None) 
 
 
 def main() -> int:
-    """Run the `phantom-hf` command line; returns its exit status."""
+    """Run the `phantom-hf` command line; returns its exit status (130 after Ctrl-C, as shells report it)."""
     global running
     running = True
     prepare_openmp_environment()
     from phantom_hf.cli import main as cli_main
 
-    return cli_main()
+    try:
+        return cli_main()
+    except KeyboardInterrupt:
+        return 130

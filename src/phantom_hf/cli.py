@@ -740,7 +740,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Every error (bad flags, missing or corrupt files, invalid values, upload refusals) prints one line
     `phantom-hf <command>: error: <message>` and returns 2; `--debug` (or PHANTOM_HF_DEBUG=1) shows the traceback
-    instead. An interrupt (Ctrl-C) returns 130.
+    instead. An interrupt (Ctrl-C) prints `phantom-hf <command>: interrupted` and raises `KeyboardInterrupt` on; the
+    `phantom-hf` command then exits with status 130.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(argv).parse_args(argv)
@@ -751,10 +752,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         register_auto_classes()
         return args.handler(args)
     except KeyboardInterrupt:
-        if debug:
-            raise
+        # Re-raised, not turned into a status: a caller running main() in its own process (a script, the test
+        # suite) must stop too. The console script (phantom_hf_launch) exits with 130.
         print(f"phantom-hf {args.command}: interrupted", file=sys.stderr)
-        return 130
+        raise
     except Exception as error:
         if debug:
             raise

@@ -1,8 +1,9 @@
-"""The CPU thread policy (phantom_hf.threads, phantom_hf_launch): the command line, the demo and the trainer run a
-small model on one intra-op thread unless the user chose a count, the command sets a passive OpenMP wait policy
-before torch loads, and `phantom-hf --help` loads neither torch nor transformers.
+"""The `phantom-hf` entry (phantom_hf_launch) and the CPU thread policy (phantom_hf.threads): the command, the demo
+and the trainer run a small model on one intra-op thread unless the user chose a count, the command sets a passive
+OpenMP wait policy before torch loads, `phantom-hf --help` loads neither torch nor transformers, and Ctrl-C stops a
+caller of `cli.main` (the command exits with 130).
 
-Each case runs in a fresh interpreter: the test session itself already runs under the policy (conftest)."""
+The policy cases run in a fresh interpreter: the test session itself already runs under the policy (conftest)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ import sys
 from pathlib import Path
 
 import pytest
+
+import phantom_hf_launch
+from phantom_hf import cli
 
 REPO = Path(__file__).resolve().parents[1]
 OWN_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY")
@@ -92,3 +96,17 @@ def test_the_trainer_keeps_a_count_set_with_torch(tmp_path: Path) -> None:
     default, in_force, _ = map(int, run_python(TRAINER, str(tmp_path), str(chosen)))
     assert default == in_force == chosen
 
+
+
+def test_ctrl_c_stops_the_caller_of_main_and_the_command_exits_with_130(capsys, monkeypatch) -> None:
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_run_card", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["card", "folder"])
+    assert capsys.readouterr().err == "phantom-hf card: interrupted\n"
+    monkeypatch.setattr(phantom_hf_launch, "running", False)
+    monkeypatch.setattr(sys, "argv", ["phantom-hf", "card", "folder"])
+    assert phantom_hf_launch.main() == 130
+    assert capsys.readouterr().err == "phantom-hf card: interrupted\n"
