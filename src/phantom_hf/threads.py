@@ -5,8 +5,7 @@ Why: torch's bundled GNU OpenMP runs an intra-op team of one thread per core, an
 the first thread spins, waiting for the others. On a 2-core machine with one other busy process, the partner thread
 cannot be scheduled while the waiter spins, and a training step of the demo's 0.77M-parameter model took 3-45 s
 instead of 0.1-0.3 s (about 80 % of a step's samples were inside libgomp's waits). With one thread nothing waits
-for a partner, and a model this small loses little by it (its operations are too small to split well), so small
-models run on one thread. For larger ones (and for a count the user chose) the command line and the test suite also
+for a partner, so small models run on one thread. For larger ones (and for a count the user chose) the command line and the test suite also
 set a passive OpenMP wait policy before torch loads (`phantom_hf_launch.prepare_openmp_environment`: waiting threads
 sleep instead of spinning).
 """
