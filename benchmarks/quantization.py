@@ -258,6 +258,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--new-tokens", type=int, default=16, help="tokens decoded per measured repeat")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument(
+        "--memory-repeats", type=int, default=1, help="memory processes per model (each peak is one sample)"
+    )
     parser.add_argument("--folder", default=None, help="where the random model is saved (default: a temporary folder)")
     parser.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON")
     parser.add_argument("--worker", nargs=2, metavar=("PRECISION", "MODEL|speed"), help=argparse.SUPPRESS)
@@ -293,21 +296,29 @@ def main(argv: list[str] | None = None) -> list[Row]:
         rows: list[Row] = []
         for precision in precisions:
             speed = run_worker(precision, "speed")
+            # memory processes of the two models alternate, so that drift of the machine reaches both alike
+            memories: dict[str, list[dict[str, Any]]] = {model: [] for model in MODELS}
+            for _ in range(args.memory_repeats):
+                for model in MODELS:
+                    if (memory := run_worker(precision, model)) is not None:
+                        memories[model].append(memory)
             for model in MODELS:
                 if speed is not None:
                     extra = {"prefill_s": speed[model]["prefill s"]}
                     rows.append(Row(precision, model, "decode tokens/s", speed[model]["tokens/s"], True, "plain", extra))
-                memory = run_worker(precision, model)
-                if memory is None:
+                if not memories[model]:
                     continue
-                extra = {"quantized_tensors": memory["quantized"]}
-                rows.append(Row(precision, model, "weights MiB", [memory["weights"] / MIB], False, "plain", extra))
+                extra = {"quantized_tensors": memories[model][0]["quantized"]}
+                weights = [memory["weights"] / MIB for memory in memories[model]]
+                rows.append(Row(precision, model, "weights MiB", weights, False, "plain", extra))
                 for metric in ("load peak", "decode peak"):
-                    rows.append(Row(precision, model, f"{metric} MiB", [memory[metric] / MIB], False, "plain"))
+                    peaks = [memory[metric] / MIB for memory in memories[model]]
+                    rows.append(Row(precision, model, f"{metric} MiB", peaks, False, "plain"))
                 tokens = sorted(speed[model]["tokens/s"]) if speed else "-"
                 print(
-                    f"{precision} {model}: {memory['weights'] / MIB:.0f} MiB weights, {memory['load peak'] / MIB:.0f} / "
-                    f"{memory['decode peak'] / MIB:.0f} MiB peak loading / decoding, {tokens} tokens/s",
+                    f"{precision} {model}: {weights[0]:.0f} MiB weights, peak MiB loading "
+                    f"{sorted(round(memory['load peak'] / MIB) for memory in memories[model])} / decoding "
+                    f"{sorted(round(memory['decode peak'] / MIB) for memory in memories[model])}, {tokens} tokens/s",
                     flush=True,
                 )
     title = (

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -1094,9 +1095,11 @@ class PhantomForConditionalGeneration(PhantomPreTrainedModel, GenerationMixin):
         """Wrap a pretrained `…ForCausalLM` (and vision model) into a Phantom model.
 
         Their modules and weights are reused as they are (not copied); the projector and the Phantom
-        modules are new and freshly initialised, in the LLM's dtype and on its device. Without
-        `vision_model`, a randomly initialised tower is built from `vision_config` (an override, or
-        InternViT-300M-448px). Other keyword arguments override `PhantomConfig` fields.
+        modules are new and freshly initialised, in the LLM's dtype and on its device. Pass a pretrained
+        vision model (e.g. `AutoModel.from_pretrained(...)` of a vision tower, or the `vision_tower` of a
+        loaded InternVL/LLaVA model) as `vision_model`: without it, a tower with random weights is built from
+        `vision_config` (an override, or InternViT-300M-448px: 304M parameters), with a warning. Other keyword
+        arguments override `PhantomConfig` fields.
         """
         if not isinstance(language_model, PreTrainedModel) or language_model.get_output_embeddings() is None:
             raise TypeError(
@@ -1116,6 +1119,13 @@ class PhantomForConditionalGeneration(PhantomPreTrainedModel, GenerationMixin):
         if vision_model is None:
             vision_model = AutoModel.from_config(copy.deepcopy(config.vision_config))
             vision_model.to(device=reference.device)
+            warnings.warn(
+                f"from_components: no vision_model was given, so the vision tower ({type(vision_model).__name__}, "
+                f"{sum(parameter.numel() for parameter in vision_model.parameters()):,} parameters) has random "
+                "weights; pass a pretrained vision model as vision_model=",
+                UserWarning,
+                stacklevel=2,
+            )
         model.model.vision_tower = vision_model
         model.model.language_model = decoder
         model.lm_head = language_model.get_output_embeddings()

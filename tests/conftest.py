@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
+from phantom_hf_launch import prepare_openmp_environment
+
+prepare_openmp_environment()  # before torch loads; the tests' subprocesses inherit it
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from phantom_hf import PhantomForConditionalGeneration  # noqa: E402
+from phantom_hf.threads import use_cpu_thread_policy  # noqa: E402
 from phantom_hf.tiny import tiny_phantom_config  # noqa: E402
+
+use_cpu_thread_policy()  # the tests' models are tiny
 
 IMAGE_TOKEN_ID = 5
 PAD_TOKEN_ID = 0

@@ -55,7 +55,7 @@ def test_top_level_help_lists_the_subcommands_and_the_script_is_installed(capsys
     for command in SUBCOMMAND_OPTIONS:
         assert f"    {command} " in out
     pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
-    assert pyproject["project"]["scripts"]["phantom-hf"] == "phantom_hf.cli:main"
+    assert pyproject["project"]["scripts"]["phantom-hf"] == "phantom_hf_launch:main"
 
 
 def test_missing_subcommand_or_unknown_flag_is_a_usage_error(capsys) -> None:

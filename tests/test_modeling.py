@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -281,6 +282,21 @@ def test_from_components_reproduces_the_llm() -> None:
         logits = phantom(input_ids=input_ids, attention_mask=attention_mask).logits
     relative = (logits[real] - reference[real]).abs().max() / reference[real].abs().max()
     assert 0 < relative <= 1e-3  # eta = 1e-4: a no-op to ~1e-4, but not skipped
+
+
+def test_from_components_warns_when_it_builds_a_random_vision_tower() -> None:
+    llm = Qwen2ForCausalLM(tiny_text_config())
+    tower = r"vision tower \(InternVLVisionModel, [\d,]+ parameters\) has random weights"
+    with pytest.warns(UserWarning, match=tower):
+        random_tower = PhantomForConditionalGeneration.from_components(
+            llm, vision_config=tiny_vision_config(), image_token_id=IMAGE_TOKEN_ID, phantom_dimension=False
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        given = PhantomForConditionalGeneration.from_components(
+            llm, vision_model=random_tower.model.vision_tower, image_token_id=IMAGE_TOKEN_ID, phantom_dimension=False
+        )
+    assert given.model.vision_tower is random_tower.model.vision_tower
 
 
 def test_every_phantom_parameter_name_says_phantom(model: PhantomForConditionalGeneration) -> None:

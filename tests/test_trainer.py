@@ -50,15 +50,6 @@ def make_processor(chat_template: str | None = None) -> PhantomProcessor:
     return PhantomProcessor.from_config(config, make_tokenizer(), chat_template=chat_template)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest, and steadiest on a busy machine, on one CPU thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_model(seed: int = 0, **overrides) -> PhantomForConditionalGeneration:
     torch.manual_seed(seed)
     config = tiny_phantom_config(image_token_id=IMAGE_TOKEN_ID, **overrides)

@@ -7,30 +7,56 @@ first use.
 
 from __future__ import annotations
 
-from typing import Any
-
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
-
-from .modeling import PhantomCache, PhantomConfig, PhantomForConditionalGeneration, PhantomModel, PhantomStaticCache
-from .modeling.processing_phantom import PhantomProcessor
+import importlib
+import sys
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-AutoConfig.register(PhantomConfig.model_type, PhantomConfig, exist_ok=True)
-for _auto_class in (AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText):
-    _auto_class.register(PhantomConfig, PhantomForConditionalGeneration, exist_ok=True)
-AutoProcessor.register(PhantomConfig, PhantomProcessor, exist_ok=True)
+# The `phantom-hf` command's entry module (outside this package): while it runs, importing the package leaves
+# the registration (which loads torch) to the command, so that `--help` needs no torch and the command can set
+# torch's OpenMP environment first (phantom_hf.threads).
+LAUNCHER_MODULE = "phantom_hf_launch"
 
-_TRAINER_EXPORTS = ("PhantomPOConfig", "PhantomPOTrainer")
+# Public names -> the module that defines them, imported on first use.
+_EXPORTS = {
+    "PhantomCache": ".modeling",
+    "PhantomConfig": ".modeling",
+    "PhantomForConditionalGeneration": ".modeling",
+    "PhantomModel": ".modeling",
+    "PhantomStaticCache": ".modeling",
+    "PhantomProcessor": ".modeling.processing_phantom",
+    "PhantomPOConfig": ".trainer",
+    "PhantomPOTrainer": ".trainer",
+}
+
+if TYPE_CHECKING:
+    from .modeling import PhantomCache, PhantomConfig, PhantomForConditionalGeneration, PhantomModel, PhantomStaticCache
+    from .modeling.processing_phantom import PhantomProcessor
+    from .trainer import PhantomPOConfig, PhantomPOTrainer
+
+
+def register_auto_classes() -> None:
+    """Register Phantom with transformers' Auto classes (idempotent)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
+
+    from .modeling import PhantomConfig, PhantomForConditionalGeneration
+    from .modeling.processing_phantom import PhantomProcessor
+
+    AutoConfig.register(PhantomConfig.model_type, PhantomConfig, exist_ok=True)
+    for auto_class in (AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText):
+        auto_class.register(PhantomConfig, PhantomForConditionalGeneration, exist_ok=True)
+    AutoProcessor.register(PhantomConfig, PhantomProcessor, exist_ok=True)
 
 
 def __getattr__(name: str) -> Any:
-    if name in _TRAINER_EXPORTS:
-        from . import trainer
-
-        return getattr(trainer, name)
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
     raise AttributeError(f"module 'phantom_hf' has no attribute {name!r}")
 
+
+if not getattr(sys.modules.get(LAUNCHER_MODULE), "running", False):
+    register_auto_classes()
 
 __all__ = [
     "PhantomCache",
@@ -42,4 +68,5 @@ __all__ = [
     "PhantomProcessor",
     "PhantomStaticCache",
     "__version__",
+    "register_auto_classes",
 ]

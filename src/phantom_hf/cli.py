@@ -3,8 +3,8 @@
 Sub-commands: `demo` (the offline end-to-end demo), `convert` (a published checkpoint -> a Hub-ready folder),
 `train` (the two-step Phantom recipe on a triple dataset), `chat` (ask a saved model about an image), `eval`
 (lmms-eval benchmarks with the published prompts), `card` (render a model card) and `push` (upload a saved folder
-to the Hub). Heavy modules are imported only by the
-sub-command that needs them, so `--help` stays quick.
+to the Hub). Heavy modules (torch, transformers, this package's model code) are imported only by the sub-command that
+needs them, so `--help` stays quick; `phantom_hf_launch` is the console script's entry.
 """
 
 from __future__ import annotations
@@ -19,16 +19,6 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import ModelCard
-
-from .hub import (
-    CARD_NAME,
-    DEFAULT_HUB_TIMEOUT,
-    HubUploadError,
-    push_folder,
-    render_model_card,
-)
-
 # Set to 1 to see the traceback of an error (as --debug does).
 DEBUG_ENV = "PHANTOM_HF_DEBUG"
 
@@ -40,6 +30,8 @@ class CLIError(Exception):
 def _one_line(error: BaseException) -> str:
     """An exception as one line: its message, whitespace collapsed; prefixed by its type when that says more than
     the message (not for the errors whose message is written for the user)."""
+    from .hub import HubUploadError
+
     message = " ".join(str(error).split()) or type(error).__name__
     if isinstance(error, (CLIError, HubUploadError, ValueError, TypeError, OSError)):
         return message
@@ -437,6 +429,10 @@ def _add_card(subparsers: Any, selected: bool) -> None:
 
 
 def _run_card(args: argparse.Namespace) -> int:
+    from huggingface_hub import ModelCard
+
+    from .hub import CARD_NAME, render_model_card
+
     folder = Path(args.folder)
     _check_model_folder(folder)
     info: dict[str, Any] = {}
@@ -494,16 +490,21 @@ def _add_push(subparsers: Any, selected: bool) -> None:
     parser.add_argument("--revision", default=None, help="branch to commit to (created if missing; default main)")
     parser.add_argument("--token", default=None, help="Hugging Face token (default: HF_TOKEN or the saved login)")
     parser.add_argument("--no-card", action="store_true", help="do not add a model card to a folder without README.md")
-    parser.add_argument(
-        "--timeout",
-        type=float,
-        default=DEFAULT_HUB_TIMEOUT,
-        help=f"seconds to wait for any answer of the Hub before giving up (default {DEFAULT_HUB_TIMEOUT:g})",
-    )
+    if selected:
+        from .hub import DEFAULT_HUB_TIMEOUT
+
+        parser.add_argument(
+            "--timeout",
+            type=float,
+            default=DEFAULT_HUB_TIMEOUT,
+            help=f"seconds to wait for any answer of the Hub before giving up (default {DEFAULT_HUB_TIMEOUT:g})",
+        )
     parser.set_defaults(handler=_run_push)
 
 
 def _run_push(args: argparse.Namespace) -> int:
+    from .hub import push_folder
+
     commit = push_folder(
         args.folder,
         args.repo_id,
@@ -572,21 +573,27 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Every error (bad flags, missing or corrupt files, invalid values, upload refusals) prints one line
     `phantom-hf <command>: error: <message>` and returns 2; `--debug` (or PHANTOM_HF_DEBUG=1) shows the traceback
-    instead. An interrupt (Ctrl-C) returns 130.
+    instead. An interrupt (Ctrl-C) prints `phantom-hf <command>: interrupted` and raises `KeyboardInterrupt` on; the
+    `phantom-hf` command then exits with status 130.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(argv).parse_args(argv)
     debug = args.debug or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
     try:
+        from . import register_auto_classes
+
+        register_auto_classes()
         return args.handler(args)
     except KeyboardInterrupt:
-        if debug:
-            raise
+        # Re-raised, not turned into a status: a caller running main() in its own process (a script, the test
+        # suite) must stop too. The console script (phantom_hf_launch) exits with 130.
         print(f"phantom-hf {args.command}: interrupted", file=sys.stderr)
-        return 130
+        raise
     except Exception as error:
         if debug:
             raise
+        from .hub import HubUploadError
+
         hint = "" if isinstance(error, (CLIError, HubUploadError)) else f" (--debug or {DEBUG_ENV}=1 shows the traceback)"
         print(f"phantom-hf {args.command}: error: {_one_line(error)}{hint}", file=sys.stderr)
         return 2

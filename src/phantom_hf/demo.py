@@ -38,6 +38,7 @@ from .modeling.processing_phantom import IMAGE_CONTEXT_TOKEN, PhantomProcessor
 from .hub import save_model_folder
 from .recipe import RecipeStep, StepResult, run_recipe
 from .synthetic import BUDGETS, DEMO_IMAGE_SIZE, DemoBudget, SyntheticExample, demo_splits, to_dataset, vocabulary
+from .threads import use_cpu_thread_policy
 from .tiny import tiny_text_config, tiny_vision_config
 from .tokenization import build_tokenizer
 
@@ -331,7 +332,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
+    use_cpu_thread_policy()
     result = run_demo(args.out, seed=args.seed, budget=args.budget, use_po=not args.no_po)
     return 0 if result.reloaded_accuracy == result.accuracy_after else 1
 

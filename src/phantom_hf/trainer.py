@@ -41,6 +41,7 @@ with warnings.catch_warnings():  # CPO lives in trl.experimental in TRL 1.x; imp
 from .data import InvalidPolicy, TripleProblem, undecoded_images, validate_triples
 from .modeling.compat_phantom import checkpointing_field
 from .modeling.configuration_phantom import PHANTOM_MODULE_NAMES, is_phantom_name
+from .threads import use_cpu_thread_policy
 
 logger = logging.getLogger(__name__)
 
@@ -425,6 +426,7 @@ class PhantomPOTrainer(CPOTrainer):
         )
         self.processing_class = processing_class
         self.callback_handler.processing_class = processing_class
+        use_cpu_thread_policy(self.model)
 
     def _prepare_triples(self, dataset: Dataset, split: str, on_invalid: InvalidPolicy) -> Dataset:
         valid, problems = validate_triples(dataset, on_invalid=on_invalid)
