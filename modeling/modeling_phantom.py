@@ -490,6 +490,9 @@ class PhantomPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
+    # Kept whole by `device_map` and, with the backbones' decoder and vision layers (added by transformers from the
+    # sub-models), the wrap units of FSDP's default transformer policy (docs/design.md, "Training past one device").
+    _no_split_modules = ["PhantomProjector", "XDPProjector", "MLP2xGeluProjector"]
     _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True
