@@ -110,10 +110,16 @@ def run(output_dir: str, world: int, stage: int = 1, lora: bool = False, gradien
     )
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     trainer.save_model(os.path.join(output_dir, "final"))
+    try:  # the next step of the recipe on the model this trainer sharded
+        PhantomPOTrainer(trainer.model, config, train_dataset=trainer.train_dataset, processing_class=processor)
+        refused = None
+    except (TypeError, ValueError) as error:
+        refused = str(error)
     report = {
         "losses": {entry["step"]: entry["loss"] for entry in trainer.state.log_history if "loss" in entry},
         "tiles": tiles,
         "gradients": gradients.names,
+        "refused": refused,
         "units": sorted(type(module).__name__.removeprefix("FSDP") for module in trainer.model.modules() if isinstance(module, FSDPModule)),
         "distributed_type": str(trainer.accelerator.distributed_type),
         "fsdp_version": getattr(getattr(trainer.accelerator.state, "fsdp_plugin", None), "fsdp_version", None),

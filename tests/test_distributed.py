@@ -24,7 +24,7 @@ from phantom_hf import PhantomForConditionalGeneration
 from phantom_hf.modeling.processing_phantom import PhantomProcessor
 from phantom_hf.trainer import consolidate_fsdp_checkpoint
 
-from .distributed_worker import build
+from .distributed_worker import build, triples
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "distributed_worker.py"
@@ -111,6 +111,11 @@ def test_fsdp2_two_processes_equal_one_process(runs, case):
     _assert_same_weights(_weights(runs / "fsdp" / case / "final"), _weights(runs / "single" / case / "final"), 1e-4)
 
 
+def test_a_sharded_model_is_refused_for_the_next_step(runs):
+    assert "already sharded by FSDP" in _report(runs, "fsdp", "sft")["refused"]
+    assert _report(runs, "single", "sft")["refused"] is None
+
+
 def test_fsdp2_wrap_units_are_the_layers_and_the_projector(runs):
     units = _report(runs, "fsdp", "po")["units"]
     assert units.count("Qwen2DecoderLayer") == 2 and units.count("InternVLVisionLayer") == 1
@@ -161,3 +166,31 @@ def test_fsdp2_sharded_checkpoint_resumes_and_consolidates(runs, tmp_path):
 def test_consolidate_refuses_a_folder_without_shards(tmp_path):
     with pytest.raises(ValueError, match="pytorch_model_fsdp_0"):
         consolidate_fsdp_checkpoint(tmp_path, tmp_path / "out")
+
+
+def test_cli_train_relaunches_under_the_accelerate_config_and_saves_a_full_folder(tmp_path):
+    """`phantom-hf train --accelerate-config` runs the recipe on 2 FSDP2 processes; the final folder holds the
+    gathered weights, the same as its last sharded checkpoint consolidated."""
+    model, processor = build()
+    model.save_pretrained(tmp_path / "base")
+    processor.save_pretrained(tmp_path / "base")
+    triples_folder = tmp_path / "triples"
+    triples(4).save_to_disk(str(triples_folder))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("common:\n  use_cpu: true\n  save_steps: 2\n", encoding="utf-8")
+    config = cpu_config(tmp_path, REPO / "examples" / "accelerate" / "fsdp2.yaml")
+    output = tmp_path / "trained"
+    command = [
+        sys.executable, "-m", "phantom_hf.cli", "train", str(recipe), "--model", str(tmp_path / "base"),
+        "--dataset", str(triples_folder), "--output-dir", str(output), "--steps", "1", "--max-steps", "2",
+        "--batch-size", "1", "--learning-rate", "1e-2", "--accelerate-config", str(config),
+    ]
+    result = subprocess.run(command, env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    checkpoint = tmp_path / "trained-checkpoints" / "step1" / "checkpoint-2"
+    assert (checkpoint / "pytorch_model_fsdp_0").is_dir()
+    consolidated = Path(consolidate_fsdp_checkpoint(checkpoint, tmp_path / "consolidated"))
+    _assert_same_weights(_weights(output), _weights(consolidated), 0.0)
+    assert not torch.equal(_weights(output)["model.multi_modal_projector.linear_1.weight"],
+                           model.state_dict()["model.multi_modal_projector.linear_1.weight"])
+    assert (output / "README.md").is_file() and (output / "processor_config.json").is_file()

@@ -299,6 +299,27 @@ def consolidate_fsdp_checkpoint(checkpoint: str | os.PathLike, output_dir: str |
 
 
 
+def save_trained_model(model: nn.Module, processor: Any, output_dir: str | os.PathLike) -> bool:
+    """Save a trained `model` and its `processor` as a model folder, from one process or from each process of a
+    distributed run (call it on every process); return True on the process that wrote the folder (the main one).
+
+    A model sharded by FSDP2 (its parameters are `DTensor` shards) is gathered first, every process taking part,
+    and written by the main process as a normal `from_pretrained` folder.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.tensor import DTensor
+
+    state = PartialState()
+    state_dict = None
+    if any(isinstance(parameter, DTensor) for parameter in model.parameters()):
+        state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if state.is_main_process:
+        model.save_pretrained(output_dir, state_dict=state_dict)
+        processor.save_pretrained(output_dir)
+    state.wait_for_everyone()
+    return state.is_main_process
+
+
 class PhantomPOCollator:
     """Tokenises Phantom triples with a `PhantomProcessor` and pads them right into CPO's batch layout.
 
@@ -427,6 +448,14 @@ class PhantomPOTrainer(CPOTrainer):
             init_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
             model = AutoModelForImageTextToText.from_pretrained(model, **init_kwargs)
             args.model_init_kwargs = None
+        from torch.distributed.fsdp import FSDPModule
+
+        if isinstance(model, FSDPModule):
+            raise ValueError(
+                "the model is already sharded by FSDP (a previous trainer prepared it): save it with "
+                "trainer.save_model(folder) and load that folder for the next step (with `phantom-hf train`, run "
+                "--steps 1 and --steps 2 as two launches)"
+            )
         if getattr(getattr(model, "config", None), "model_type", None) != "phantom":
             raise TypeError(f"PhantomPOTrainer trains Phantom models, got {type(model).__name__}")
         if peft_config is not None and args.training_stage == 1:
@@ -613,4 +642,5 @@ __all__ = [
     "apply_training_stage",
     "consolidate_fsdp_checkpoint",
     "phantom_lora_config",
+    "save_trained_model",
 ]
