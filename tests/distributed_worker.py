@@ -26,7 +26,7 @@ from phantom_hf import PhantomForConditionalGeneration  # noqa: E402
 from phantom_hf.modeling.processing_phantom import PhantomProcessor  # noqa: E402
 from phantom_hf.tiny import tiny_phantom_config  # noqa: E402
 from phantom_hf.tokenization import build_tokenizer  # noqa: E402
-from phantom_hf.trainer import PhantomPOConfig, PhantomPOTrainer, phantom_lora_config  # noqa: E402
+from phantom_hf.trainer import PhantomPOConfig, PhantomPOTrainer, phantom_lora_config, save_trained_model  # noqa: E402
 
 WORDS = ["red", "blue", "color", "?"]
 COLORS = {"red": (220, 30, 30), "blue": (30, 70, 220)}
@@ -77,6 +77,7 @@ class GradientNames(TrainerCallback):
 
 def run(output_dir: str, world: int, stage: int = 1, lora: bool = False, gradient_checkpointing: bool = True,
         steps: int = 3, global_batch: int = 4, save_steps: int = 0, resume_from_checkpoint: str | None = None) -> None:
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
     model, processor = build()
     tiles: list[int] = []
     model.model.vision_tower.register_forward_pre_hook(
@@ -94,7 +95,9 @@ def run(output_dir: str, world: int, stage: int = 1, lora: bool = False, gradien
         save_steps=save_steps or 500,
         gradient_checkpointing=gradient_checkpointing,
         bf16=False,
-        use_cpu=True,
+        # DeepSpeed on CPU: accelerate needs the gloo backend named (it derives none for a CPU device) and no use_cpu
+        use_cpu=not deepspeed,
+        ddp_backend="gloo" if deepspeed else None,
         report_to=[],
         disable_tqdm=True,
         seed=0,
@@ -110,9 +113,11 @@ def run(output_dir: str, world: int, stage: int = 1, lora: bool = False, gradien
     )
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     trainer.save_model(os.path.join(output_dir, "final"))
-    try:  # the next step of the recipe on the model this trainer sharded
-        PhantomPOTrainer(trainer.model, config, train_dataset=trainer.train_dataset, processing_class=processor)
-        refused = None
+    save_trained_model(trainer.model, processor, os.path.join(output_dir, "saved"))
+    refused = None
+    try:  # the next step of the recipe on the model this trainer sharded (accelerate allows one DeepSpeed trainer)
+        if not deepspeed:
+            PhantomPOTrainer(trainer.model, config, train_dataset=trainer.train_dataset, processing_class=processor)
     except (TypeError, ValueError) as error:
         refused = str(error)
     report = {

@@ -111,6 +111,12 @@ def test_fsdp2_two_processes_equal_one_process(runs, case):
     _assert_same_weights(_weights(runs / "fsdp" / case / "final"), _weights(runs / "single" / case / "final"), 1e-4)
 
 
+@pytest.mark.parametrize("case", ["po", "sft", "lora"])
+def test_save_trained_model_gathers_what_save_model_gathers(runs, case):
+    """The recipe's final save (`save_trained_model`, on the model) equals `trainer.save_model`'s."""
+    _assert_same_weights(_weights(runs / "fsdp" / case / "saved"), _weights(runs / "fsdp" / case / "final"), 0.0)
+
+
 def test_a_sharded_model_is_refused_for_the_next_step(runs):
     assert "already sharded by FSDP" in _report(runs, "fsdp", "sft")["refused"]
     assert _report(runs, "single", "sft")["refused"] is None
@@ -194,3 +200,53 @@ def test_cli_train_relaunches_under_the_accelerate_config_and_saves_a_full_folde
     assert not torch.equal(_weights(output)["model.multi_modal_projector.linear_1.weight"],
                            model.state_dict()["model.multi_modal_projector.linear_1.weight"])
     assert (output / "README.md").is_file() and (output / "processor_config.json").is_file()
+
+
+DEEPSPEED_CASES = {"zero3-po": (3, "po", {}), "zero3-lora": (3, "lora", {"stage": 2, "lora": True}),
+                   "zero2-sft": (2, "sft", {"stage": 2})}
+
+
+@pytest.fixture(scope="module")
+def deepspeed_runs(runs) -> Path:
+    """examples/accelerate/zero3.yaml (and its ZeRO-2 variant) on 2 CPU processes: DeepSpeed's CPU accelerator
+    talks gloo. accelerate allows one DeepSpeed trainer per process, so each case is its own launch."""
+    pytest.importorskip("deepspeed", reason="deepspeed is not installed (an optional extra; see README Training)")
+    root = runs / "deepspeed"
+    root.mkdir()
+    processes = []
+    for name, (stage, case, options) in DEEPSPEED_CASES.items():
+        config = cpu_config(root, REPO / "examples" / "accelerate" / "zero3.yaml")
+        text = config.read_text(encoding="utf-8").replace("use_cpu: true", "use_cpu: false")
+        config = root / f"{name}.yaml"
+        config.write_text(text.replace("zero_stage: 3", f"zero_stage: {stage}"), encoding="utf-8")
+        command = [
+            sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--main_process_port",
+            "0", str(WORKER), "--output-dir", str(root / name), "--runs", json.dumps({case: options}),
+        ]
+        log = open(root / f"{name}.log", "w")
+        processes.append((name, subprocess.Popen(command, env=_env(), cwd=root, stdout=log, stderr=subprocess.STDOUT)))
+    for name, process in processes:
+        try:
+            process.wait(timeout=600)
+        finally:
+            process.kill()
+        assert process.returncode == 0, (root / f"{name}.log").read_text()[-4000:]
+    return root
+
+
+@pytest.mark.parametrize("name", list(DEEPSPEED_CASES))
+def test_deepspeed_two_processes_equal_one_process(deepspeed_runs, runs, name):
+    _, case, _ = DEEPSPEED_CASES[name]
+    single = _report(runs, "single", case)
+    sharded = json.loads((deepspeed_runs / name / case / "rank0.json").read_text())
+    assert sharded["distributed_type"] == "DistributedType.DEEPSPEED"
+    for step, loss in single["losses"].items():
+        assert abs(sharded["losses"][step] - loss) < 1e-6, (name, single["losses"], sharded["losses"])
+    assert sharded["tiles"] == [PER_PROCESS] * STEPS
+    final = _weights(deepspeed_runs / name / case / "final")
+    _assert_same_weights(final, _weights(runs / "single" / case / "final"), 1e-4)
+    _assert_same_weights(_weights(deepspeed_runs / name / case / "saved"), final, 0.0)
+    if case == "po":  # step 1 under ZeRO-3: the frozen weights are partitioned too, and come back untouched
+        initial = build()[0].state_dict()
+        for key, tensor in initial.items():
+            assert torch.equal(final[key], tensor) is not ("multi_modal_projector" in key or "phantom" in key), key

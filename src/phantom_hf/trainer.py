@@ -303,19 +303,29 @@ def save_trained_model(model: nn.Module, processor: Any, output_dir: str | os.Pa
     """Save a trained `model` and its `processor` as a model folder, from one process or from each process of a
     distributed run (call it on every process); return True on the process that wrote the folder (the main one).
 
-    A model sharded by FSDP2 (its parameters are `DTensor` shards) is gathered first, every process taking part,
-    and written by the main process as a normal `from_pretrained` folder.
+    A model sharded by FSDP2 (its parameters are `DTensor` shards) or by DeepSpeed ZeRO-3 (partitioned parameters)
+    is gathered first, every process taking part, and written by the main process as a normal `from_pretrained`
+    folder.
     """
+    import contextlib
+
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.tensor import DTensor
 
     state = PartialState()
     state_dict = None
-    if any(isinstance(parameter, DTensor) for parameter in model.parameters()):
+    gathered: Any = contextlib.nullcontext()
+    parameters = list(model.parameters())
+    if any(isinstance(parameter, DTensor) for parameter in parameters):
         state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if state.is_main_process:
-        model.save_pretrained(output_dir, state_dict=state_dict)
-        processor.save_pretrained(output_dir)
+    elif any(hasattr(parameter, "ds_id") for parameter in parameters):
+        import deepspeed
+
+        gathered = deepspeed.zero.GatheredParameters(parameters, modifier_rank=None)
+    with gathered:
+        if state.is_main_process:
+            model.save_pretrained(output_dir, state_dict=state_dict)
+            processor.save_pretrained(output_dir)
     state.wait_for_everyone()
     return state.is_main_process
 
