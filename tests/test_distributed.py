@@ -210,7 +210,7 @@ DEEPSPEED_CASES = {"zero3-po": (3, "po", {}), "zero3-lora": (3, "lora", {"stage"
 def deepspeed_runs(runs) -> Path:
     """examples/accelerate/zero3.yaml (and its ZeRO-2 variant) on 2 CPU processes: DeepSpeed's CPU accelerator
     talks gloo. accelerate allows one DeepSpeed trainer per process, so each case is its own launch."""
-    pytest.importorskip("deepspeed", reason="deepspeed is not installed (an optional extra; see README Training)")
+    pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install deepspeed: README, More than one device)")
     root = runs / "deepspeed"
     root.mkdir()
     processes = []
