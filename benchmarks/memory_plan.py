@@ -45,7 +45,9 @@ def parameter_counts(model: torch.nn.Module) -> dict[str, dict[str, int]]:
 
     from phantom_hf.trainer import apply_training_stage, phantom_lora_config
 
+    # accelerate's FSDP2 units: the `_no_split_modules` classes, the input embeddings, [final norm, lm_head], the rest
     units = [m for m in model.modules() if type(m).__name__ in model._no_split_modules]
+    units += [model.get_input_embeddings(), model.get_output_embeddings()]
     largest = max(sum(p.numel() for p in unit.parameters()) for unit in units)
     counts = {}
     for stage, name in ((1, "step 1"), (2, "step 2")):
