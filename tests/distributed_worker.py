@@ -125,7 +125,9 @@ def run(output_dir: str, world: int, stage: int = 1, lora: bool = False, gradien
         "tiles": tiles,
         "gradients": gradients.names,
         "refused": refused,
-        "units": sorted(type(module).__name__.removeprefix("FSDP") for module in trainer.model.modules() if isinstance(module, FSDPModule)),
+        "units": sorted(
+            type(module).__name__.removeprefix("FSDP") for module in trainer.model.modules() if isinstance(module, FSDPModule)
+        ),
         "distributed_type": str(trainer.accelerator.distributed_type),
         "fsdp_version": getattr(getattr(trainer.accelerator.state, "fsdp_plugin", None), "fsdp_version", None),
     }

@@ -258,7 +258,6 @@ def last_complete_checkpoint(folder: str | os.PathLike) -> str | None:
     return None
 
 
-
 def consolidate_fsdp_checkpoint(checkpoint: str | os.PathLike, output_dir: str | os.PathLike) -> str:
     """Turn a sharded FSDP checkpoint of `PhantomPOTrainer` (`checkpoint-N/` with `pytorch_model_fsdp_0/`) into a
     model folder that `from_pretrained` loads (config, `model.safetensors`, processor, remote code); return it.
@@ -296,7 +295,6 @@ def consolidate_fsdp_checkpoint(checkpoint: str | os.PathLike, output_dir: str |
             shutil.rmtree(output_dir)
         built.rename(output_dir)
     return str(output_dir)
-
 
 
 def save_trained_model(model: nn.Module, processor: Any, output_dir: str | os.PathLike) -> bool:
@@ -519,7 +517,7 @@ class PhantomPOTrainer(CPOTrainer):
         super().create_accelerator_and_postprocess()
         state = self.accelerator.state
         requested = self.args.fsdp_plugin_args is not None or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
-        if state.distributed_type != DistributedType.MULTI_CPU or not requested or getattr(state, "fsdp_plugin", None) is not None:
+        if state.distributed_type != DistributedType.MULTI_CPU or not requested or getattr(state, "fsdp_plugin", None):
             return
         from accelerate.utils import FullyShardedDataParallelPlugin
 
