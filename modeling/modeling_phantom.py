@@ -734,6 +734,10 @@ class PhantomModel(PhantomPreTrainedModel):
         super().__init__(config)
         self.vision_tower = AutoModel.from_config(config.vision_config)
         self.multi_modal_projector = PROJECTOR_CLASSES[config.projector_type](config)
+        # The projector in use is kept whole by `device_map` and, with the backbones' decoder and vision layers (added
+        # by `post_init` from the sub-models), is a wrap unit of FSDP's default transformer policy. Only classes the
+        # model holds: accelerate < 1.16 refuses a name it cannot find in the model.
+        self._no_split_modules = [type(self.multi_modal_projector).__name__]
         self.language_model = AutoModel.from_config(config.text_config)
         if config.phantom_dimension:
             config.validate_attn_implementation(config.text_config._attn_implementation)

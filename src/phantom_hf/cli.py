@@ -209,7 +209,33 @@ def _add_train(subparsers: Any, selected: bool) -> None:
         "folder (incomplete ones are skipped, with a message) or starts afresh when there is none; with CHECKPOINT, "
         "the first step resumes from that folder",
     )
+    parser.add_argument(
+        "--accelerate-config",
+        default=None,
+        metavar="FILE",
+        help="run under `accelerate launch --config_file FILE` (several processes or GPUs: DDP, FSDP2, DeepSpeed; "
+        "see examples/accelerate/); the same as `accelerate launch --config_file FILE -m phantom_hf.cli train ...`",
+    )
     parser.set_defaults(handler=_run_train)
+
+
+def launch_with_accelerate(config_file: str | Path, argv: Sequence[str]) -> int:
+    """Run `phantom-hf` with `argv` (its `--accelerate-config` option removed) under `accelerate launch
+    --config_file config_file`, as `python -m phantom_hf.cli`; return its exit status."""
+    import subprocess
+
+    if not Path(config_file).is_file():
+        raise CLIError(f"the accelerate config {str(config_file)!r} does not exist")
+    rest, skip = [], False
+    for argument in argv:
+        if skip:
+            skip = False
+        elif argument == "--accelerate-config":
+            skip = True
+        elif not argument.startswith("--accelerate-config="):
+            rest.append(argument)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file)]
+    return subprocess.run([*command, "-m", "phantom_hf.cli", *rest], check=False).returncode
 
 
 def resolve_recipe(args: argparse.Namespace) -> dict[str, Any]:
@@ -240,6 +266,8 @@ def resolve_recipe(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    if args.accelerate_config is not None:
+        return launch_with_accelerate(args.accelerate_config, args.argv)
     recipe = resolve_recipe(args)
     from .recipe import RecipeError, train_from_recipe
 
@@ -578,6 +606,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(argv).parse_args(argv)
+    args.argv = argv
     debug = args.debug or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
     try:
         from . import register_auto_classes

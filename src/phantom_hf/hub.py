@@ -278,11 +278,19 @@ def write_model_card(folder: str | Path, model_or_config: Any = None, **info: An
     return path
 
 
-def save_model_folder(folder: str | Path, model: Any, processor: Any, card: Mapping[str, Any] | None = None) -> Path:
+def save_model_folder(
+    folder: str | Path,
+    model: Any,
+    processor: Any,
+    card: Mapping[str, Any] | None = None,
+    state_dict: Mapping[str, Any] | None = None,
+) -> Path:
     """Save `model` and `processor` into `folder` (a Hub-ready folder: weights, config, remote code, processor) and,
-    with `card` (fields of `render_model_card`), its model card `README.md`. Returns the folder."""
+    with `card` (fields of `render_model_card`), its model card `README.md`. Returns the folder. `state_dict`: the
+    weights to write instead of the model's own (the gathered full state of a sharded model,
+    `trainer.save_trained_model`)."""
     folder = Path(folder)
-    model.save_pretrained(folder)
+    model.save_pretrained(folder, state_dict=state_dict)
     processor.save_pretrained(folder)
     if card is not None:
         write_model_card(folder, model, **card)

@@ -5,7 +5,7 @@
 projector + Phantom modules trained with Phantom Optimization; 2, everything trained with SFT), optionally its own
 data and a LoRA adapter that is merged once the step ends. It resumes interrupted runs from complete checkpoints,
 describes each step for the model card, and with `output_dir` saves the model, its processor and a card
-(`hub.save_model_folder`).
+(`trainer.save_trained_model`, which gathers a sharded model first).
 
 `train_from_recipe` runs a recipe mapping, the form a YAML/JSON recipe file takes (`RECIPE_KEYS`; what
 `phantom-hf train` reads): it builds the step configs, loads the dataset and the model, and calls `run_recipe`.
@@ -156,7 +156,11 @@ def step_config(recipe: Mapping[str, Any], stage: int) -> Any:
     values["training_stage"] = stage
     # Pinned memory only helps copies to an accelerator; without one torch warns on every data loader.
     accelerator = getattr(torch, "accelerator", None)
-    values.setdefault("dataloader_pin_memory", accelerator.is_available() if accelerator else torch.cuda.is_available())
+    on_accelerator = accelerator.is_available() if accelerator else torch.cuda.is_available()
+    values.setdefault("dataloader_pin_memory", on_accelerator)
+    # Without an accelerator, processes started by `accelerate launch` train together only with `use_cpu`
+    # (otherwise each builds a non-distributed state and trains alone).
+    values.setdefault("use_cpu", not on_accelerator)
     fields = {config_field.name for config_field in dataclasses.fields(PhantomPOConfig)}
     unknown = sorted(set(values) - fields)
     if unknown:
@@ -223,8 +227,8 @@ def run_recipe(
             and `base_model` defaults to the Hub id the model was loaded from. None: no card.
         on_step_end: called with each step's `StepResult` once the step has trained (and its adapter is merged).
     """
-    from .hub import describe_training_args, infer_base_model, save_model_folder
-    from .trainer import PhantomPOTrainer, phantom_lora_config
+    from .hub import describe_training_args, infer_base_model
+    from .trainer import PhantomPOTrainer, phantom_lora_config, save_trained_model
 
     result = RecipeResult(model=model)
     base_model = infer_base_model(model.config)
@@ -264,7 +268,8 @@ def run_recipe(
             on_step_end(result.steps[-1])
     if output_dir is not None:
         card_info = None if card is None else {"base_model": base_model, **card, "training": result.training}
-        result.output_dir = save_model_folder(output_dir, result.model, processor, card_info)
+        save_trained_model(result.model, processor, output_dir, card_info)  # every process: gathers a sharded model
+        result.output_dir = Path(output_dir)
     return result
 
 

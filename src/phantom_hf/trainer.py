@@ -22,12 +22,15 @@ import logging
 import os
 import re
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from accelerate import PartialState
+from accelerate.utils import DistributedType
 from datasets import Dataset
 from PIL import Image as PILImage
 from torch import nn
@@ -258,6 +261,79 @@ def last_complete_checkpoint(folder: str | os.PathLike) -> str | None:
     return None
 
 
+def consolidate_fsdp_checkpoint(checkpoint: str | os.PathLike, output_dir: str | os.PathLike) -> str:
+    """Turn a sharded FSDP checkpoint of `PhantomPOTrainer` (`checkpoint-N/` with `pytorch_model_fsdp_0/`) into a
+    model folder that `from_pretrained` loads (config, `model.safetensors`, processor, remote code); return it.
+
+    Runs in one process on the CPU: accelerate's `merge_fsdp_weights` reads the shards of every rank. A checkpoint of
+    a LoRA run holds the adapter inside the PEFT model's names: save the trained adapter with `trainer.save_model`
+    instead (it gathers the full state). `output_dir` is written whole or not at all.
+    """
+    import shutil
+    import tempfile
+
+    from accelerate.utils import merge_fsdp_weights
+
+    from .modeling import PhantomForConditionalGeneration
+    from .modeling.processing_phantom import PhantomProcessor
+
+    checkpoint, output_dir = Path(checkpoint), Path(output_dir)
+    shards = checkpoint / "pytorch_model_fsdp_0"
+    if not shards.is_dir():
+        raise ValueError(f"{checkpoint} is not a sharded FSDP checkpoint: it has no pytorch_model_fsdp_0/ folder")
+    if not (checkpoint / "config.json").is_file():
+        raise ValueError(f"{checkpoint} has no config.json: it was not written by PhantomPOTrainer")
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=output_dir.parent, prefix=f".{output_dir.name}-") as staging:
+        merged = Path(staging) / "merged"
+        merge_fsdp_weights(str(shards), str(merged), safe_serialization=True)
+        shutil.copy(checkpoint / "config.json", merged / "config.json")
+        model = PhantomForConditionalGeneration.from_pretrained(merged)
+        if any(name.startswith("base_model.") or "lora_" in name for name in model.state_dict()):
+            raise ValueError(f"{checkpoint} holds a PEFT model: save its adapter with trainer.save_model instead")
+        built = Path(staging) / "model"
+        model.save_pretrained(built)
+        PhantomProcessor.from_pretrained(checkpoint).save_pretrained(built)
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        built.rename(output_dir)
+    return str(output_dir)
+
+
+def save_trained_model(
+    model: nn.Module, processor: Any, output_dir: str | os.PathLike, card: Mapping[str, Any] | None = None
+) -> bool:
+    """Save a trained `model` and its `processor` (and with `card`, its model card) as a model folder
+    (`hub.save_model_folder`), from one process or from each process of a distributed run (call it on every
+    process); return True on the process that wrote the folder (the main one).
+
+    A model sharded by FSDP2 (its parameters are `DTensor` shards) or by DeepSpeed ZeRO-3 (partitioned parameters)
+    is gathered first, every process taking part, and written by the main process as a normal `from_pretrained`
+    folder.
+    """
+    import contextlib
+
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.tensor import DTensor
+
+    state = PartialState()
+    state_dict = None
+    gathered: Any = contextlib.nullcontext()
+    parameters = list(model.parameters())
+    if any(isinstance(parameter, DTensor) for parameter in parameters):
+        state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    elif any(hasattr(parameter, "ds_id") for parameter in parameters):
+        import deepspeed
+
+        gathered = deepspeed.zero.GatheredParameters(parameters, modifier_rank=None)
+    with gathered:
+        if state.is_main_process:
+            from .hub import save_model_folder
+
+            save_model_folder(output_dir, model, processor, card, state_dict=state_dict)
+    state.wait_for_everyone()
+    return state.is_main_process
+
 
 class PhantomPOCollator:
     """Tokenises Phantom triples with a `PhantomProcessor` and pads them right into CPO's batch layout.
@@ -387,6 +463,14 @@ class PhantomPOTrainer(CPOTrainer):
             init_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
             model = AutoModelForImageTextToText.from_pretrained(model, **init_kwargs)
             args.model_init_kwargs = None
+        from torch.distributed.fsdp import FSDPModule
+
+        if isinstance(model, FSDPModule):
+            raise ValueError(
+                "the model is already sharded by FSDP (a previous trainer prepared it): save it with "
+                "trainer.save_model(folder) and load that folder for the next step (with `phantom-hf train`, run "
+                "--steps 1 and --steps 2 as two launches)"
+            )
         if getattr(getattr(model, "config", None), "model_type", None) != "phantom":
             raise TypeError(f"PhantomPOTrainer trains Phantom models, got {type(model).__name__}")
         if peft_config is not None and args.training_stage == 1:
@@ -427,6 +511,61 @@ class PhantomPOTrainer(CPOTrainer):
         self.processing_class = processing_class
         self.callback_handler.processing_class = processing_class
         use_cpu_thread_policy(self.model)
+
+    def create_accelerator_and_postprocess(self) -> None:
+        """`Trainer`'s accelerator, with FSDP kept on a CPU-only machine (gloo) when FSDP was asked for.
+
+        accelerate turns an FSDP request (`accelerate launch` with an FSDP config, or `fsdp`/`fsdp_config` in the
+        arguments) into `DistributedType.FSDP` on accelerator devices only: on CPU processes it keeps
+        `MULTI_CPU` and silently trains with DDP. PyTorch's FSDP2 (`fully_shard`) runs on CPU tensors over gloo,
+        so here the state is set to FSDP with the requested plugin, and accelerate's own FSDP2 preparation,
+        sharded checkpointing and state-dict gathering run as they do on GPUs. docs/design.md, "Training past one
+        device".
+        """
+        super().create_accelerator_and_postprocess()
+        state = self.accelerator.state
+        requested = self.args.fsdp_plugin_args is not None or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+        if state.distributed_type != DistributedType.MULTI_CPU or not requested or getattr(state, "fsdp_plugin", None):
+            return
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        state.fsdp_plugin = FullyShardedDataParallelPlugin(**(self.args.fsdp_plugin_args or {}))
+        state.distributed_type = PartialState().distributed_type = DistributedType.FSDP
+        self.is_fsdp_enabled = True
+        checkpointing = getattr(self.args, "activation_checkpointing", None) or self.args.gradient_checkpointing
+        if state.fsdp_plugin.activation_checkpointing and checkpointing:
+            raise ValueError(
+                "FSDP's activation_checkpointing and the trainer's gradient checkpointing cannot both be on: "
+                "turn one of them off"
+            )
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """`Trainer.save_model`; under FSDP with sharded state dicts the result still loads with `from_pretrained`.
+
+        A final save (`trainer.save_model(folder)`) gathers the full weights onto the main process for that save
+        (accelerate's `set_state_dict_type("FULL_STATE_DICT")`, the sharded type restored after), so the folder is
+        a normal model (or adapter) folder. A checkpoint keeps its shards (`pytorch_model_fsdp_0/`, for resuming)
+        and gets the config and processor files beside them, which `consolidate_fsdp_checkpoint` needs.
+        """
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None) if self.is_fsdp_enabled else None
+        if plugin is None or "SHARDED_STATE_DICT" not in str(plugin.state_dict_type):
+            super().save_model(output_dir, _internal_call)
+            return
+        if not _internal_call:
+            saved = plugin.state_dict_type, plugin.state_dict_config, plugin.optim_state_dict_config
+            plugin.state_dict_config = plugin.optim_state_dict_config = None
+            plugin.set_state_dict_type("FULL_STATE_DICT")
+            try:
+                super().save_model(output_dir, _internal_call)
+            finally:
+                plugin.state_dict_type, plugin.state_dict_config, plugin.optim_state_dict_config = saved
+            return
+        super().save_model(output_dir, _internal_call)
+        if self.args.should_save:
+            output_dir = output_dir or self.args.output_dir
+            os.makedirs(output_dir, exist_ok=True)
+            self.accelerator.unwrap_model(self.model).config.save_pretrained(output_dir)
+            self.processing_class.save_pretrained(output_dir)
 
     def _prepare_triples(self, dataset: Dataset, split: str, on_invalid: InvalidPolicy) -> Dataset:
         valid, problems = validate_triples(dataset, on_invalid=on_invalid)
@@ -518,5 +657,7 @@ __all__ = [
     "PhantomPOTrainer",
     "apply_training_stage",
     "bf16_default",
+    "consolidate_fsdp_checkpoint",
     "phantom_lora_config",
+    "save_trained_model",
 ]
