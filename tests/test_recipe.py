@@ -14,7 +14,7 @@ from phantom_hf.hub import save_model_folder
 from phantom_hf.recipe import STEP_NAMES, RecipeStep, run_recipe
 from phantom_hf.trainer import PhantomPOTrainer, phantom_lora_config
 
-from .test_trainer import color_triples, make_args, make_model, make_processor, one_thread  # noqa: F401
+from .test_trainer import color_triples, make_args, make_model, make_processor
 
 LORA = {"r": 4, "lora_alpha": 8}
 
