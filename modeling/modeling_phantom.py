@@ -249,12 +249,13 @@ class PhantomAttentionMixin:
         """[x, x*] along the head dimension for each path, x* = eta*MHCA(x, anchor) (+ x on the value path).
 
         `paths` names the paths of `states` ("qkv", "kv" or "q"; (B, H_path, N, D) tensors of the same N);
-        `anchors` are `_phantom_anchors`' operands. The MHCAs of all given paths run as one: the heads of
-        every path are stacked and projected by all three paths' Lq at once; each head attends over the
-        stacked anchor heads, whose keys sit in their own path's third of the projection, with the other
-        paths masked out. A decode step thus costs about ten batched operations. The results are views of
-        one (B, H_all, N, 2 D) tensor. `PhantomCrossAttention.forward` is the same computation for one path,
-        unfused.
+        `anchors` are `_phantom_anchors`' operands. For one token (a decode step, where the number of
+        operators is the cost) the MHCAs of all given paths run as one: the heads of every path are stacked and
+        projected by all three paths' Lq at once; each head attends over the stacked anchor heads, whose keys sit
+        in their own path's third of the projection, with the other paths masked out: about ten operators per
+        layer. For more tokens (prefill, where the arithmetic is the cost) each path runs on its own, with the
+        paper's arithmetic. The results are views of one (B, H_all, N, 2 D) tensor.
+        `PhantomCrossAttention.forward` is the same computation for one path, unfused.
         """
         if self.phantom_expansion == "repeat":
             return tuple(torch.cat([x, x], dim=-1) for x in states)
@@ -270,12 +271,22 @@ class PhantomAttentionMixin:
             key, value, mask = key[:, start:stop], value[:, start:stop], mask[start:stop, start:stop]
         stacked = torch.cat(states, dim=1) if len(states) > 1 else states[0]
         query_weight, _, _ = self._phantom_derived_weights()
-        hidden = F.gelu(F.linear(stacked, query_weight)).reshape(batch, -1, 3 * dim)
-        if tokens > 1:  # rows are ordered (head, token)
-            mask = mask.repeat_interleave(tokens, dim=0)
-        scores = torch.baddbmm(mask, hidden, key.transpose(1, 2), alpha=dim**-0.5)
-        probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(hidden.dtype)
-        expansion = F.gelu(torch.bmm(probs, value)).mul_(self.phantom_config.phantom_eta).view(batch, -1, tokens, dim)
+        if tokens == 1:  # decode: one product with all three Lq; each head's scores read its own path's third
+            hidden = F.gelu(F.linear(stacked, query_weight)).reshape(batch, -1, 3 * dim)
+            scores = torch.baddbmm(mask, hidden, key.transpose(1, 2), alpha=dim**-0.5)
+            probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(hidden.dtype)
+            expansion = torch.bmm(probs, value)
+        else:  # prefill: path by path, without the decode form's products across paths (3x the Lq work per token)
+            parts, first = [], 0
+            for path, x in zip(paths, states):
+                third, heads = slice("qkv".index(path) * dim, ("qkv".index(path) + 1) * dim), x.shape[1]
+                hidden = F.gelu(F.linear(x, query_weight[third])).reshape(batch, -1, dim)  # rows (head, token)
+                scores = torch.bmm(hidden, key[:, first : first + heads, third].transpose(1, 2)).mul_(dim**-0.5)
+                probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(hidden.dtype)
+                parts.append(torch.bmm(probs, value[:, first : first + heads]))
+                first += heads
+            expansion = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        expansion = F.gelu(expansion).mul_(self.phantom_config.phantom_eta).view(batch, -1, tokens, dim)
         if paths[-1] == "v":  # v* = v + eta * MHCA(v, a)
             expansion[:, -sizes[-1] :].add_(stacked[:, -sizes[-1] :])
         return torch.cat([stacked, expansion], dim=-1).split(sizes, dim=1)
