@@ -17,7 +17,7 @@ transformers passes enable_gqa; phantom vs plain-matched is the cost of Phantom 
 Static-cache variants (preallocated keys/values of context + new tokens + 1 slots, what compiled decoding
 needs): `plain-static` (transformers' StaticCache), `phantom-static` (PhantomStaticCache, expanded), and
 their compiled forms `plain-compiled`, `plain-matched-compiled` (the packed decode attention, as
-plain-matched) and `phantom-compiled`: `torch.compile(model.forward, fullgraph=True)` (inductor; `--compile-mode`)
+plain-matched) and `phantom-compiled`: `torch.compile(model.forward, fullgraph=True)` (inductor; `--compile-mode`, `--compile-backend`)
 runs every decode step after an eager prefill, the way `generate(cache_implementation="static")` compiles
 on a GPU. The compile happens in the warm-up round (its time is printed, not measured). Each compiled variant's
 tokens are checked against its eager static form's when both run.
@@ -192,7 +192,7 @@ class DecodeState:
         return timer.seconds
 
 
-def compiled_forwards(models: dict[str, Any], names: list[str], mode: str | None) -> dict[str, Callable]:
+def compiled_forwards(models: dict[str, Any], names: list[str], mode: str | None, backend: str = "inductor") -> dict[str, Callable]:
     """`torch.compile(model.forward, fullgraph=True)` for each model a compiled variant decodes with.
 
     Every (model, setting) compiles its own static-shape graph: automatic dynamic shapes are off (a second
@@ -202,7 +202,7 @@ def compiled_forwards(models: dict[str, Any], names: list[str], mode: str | None
     torch._dynamo.config.automatic_dynamic_shapes = False
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     wanted = {MODEL_OF[name] for name in names if name.endswith("-compiled")}
-    return {key: torch.compile(models[key].forward, fullgraph=True, mode=mode) for key in wanted}
+    return {key: torch.compile(models[key].forward, fullgraph=True, mode=mode, backend=backend) for key in wanted}
 
 
 def main(argv: list[str] | None = None) -> list[Row]:
@@ -215,6 +215,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--prefill-repeats", type=int, default=1, help="measured prefills per variant and setting (a short warm-up call precedes all)")
     parser.add_argument(
         "--compile-mode", default=None, help="torch.compile mode of the compiled variants (default: inductor's default; on CUDA try reduce-overhead: CUDA graphs)"
+    )
+    parser.add_argument(
+        "--compile-backend", default="inductor", help="torch.compile backend of the compiled variants ('eager': dynamo's graph capture only, for a quick check)"
     )
     add_variants_argument(parser, VARIANTS, "plain,phantom")
     args = parser.parse_args(argv)
@@ -231,7 +234,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     rows: list[Row] = []
     for attn in attn_implementations(args):
         models = build_models(text_config, model_specs(attn), args.device, args.dtype, attn)
-        forwards = compiled_forwards(models, names, args.compile_mode)
+        forwards = compiled_forwards(models, names, args.compile_mode, args.compile_backend)
         for name in names:  # first-call costs (allocator, kernel selection) stay out of the measurements
             if name.endswith("-compiled"):
                 continue  # compiled in the setting's own warm-up round, at its own shapes

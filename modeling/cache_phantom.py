@@ -211,7 +211,8 @@ class PhantomCacheMixin:
 
     The anchors of a layer are two tensors with the batch in dimension 0, computed once per sequence at prefill
     from the anchor token's q, k, v (paper Sec. 3, Eq. 1): the keys gelu(Lk(a)) and the values Lo(gelu(Lv(a)))
-    of the layer's three cross-attentions, their heads concatenated ((B, H_q + 2 H_kv, D) each). That is all a
+    of the layer's three cross-attentions, their heads concatenated: (B, H_q + 2 H_kv, 3 D) keys, each in its path's
+    third of the row (`PhantomAttentionMixin._phantom_anchors`), and (B, H_q + 2 H_kv, D) values. That is all a
     decode step reads; the raw anchor features are not kept. Every batch operation of the cache moves the
     anchors with the rows.
     """
@@ -327,7 +328,7 @@ class PhantomStaticCache(PhantomCacheMixin, StaticCache):
     forward they differ from the prefill's in the last bits (other matrix shapes, other rounding: up to 5e-5 at
     hidden size 896 in float32), so decoding would no longer reproduce the uncached model exactly; the
     assumption fails for `phantom_anchor_token_id` and explicit position ids; and rows with different first
-    tokens would still need a per-row index. The buffers cost 2 x (B, H_q + 2 H_kv, head_dim) per layer and one
+    tokens would still need a per-row index. The buffers cost 4 x (B, H_q + 2 H_kv, head_dim) per layer and one
     small read per step.
     """
 

@@ -151,6 +151,7 @@ class PhantomAttentionMixin:
         self.phantom_mixing = config.phantom_mixing
         self.phantom_expansion = config.phantom_expansion
         self._phantom_path_mask: torch.Tensor | None = None
+        self._phantom_derived: tuple[tuple, tuple] | None = None
         if self.phantom_expansion == "mhca":
             for name in PHANTOM_MHCA_MODULES.values():  # xattn_{query,key,value}_phantom
                 setattr(self, name, PhantomCrossAttention(head_dim))
@@ -179,8 +180,10 @@ class PhantomAttentionMixin:
 
         The anchor features are q, k, v (rotary applied) at the anchor position of each row. Per path
         (q, k, v) the anchor keys are gelu(Lk(a)) and the anchor values Lo(gelu(Lv(a))) — Lo is linear, so
-        Lo(s @ va) = s @ Lo(va) — concatenated over the paths' heads: two (B, H_q + 2 H_kv, D) tensors,
-        all that the cache keeps for decoding.
+        Lo(s @ va) = s @ Lo(va). Both are concatenated over the paths' heads; each anchor key is placed in its
+        path's third of a 3*D row, zeros elsewhere, so that one product with [Lq_q; Lq_k; Lq_v] applied to every
+        head gives each head the scores of its own path (`_phantom_expand`). Two tensors, (B, H_q + 2 H_kv, 3 D)
+        keys and (B, H_q + 2 H_kv, D) values, all that the cache keeps for decoding.
         """
         if anchor_index is None:
             raise ValueError(
@@ -189,11 +192,12 @@ class PhantomAttentionMixin:
             )
         rows = torch.arange(query.shape[0], device=query.device)
         anchor_index = anchor_index.to(query.device)
+        dim = self.head_dim
         keys, values = [], []
-        for path, states in zip("qkv", (query, key, value)):
+        for index, (path, states) in enumerate(zip("qkv", (query, key, value))):
             mhca = getattr(self, PHANTOM_MHCA_MODULES[path])
             anchor_key, anchor_value = mhca.anchor_states(states[rows, :, anchor_index])
-            keys.append(anchor_key)
+            keys.append(F.pad(anchor_key, (index * dim, (2 - index) * dim)))
             values.append(mhca.linear_o(anchor_value))
         return torch.cat(keys, dim=1), torch.cat(values, dim=1)
 
@@ -209,15 +213,51 @@ class PhantomAttentionMixin:
             self._phantom_path_mask = mask
         return mask
 
+    def _phantom_derived_weights(self) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """Weights the fused expansion and fold use, derived from the Phantom modules' parameters:
+
+        - the MHCA query weights of the q, k and v paths stacked, [Lq_q; Lq_k; Lq_v] of shape (3 D, D) (MHCA
+          expansion), so that one matrix product projects the heads of all paths;
+        - the fold's gate as one linear layer on [O1, O2] (weighted mixing): weight [w1, -w2] of shape (1, 2 D)
+          and bias b1 - b2, since Eq. 3's weight e^f / (e^f + e^g) = sigmoid(f - g) needs only f - g.
+
+        Kept from call to call while none of those parameters changed (inference: no copy per step); rebuilt at
+        every call while autograd records (gradients flow to the parameters) or while compiling (the graph then
+        holds the few small ops).
+        """
+        tensors: list[torch.Tensor] = []
+        if self.phantom_expansion == "mhca":
+            tensors += [getattr(self, name).linear_q.weight for name in _MHCA_NAMES.values()]
+        if self.phantom_mixing == "weighted":
+            first, second = self.gating_phantom_1, self.gating_phantom_2
+            tensors += [first.weight, second.weight, first.bias, second.bias]
+        reuse = not torch.is_grad_enabled() and not is_torchdynamo_compiling()
+        if reuse:
+            key = tuple((tensor.data_ptr(), tensor._version, tensor.dtype, tensor.device) for tensor in tensors)
+            if self._phantom_derived is not None and self._phantom_derived[0] == key:
+                return self._phantom_derived[1]
+        query_weight = torch.cat(tensors[:3]) if self.phantom_expansion == "mhca" else None
+        gate_weight = gate_bias = None
+        if self.phantom_mixing == "weighted":
+            weight_1, weight_2, bias_1, bias_2 = tensors[-4:]
+            gate_weight, gate_bias = torch.cat([weight_1, -weight_2], dim=1), bias_1 - bias_2
+        derived = (query_weight, gate_weight, gate_bias)
+        if reuse:
+            self._phantom_derived = (key, derived)
+        return derived
+
     def _phantom_expand(
         self, paths: str, states: tuple[torch.Tensor, ...], anchors: tuple[torch.Tensor, torch.Tensor] | None
     ) -> tuple[torch.Tensor, ...]:
         """[x, x*] along the head dimension for each path, x* = eta*MHCA(x, anchor) (+ x on the value path).
 
         `paths` names the paths of `states` ("qkv", "kv" or "q"; (B, H_path, N, D) tensors of the same N);
-        `anchors` are `_phantom_anchors`' operands. The MHCAs of all given paths run as one: the heads of
-        every path are stacked, each head attends over the stacked anchor heads with the other paths' masked
-        out, so a decode step costs a handful of batched operations instead of a dozen small ones per path.
+        `anchors` are `_phantom_anchors`' operands. For one token (a decode step, where the number of
+        operators is the cost) the MHCAs of all given paths run as one: the heads of every path are stacked and
+        projected by all three paths' Lq at once; each head attends over the stacked anchor heads, whose keys sit
+        in their own path's third of the projection, with the other paths masked out: about ten operators per
+        layer. For more tokens (prefill, where the arithmetic is the cost) each path runs on its own, with the
+        paper's arithmetic. The results are views of one (B, H_all, N, 2 D) tensor.
         `PhantomCrossAttention.forward` is the same computation for one path, unfused.
         """
         if self.phantom_expansion == "repeat":
@@ -232,17 +272,27 @@ class PhantomAttentionMixin:
         mask = self._phantom_mask(key.dtype, key.device)
         if paths != "qkv":
             key, value, mask = key[:, start:stop], value[:, start:stop], mask[start:stop, start:stop]
-        hidden = [F.linear(x, getattr(self, PHANTOM_MHCA_MODULES[path]).linear_q.weight) for path, x in zip(paths, states)]
-        hidden = F.gelu(torch.cat(hidden, dim=1) if len(hidden) > 1 else hidden[0]).reshape(batch, -1, dim)
-        if tokens > 1:  # rows are ordered (head, token)
-            mask = mask.repeat_interleave(tokens, dim=0)
-        scores = torch.baddbmm(mask, hidden, key.transpose(1, 2), alpha=dim**-0.5)
-        probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(hidden.dtype)
-        expansion = self.phantom_config.phantom_eta * F.gelu(torch.bmm(probs, value))
-        expansion = expansion.view(batch, -1, tokens, dim).split(sizes, dim=1)
-        return tuple(
-            torch.cat([x, x + y if path == "v" else y], dim=-1) for path, x, y in zip(paths, states, expansion)
-        )
+        stacked = torch.cat(states, dim=1) if len(states) > 1 else states[0]
+        query_weight, _, _ = self._phantom_derived_weights()
+        if tokens == 1:  # decode: one product with all three Lq; each head's scores read its own path's third
+            hidden = F.gelu(F.linear(stacked, query_weight)).reshape(batch, -1, 3 * dim)
+            scores = torch.baddbmm(mask, hidden, key.transpose(1, 2), alpha=dim**-0.5)
+            probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(hidden.dtype)
+            expansion = torch.bmm(probs, value)
+        else:  # prefill: path by path, without the decode form's products across paths (3x the Lq work per token)
+            parts, first = [], 0
+            for path, x in zip(paths, states):
+                third, heads = slice("qkv".index(path) * dim, ("qkv".index(path) + 1) * dim), x.shape[1]
+                hidden = F.gelu(F.linear(x, query_weight[third])).reshape(batch, -1, dim)  # rows (head, token)
+                scores = torch.bmm(hidden, key[:, first : first + heads, third].transpose(1, 2)).mul_(dim**-0.5)
+                probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(hidden.dtype)
+                parts.append(torch.bmm(probs, value[:, first : first + heads]))
+                first += heads
+            expansion = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        expansion = F.gelu(expansion).mul_(self.phantom_config.phantom_eta).view(batch, -1, tokens, dim)
+        if paths[-1] == "v":  # v* = v + eta * MHCA(v, a)
+            expansion[:, -sizes[-1] :].add_(stacked[:, -sizes[-1] :])
+        return torch.cat([stacked, expansion], dim=-1).split(sizes, dim=1)
 
     def _phantom_fold(self, output: torch.Tensor) -> torch.Tensor:
         """Fold the (B, N, H, 2D) attention output back to (B, N, H, D) (Eq. 3 or an ablation)."""
@@ -251,9 +301,9 @@ class PhantomAttentionMixin:
             return first + second
         if self.phantom_mixing == "mean":
             return (first + second) / 2
-        # sigmoid(f - g) == e^f / (e^f + e^g), in its numerically stable form; lerp gives w*O1 + (1-w)*O2
-        weight = torch.sigmoid(self.gating_phantom_1(first) - self.gating_phantom_2(second))
-        return torch.lerp(second, first, weight)
+        # Eq. 3: w = e^f / (e^f + e^g) = sigmoid(f - g), f - g one linear layer on [O1, O2]; lerp gives w*O1 + (1-w)*O2
+        _, gate_weight, gate_bias = self._phantom_derived_weights()
+        return torch.lerp(second, first, torch.sigmoid(F.linear(output, gate_weight, gate_bias)))
 
     def _phantom_attention_interface(self) -> Callable:
         implementation = self.config._attn_implementation

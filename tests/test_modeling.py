@@ -177,13 +177,44 @@ def test_fused_expansion_equals_the_cross_attention_modules(tokens: int) -> None
         expected[path] = torch.cat([x, x + star if path == "v" else star], dim=-1)
     with torch.no_grad():
         anchors = layer._phantom_anchors(states["q"], states["k"], states["v"], anchor_index)
-        assert [tensor.shape for tensor in anchors] == [(2, heads + 2 * kv_heads, dim)] * 2  # all the cache keeps
+        # all the cache keeps: the keys in their path's third of a 3*D row, the values
+        assert [tensor.shape for tensor in anchors] == [(2, heads + 2 * kv_heads, 3 * dim), (2, heads + 2 * kv_heads, dim)]
         fused = dict(zip("qkv", layer._phantom_expand("qkv", (states["q"], states["k"], states["v"]), anchors)))
         fused.update(zip("kv", layer._phantom_expand("kv", (states["k"], states["v"]), anchors)))
         compact_q = layer._phantom_expand("q", (states["q"],), anchors)[0]
     for path in "qkv":
         torch.testing.assert_close(fused[path], expected[path], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(compact_q, expected["q"], rtol=1e-12, atol=1e-12)
+
+
+def test_derived_weights_follow_every_change_of_the_phantom_parameters() -> None:
+    """The stacked MHCA query weights and the fold's gate, kept between inference calls, are rebuilt when a Phantom
+    parameter changes in place (an optimizer step, load_state_dict) or is replaced: the outputs equal a fresh model's
+    with the new parameters, under no_grad and with autograd recording alike."""
+    model, fresh = make_model(seed=4), make_model(seed=4)
+    input_ids, attention_mask = left_padded_batch([7, 5], seed=4)
+    real = attention_mask.bool()
+
+    def logits(m, grad: bool = False) -> torch.Tensor:
+        with torch.set_grad_enabled(grad):
+            return m(input_ids=input_ids, attention_mask=attention_mask).logits[real].detach()
+
+    before = logits(model)
+    layer, fresh_layer = model.language_model.layers[0].self_attn, fresh.language_model.layers[0].self_attn
+    changes = [
+        lambda a: a.xattn_key_phantom.linear_q.weight.mul_(-1.5),  # in place
+        lambda a: a.gating_phantom_2.bias.add_(3.0),
+        lambda a: a.gating_phantom_1.weight.mul_(2.0),
+        lambda a: setattr(a.xattn_value_phantom.linear_q, "weight", torch.nn.Parameter(a.xattn_value_phantom.linear_q.weight * 0.5)),
+    ]
+    for change in changes:
+        with torch.no_grad():
+            change(layer)
+            change(fresh_layer)
+        expected = logits(fresh, grad=True)
+        torch.testing.assert_close(logits(model), expected, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(logits(model, grad=True), expected, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(logits(model), before)
 
 
 def test_phantom_eta_is_read_from_the_model_config() -> None:
@@ -444,7 +475,8 @@ def test_anchor_token_id_selects_first_occurrence_and_missing_is_an_error() -> N
         _, keys = layer._phantom_rotary(keys, keys, cos, sin)
         expected, _ = layer.xattn_key_phantom.anchor_states(torch.stack([keys[0, :, 3], keys[1, :, 4]]))
     heads, kv_heads = layer.phantom_num_heads, layer.phantom_num_kv_heads
-    torch.testing.assert_close(anchor_keys[:, heads : heads + kv_heads], expected)
+    dim = layer.head_dim  # the key path's anchor keys sit in the middle third of their 3*D rows
+    torch.testing.assert_close(anchor_keys[:, heads : heads + kv_heads, dim : 2 * dim], expected)
 
     input_ids[1, 4] = 11
     with pytest.raises(ValueError, match=r"phantom_anchor_token_id=7 does not occur in rows \[1\]"):
