@@ -227,7 +227,7 @@ class PhantomAttentionMixin:
         """
         tensors: list[torch.Tensor] = []
         if self.phantom_expansion == "mhca":
-            tensors += [getattr(self, name).linear_q.weight for name in _MHCA_NAMES.values()]
+            tensors += [getattr(self, name).linear_q.weight for name in PHANTOM_MHCA_MODULES.values()]
         if self.phantom_mixing == "weighted":
             first, second = self.gating_phantom_1, self.gating_phantom_2
             tensors += [first.weight, second.weight, first.bias, second.bias]
