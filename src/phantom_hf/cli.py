@@ -2,8 +2,8 @@
 
 Sub-commands: `demo` (the offline end-to-end demo), `convert` (a published checkpoint -> a Hub-ready folder),
 `train` (the two-step Phantom recipe on a triple dataset), `chat` (ask a saved model about an image), `eval`
-(lmms-eval benchmarks with the published prompts), `card` (render a model card) and `push` (upload a saved folder
-to the Hub). Heavy modules are imported only by the
+(lmms-eval benchmarks with the published prompts), `card` (render a model card), `push` (upload a saved folder
+to the Hub) and `app` (a chat page in the browser). Heavy modules are imported only by the
 sub-command that needs them, so `--help` stays quick.
 """
 
@@ -687,6 +687,35 @@ def _run_push(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------ app
+
+
+def _add_app(subparsers: Any, selected: bool) -> None:
+    parser = subparsers.add_parser(
+        "app",
+        help="serve a chat page (Gradio) for a saved Phantom model",
+        description="Serve a Gradio chat page for a saved Phantom model (pip install 'phantom-hf[app]'): images "
+        "and questions, multi-turn, streamed answers, generation settings, the published benchmark instructions.",
+    )
+    parser.add_argument("model", help="saved Phantom model folder or Hub id")
+    parser.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1, or GRADIO_SERVER_NAME)")
+    parser.add_argument("--port", type=int, default=None, help="port (default 7860, or GRADIO_SERVER_PORT)")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.set_defaults(handler=_run_app)
+
+
+def _run_app(args: argparse.Namespace) -> int:
+    if importlib.util.find_spec("gradio") is None:
+        raise CLIError('Gradio is not installed: pip install "phantom-hf[app]"')
+    if args.port is not None and not 0 < args.port < 65536:
+        raise CLIError(f"--port must be between 1 and 65535, got {args.port}")
+    model, processor = _load_model_and_processor(args.model, _check_device(args.device))
+    from .app import launch
+
+    launch(model, processor, host=args.host, port=args.port, title=Path(args.model).name)
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------- main
 
 _SUBCOMMANDS: dict[str, Callable[[Any, bool], None]] = {
@@ -697,6 +726,7 @@ _SUBCOMMANDS: dict[str, Callable[[Any, bool], None]] = {
     "eval": _add_eval,
     "card": _add_card,
     "push": _add_push,
+    "app": _add_app,
 }
 
 
