@@ -28,9 +28,11 @@ from .hub import (
     CARD_NAME,
     DEFAULT_HUB_TIMEOUT,
     HubUploadError,
+    check_repo_id,
     describe_training_args,
     infer_base_model,
     push_folder,
+    push_space,
     render_model_card,
 )
 
@@ -669,10 +671,21 @@ def _add_push(subparsers: Any, selected: bool) -> None:
         default=DEFAULT_HUB_TIMEOUT,
         help=f"seconds to wait for any answer of the Hub before giving up (default {DEFAULT_HUB_TIMEOUT:g})",
     )
+    parser.add_argument(
+        "--space",
+        default=None,
+        metavar="NAME",
+        help="also push a Gradio Space serving the model's chat page (`phantom-hf app`) to NAME (namespace/name, or a "
+        "name in the model's namespace); a private model needs a read token in the Space's HF_TOKEN secret",
+    )
     parser.set_defaults(handler=_run_push)
 
 
 def _run_push(args: argparse.Namespace) -> int:
+    space_id = None
+    if args.space is not None:  # checked before the model is pushed
+        space_id = args.space if "/" in args.space else f"{args.repo_id.split('/')[0]}/{args.space}"
+        check_repo_id(space_id, "--space")
     commit = push_folder(
         args.folder,
         args.repo_id,
@@ -684,6 +697,16 @@ def _run_push(args: argparse.Namespace) -> int:
         timeout=args.timeout,
     )
     print(f"pushed {args.folder} to {getattr(commit, 'commit_url', None) or args.repo_id}")
+    if space_id is not None:
+        commit = push_space(
+            space_id,
+            args.repo_id,
+            model_revision=args.revision,
+            private=args.private,
+            token=args.token,
+            timeout=args.timeout,
+        )
+        print(f"pushed the Space {space_id}: {getattr(commit, 'commit_url', None) or space_id}")
     return 0
 
 
