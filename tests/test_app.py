@@ -293,32 +293,54 @@ def test_two_clients_keep_their_own_conversations_and_one_answers_while_the_othe
     assert [len(final[0]) for final in finals.values()] == [4, 4]
 
 
-@requires_gradio
-def test_the_command_serves_the_page(tmp_path: Path) -> None:
-    """`phantom-hf app FOLDER --port P` in its own process: the page answers as the pipeline does; stopped here."""
-    folder = tmp_path / "model"
-    save_tiny_app_model(folder)
-    image = save_png(tmp_path, "cli.png", seed=9)
-    port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
-    command = [sys.executable, "-m", "phantom_hf.cli", "app", str(folder), "--host", "127.0.0.1", "--port", str(port)]
-    server = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def serve_and_ask(command: list[str], cwd: Path, port: int, image: Path, **env: str) -> Any:
+    """Start a page server (`command`, in its own process, on 127.0.0.1:`port`), wait for its page, ask one greedy
+    question about `image` through the API, stop the server; returns the final output of the `chat` event."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", **env}
+    server = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}/"
         deadline = time.monotonic() + TIMEOUT
         while True:
-            assert server.poll() is None, f"phantom-hf app exited: {server.stdout.read()}"
+            assert server.poll() is None, f"{command} exited: {server.stdout.read()}"
             try:
                 urllib.request.urlopen(url, timeout=5).close()
                 break
             except OSError:
-                assert time.monotonic() < deadline, "phantom-hf app did not serve its page in time"
+                assert time.monotonic() < deadline, f"{command} did not serve its page in time"
                 time.sleep(0.5)
-        session = client(url)
-        final = ask(session, QUESTION, image).result(timeout=TIMEOUT)
+        return ask(client(url), QUESTION, image).result(timeout=TIMEOUT)
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@requires_gradio
+def test_the_command_and_a_written_space_serve_the_page(tmp_path: Path) -> None:
+    """`phantom-hf app FOLDER --port P`, and the Space `phantom-hf push --space` writes (its app.py run as a Space
+    runs it, the address and port from Gradio's environment variables, the package from the Space's own copy), each
+    in its own process: the page answers as the pipeline does."""
+    from phantom_hf.hub import write_space_folder
+
+    folder = tmp_path / "model"
+    save_tiny_app_model(folder)
+    image = save_png(tmp_path, "cli.png", seed=9)
     model, processor = app_model_and_processor()
-    pipe = pipeline("image-text-to-text", model=model, processor=processor)
-    assert answer_of(final) == pipeline_answer(pipe, [user(QUESTION, image)])
+    expected = pipeline_answer(pipeline("image-text-to-text", model=model, processor=processor), [user(QUESTION, image)])
+
+    port = free_port()
+    command = [sys.executable, "-m", "phantom_hf.cli", "app", str(folder), "--host", "127.0.0.1", "--port", str(port)]
+    assert answer_of(serve_and_ask(command, tmp_path, port, image)) == expected
+
+    space = tmp_path / "space"
+    write_space_folder(space, str(folder))
+    vendored = subprocess.run(
+        [sys.executable, "-c", "import phantom_hf.app; print(phantom_hf.app.__file__)"],
+        cwd=space, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert Path(vendored.stdout.strip()) == space / "phantom_hf" / "app.py"
+    port = free_port()
+    final = serve_and_ask(
+        [sys.executable, "app.py"], space, port, image, GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port)
+    )
+    assert answer_of(final) == expected
