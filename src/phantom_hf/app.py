@@ -212,7 +212,7 @@ def build_app(model: Any, processor: Any, title: str | None = None) -> Any:
     with gr.Blocks(title=title) as demo:
         gr.Markdown(f"## {title}\nUpload images, ask about them; the conversation keeps earlier images.")
         session = gr.State(ChatSession)
-        chatbot = gr.Chatbot(label="Conversation", elem_id="conversation", height=420)
+        chatbot = gr.Chatbot(label="Conversation", elem_id="conversation", height=420, buttons=["copy", "copy_all"])
         error = gr.Markdown("", elem_id="error-line")
         question = gr.MultimodalTextbox(
             placeholder="Ask about the images (attach several with the clip)",
@@ -225,15 +225,20 @@ def build_app(model: Any, processor: Any, title: str | None = None) -> Any:
         with gr.Row():
             stop_button = gr.Button("Stop", elem_id="stop", variant="stop")
             clear_button = gr.Button("New conversation", elem_id="clear")
-        with gr.Accordion("Generation", open=False):
-            max_new_tokens = gr.Slider(1, context, value=min(DEFAULT_MAX_NEW_TOKENS, context), step=1, label="Max new tokens")
-            decoding = gr.Radio([GREEDY, SAMPLING], value=GREEDY, label="Decoding")
-            temperature = gr.Slider(0.05, 2.0, value=0.7, step=0.05, label="Temperature (sampling)")
-            num_beams = gr.Slider(1, 8, value=1, step=1, label="Beams (more than 1: the answer appears when complete)")
+        with gr.Accordion("Generation", open=False, elem_id="generation"):
+            max_new_tokens = gr.Slider(
+                1, context, value=min(DEFAULT_MAX_NEW_TOKENS, context), step=1, label="Max new tokens", elem_id="max-new-tokens"
+            )
+            decoding = gr.Radio([GREEDY, SAMPLING], value=GREEDY, label="Decoding", elem_id="decoding")
+            temperature = gr.Slider(0.05, 2.0, value=0.7, step=0.05, label="Temperature (sampling)", elem_id="temperature")
+            num_beams = gr.Slider(
+                1, 8, value=1, step=1, label="Beams (more than 1: the answer appears when complete)", elem_id="beams"
+            )
             benchmark = gr.Dropdown(
                 [NO_BENCHMARK, *sorted(BENCHMARK_PROMPTS)],
                 value=NO_BENCHMARK,
                 label="Published benchmark instruction (appended to the question; sets its answer length)",
+                elem_id="benchmark",
             )
         question.submit(
             respond,
@@ -243,6 +248,7 @@ def build_app(model: Any, processor: Any, title: str | None = None) -> Any:
         )
         stop_button.click(stop, session, None, queue=False, api_name="stop")
         clear_button.click(clear, session, [chatbot, error], queue=False, api_name="clear")
+        chatbot.clear(clear, session, [chatbot, error], queue=False, api_name=False)  # the conversation's own bin
         benchmark.change(benchmark_tokens, benchmark, max_new_tokens, queue=False, api_name=False)
     return demo.queue(default_concurrency_limit=CONCURRENT_GENERATIONS)
 
