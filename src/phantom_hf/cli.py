@@ -728,10 +728,10 @@ def _add_app(subparsers: Any, selected: bool) -> None:
 
 
 def _run_app(args: argparse.Namespace) -> int:
-    if importlib.util.find_spec("gradio") is None:
-        raise CLIError('Gradio is not installed: pip install "phantom-hf[app]"')
     if args.port is not None and not 0 < args.port < 65536:
         raise CLIError(f"--port must be between 1 and 65535, got {args.port}")
+    if importlib.util.find_spec("gradio") is None:
+        raise CLIError('Gradio is not installed: pip install "phantom-hf[app]"')
     model, processor = _load_model_and_processor(args.model, _check_device(args.device))
     from .app import launch
 
