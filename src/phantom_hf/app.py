@@ -193,7 +193,8 @@ def build_app(model: Any, processor: Any, title: str | None = None) -> Any:
             session.messages += [turn, {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
             session.shown = [*shown, {"role": "assistant", "content": answer}]
             yield session.shown, "", gr.update(interactive=True)
-        finally:
+        finally:  # also when the page went away mid-answer: its generation ends at the next token
+            session.stop_requested = True
             session.busy = False
 
     def stop(session: ChatSession) -> None:
@@ -207,7 +208,7 @@ def build_app(model: Any, processor: Any, title: str | None = None) -> Any:
     def benchmark_tokens(benchmark: str) -> Any:
         if benchmark == NO_BENCHMARK:
             return gr.update()
-        return gr.update(value=benchmark_prompt(benchmark).max_new_tokens)
+        return gr.update(value=min(benchmark_prompt(benchmark).max_new_tokens, context))
 
     with gr.Blocks(title=title) as demo:
         gr.Markdown(f"## {title}\nUpload images, ask about them; the conversation keeps earlier images.")
@@ -227,10 +228,17 @@ def build_app(model: Any, processor: Any, title: str | None = None) -> Any:
             clear_button = gr.Button("New conversation", elem_id="clear")
         with gr.Accordion("Generation", open=False, elem_id="generation"):
             max_new_tokens = gr.Slider(
-                1, context, value=min(DEFAULT_MAX_NEW_TOKENS, context), step=1, label="Max new tokens", elem_id="max-new-tokens"
+                1,
+                context,
+                value=min(DEFAULT_MAX_NEW_TOKENS, context),
+                step=1,
+                label="Max new tokens",
+                elem_id="max-new-tokens",
             )
             decoding = gr.Radio([GREEDY, SAMPLING], value=GREEDY, label="Decoding", elem_id="decoding")
-            temperature = gr.Slider(0.05, 2.0, value=0.7, step=0.05, label="Temperature (sampling)", elem_id="temperature")
+            temperature = gr.Slider(
+                0.05, 2.0, value=0.7, step=0.05, label="Temperature (sampling)", elem_id="temperature"
+            )
             num_beams = gr.Slider(
                 1, 8, value=1, step=1, label="Beams (more than 1: the answer appears when complete)", elem_id="beams"
             )
@@ -254,7 +262,12 @@ def build_app(model: Any, processor: Any, title: str | None = None) -> Any:
 
 
 def launch(
-    model: Any, processor: Any, host: str | None = None, port: int | None = None, title: str | None = None, **kwargs: Any
+    model: Any,
+    processor: Any,
+    host: str | None = None,
+    port: int | None = None,
+    title: str | None = None,
+    **kwargs: Any,
 ) -> Any:
     """Serve the page on `host:port` (None: Gradio's defaults, 127.0.0.1:7860 unless GRADIO_SERVER_NAME /
     GRADIO_SERVER_PORT say otherwise); blocks until the server stops unless `prevent_thread_lock=True`."""

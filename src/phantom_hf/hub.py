@@ -428,7 +428,7 @@ def _push_folder(
 
 # ---------------------------------------------------------------------------------------------- Spaces
 
-_SPACE_APP = '''"""The chat page of {model_id} (a Phantom model, arXiv 2409.14713), served by phantom-hf's `phantom_hf.app`.
+_SPACE_APP = '''"""The chat page of {model_id} (a Phantom model, arXiv 2409.14713), served by `phantom_hf.app`.
 
 Written by `phantom-hf push --space`. The `phantom_hf` folder beside this file is the phantom-hf package that wrote
 it. A private model needs a read token in the Space's HF_TOKEN secret.
@@ -511,8 +511,9 @@ def write_space_folder(folder: str | Path, model_id: str, revision: str | None =
         ),
         template_str=(
             "---\n{{ card_data }}\n---\n\n# {{ model_id }}\n\nA chat page for the Phantom vision-language model "
-            "[{{ model_id }}](https://huggingface.co/{{ model_id }}) ([Phantom of Latent](https://arxiv.org/abs/2409.14713)): "
-            "upload images, ask, and read the answer as it is generated. Written by `phantom-hf push --space`.\n"
+            "[{{ model_id }}](https://huggingface.co/{{ model_id }}) "
+            "([Phantom of Latent](https://arxiv.org/abs/2409.14713)): upload images, ask, and read the answer as it "
+            "is generated. Written by `phantom-hf push --space`.\n"
         ),
         model_id=model_id,
     )
@@ -551,7 +552,9 @@ def push_space(
                 for name in files
             ]
         try:
-            api.create_repo(space_id, private=private, exist_ok=True, repo_type="space", space_sdk="gradio", token=token)
+            api.create_repo(
+                space_id, private=private, exist_ok=True, repo_type="space", space_sdk="gradio", token=token
+            )
             return api.create_commit(
                 space_id,
                 operations=operations,
