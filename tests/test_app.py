@@ -106,14 +106,28 @@ def test_generation_settings_and_user_turn_are_checked(tmp_path: Path) -> None:
     assert user_turn("Which?", [], "mmbench")["content"] == [{"type": "text", "text": "Which?" + MULTIPLE_CHOICE_SUFFIX}]
 
 
-def test_generate_answer_is_the_pipeline_answer_and_refuses_a_conversation_over_the_context(tmp_path: Path) -> None:
+LONG_QUESTION = "what is in the image ? " * 100  # 600 tokens: over the tiny model's context of 512
+
+
+def test_generate_answer_is_the_pipeline_answer_and_stays_within_the_context(tmp_path: Path) -> None:
     model, processor = app_model_and_processor()
     pipe = pipeline("image-text-to-text", model=model, processor=processor)
     chat = [user(QUESTION, save_png(tmp_path, "a.png", seed=1))]
     answer = generate_answer(model, processor, chat, do_sample=False, max_new_tokens=MAX_NEW_TOKENS)
     assert answer and answer == pipeline_answer(pipe, chat)
-    with pytest.raises(ValueError, match="over the model's context of 512 tokens"):
-        generate_answer(model, processor, chat, do_sample=False, max_new_tokens=512)
+    prompt_length = len(processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)[0])
+    room = 512 - prompt_length
+    # the answer may run to the end of the context, not past it: as if max_new_tokens were the room left
+    long = generate_answer(model, processor, chat, do_sample=False, max_new_tokens=1000, min_new_tokens=1000)
+    assert long == generate_answer(model, processor, chat, do_sample=False, max_new_tokens=room, min_new_tokens=room)
+    assert len(processor.tokenizer(long, add_special_tokens=False)["input_ids"]) <= room
+    # too long a prompt: the processor refuses it (its tokenizer's model_max_length) ...
+    with pytest.raises(ValueError, match="605 tokens long .* more than the maximum length 512"):
+        generate_answer(model, processor, [user(LONG_QUESTION)], do_sample=False, max_new_tokens=5)
+    # ... and where the tokenizer states no maximum, the model's context does
+    processor.tokenizer.model_max_length = int(1e30)
+    with pytest.raises(ValueError, match="the conversation is 605 tokens, the model's context 512"):
+        generate_answer(model, processor, [user(LONG_QUESTION)], do_sample=False, max_new_tokens=5)
 
 
 # --------------------------------------------------------------------------------------------- the served page
@@ -236,9 +250,9 @@ def test_errors_are_one_line_and_the_server_goes_on(served: Any) -> None:
 
     conversation, error, _ = ask(session, QUESTION, bad).result(timeout=TIMEOUT)
     assert error.startswith("error: image file 'broken.png'") and "\n" not in error and conversation == []
-    conversation, error, _ = ask(session, QUESTION, image, settings=(512, "greedy", 0.7, 1, "none")).result(TIMEOUT)
-    assert error.startswith("error: the conversation is") and "over the model's context of 512 tokens" in error
-    assert conversation == []
+    conversation, error, _ = ask(session, LONG_QUESTION, image).result(timeout=TIMEOUT)
+    assert error.startswith("error: prompt 0 is") and "more than the maximum length 512" in error
+    assert conversation == [] and "\n" not in error
 
     final = ask(session, QUESTION, image).result(timeout=TIMEOUT)
     assert final[1] == "" and answer_of(final) == pipeline_answer(pipe, [user(QUESTION, image)])

@@ -62,7 +62,7 @@ WATCH_ANSWERS = """() => {
         if (answers.length) window.seenAnswers.push(answers[answers.length - 1].innerText.trim());
         if (document.querySelector('#question textarea').disabled) window.busyWithAnswer = answers.length;
     };
-    new MutationObserver(record).observe(document.body, {subtree: true, childList: true, characterData: true});
+    new MutationObserver(record).observe(document.body, {subtree: true, childList: true, characterData: true, attributes: true});
 }"""
 
 

@@ -48,8 +48,9 @@ def generate_answer(
 
     The prompt is made as `pipeline("image-text-to-text")` makes it: `processor.apply_chat_template(messages,
     add_generation_prompt=True, tokenize=True, return_dict=True)`, floating inputs cast to the model's dtype; then
-    `model.generate(**inputs, streamer=streamer, **generate_kwargs)`. A conversation that with `max_new_tokens`
-    would not fit the model's context (`max_position_embeddings`) is refused with a `ValueError` before generating.
+    `model.generate(**inputs, streamer=streamer, **generate_kwargs)`. The answer ends where the model's context
+    (`max_position_embeddings`) does: `max_new_tokens` is lowered to the room left, and a conversation that leaves
+    none is refused with a `ValueError` before generating.
     """
     inputs = processor.apply_chat_template(
         messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
@@ -57,13 +58,14 @@ def generate_answer(
     inputs = inputs.to(model.device).to(dtype=model.dtype)
     prompt_length = inputs["input_ids"].shape[1]
     context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-    max_new_tokens = generate_kwargs.get("max_new_tokens") or 0
-    if context is not None and prompt_length + max_new_tokens > context:
-        raise ValueError(
-            f"the conversation is {prompt_length} tokens and the answer may take {max_new_tokens} more, over the "
-            f"model's context of {context} tokens: shorten the question, lower max new tokens or start a new "
-            "conversation"
-        )
+    if context is not None:
+        if prompt_length >= context:
+            raise ValueError(
+                f"the conversation is {prompt_length} tokens, the model's context {context}: shorten the question "
+                "or start a new conversation"
+            )
+        if generate_kwargs.get("max_new_tokens") is not None:
+            generate_kwargs["max_new_tokens"] = min(generate_kwargs["max_new_tokens"], context - prompt_length)
     output = model.generate(**inputs, streamer=streamer, **generate_kwargs)
     return processor.decode(output[0, prompt_length:], skip_special_tokens=True)
 
