@@ -215,7 +215,7 @@ def build_app(model: Any, processor: Any, title: str | None = None) -> Any:
     with gr.Blocks(title=title) as demo:
         gr.Markdown(f"## {title}\nUpload images, ask about them; the conversation keeps earlier images.")
         session = gr.State(ChatSession)
-        chatbot = gr.Chatbot(label="Conversation", elem_id="conversation", height=420, buttons=["copy", "copy_all"])
+        chatbot = gr.Chatbot(label="Conversation", elem_id="conversation", height=600, buttons=["copy", "copy_all"])
         error = gr.Markdown("", elem_id="error-line")
         question = gr.MultimodalTextbox(
             placeholder="Ask about the images (attach several with the clip)",
