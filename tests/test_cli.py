@@ -27,7 +27,8 @@ SUBCOMMAND_OPTIONS = {
     "train": ["--model", "--dataset", "--steps", "--lora", "--learning-rate", "recipe"],
     "chat": ["--image", "--question", "--max-new-tokens"],
     "card": ["--base-model", "--dataset", "--info", "--write"],
-    "push": ["--private", "--commit-message", "--revision", "--token", "repo_id"],
+    "push": ["--private", "--commit-message", "--revision", "--token", "--space", "repo_id"],
+    "app": ["--host", "--port", "model"],
 }
 
 
@@ -217,6 +218,15 @@ def test_push_offline_fails_fast_without_touching_the_folder(tiny_folder: Path, 
     status, _, err = run(capsys, "push", str(tiny_folder), "me/tiny", "--token", "hf_x")
     assert status == 2 and "offline mode" in err and "nothing was uploaded" in err
     assert sorted(path.name for path in tiny_folder.iterdir()) == before
+
+
+def test_app_without_gradio_or_with_a_bad_port_is_one_line(tiny_folder: Path, capsys, monkeypatch) -> None:
+    status, _, err = run(capsys, "app", str(tiny_folder), "--port", "70000")
+    assert status == 2 and "--port must be between 1 and 65535" in err
+    find_spec = cli.importlib.util.find_spec
+    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: None if name == "gradio" else find_spec(name))
+    status, _, err = run(capsys, "app", str(tiny_folder))
+    assert status == 2 and 'Gradio is not installed: pip install "phantom-hf[app]"' in err
 
 
 def test_train_runs_both_steps_and_saves_a_carded_folder(tiny_folder: Path, tmp_path: Path, capsys) -> None:

@@ -1,7 +1,9 @@
-"""Model cards (YAML front matter + body) and `push_folder` (one commit of exactly the folder's files, no network)."""
+"""Model cards (YAML front matter + body), `push_folder` (one commit of exactly the folder's files, no network) and
+`push_space` / `phantom-hf push --space` (one commit of a ready Gradio Space, no network)."""
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -12,13 +14,16 @@ import yaml
 from huggingface_hub import CommitOperationAdd, constants
 from safetensors.torch import save_file
 
-from phantom_hf import PhantomForConditionalGeneration
-from phantom_hf import hub
+from packaging.requirements import Requirement
+
+import phantom_hf
+from phantom_hf import PhantomForConditionalGeneration, cli, hub
 from phantom_hf.hub import (
     HubUploadError,
     describe_training_args,
     folder_files,
     push_folder,
+    push_space,
     render_model_card,
     write_model_card,
 )
@@ -252,3 +257,79 @@ def test_push_checks_its_arguments(saved_folder: Path, tmp_path: Path, monkeypat
     with pytest.raises(FileNotFoundError, match="no config.json"):
         push_folder(tmp_path / "empty", "me/tiny", token="hf_x")
     assert all(api.calls == [] for api in FakeApi.instances)
+
+
+# ------------------------------------------------------------------------------------------------ Spaces
+
+PYPROJECT = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+
+
+def test_push_space_commits_a_ready_gradio_space_in_one_commit(monkeypatch) -> None:
+    use_fake_api(monkeypatch)
+    commit = push_space("me/tiny-chat", "me/tiny", model_revision="dev", private=True, token="hf_x")
+    (api,) = FakeApi.instances
+    assert api.names() == ["whoami", "create_repo", "create_commit"]
+    create_repo, create_commit = api.calls[1][1], api.calls[2][1]
+    assert create_repo["repo_id"] == "me/tiny-chat" and create_repo["repo_type"] == "space"
+    assert create_repo["space_sdk"] == "gradio" and create_repo["private"] is True
+    assert create_commit["repo_type"] == "space" and commit.commit_url.endswith("/commit/abc")
+    files = {operation.path_in_repo: operation.path_or_fileobj for operation in create_commit["operations"]}
+
+    meta, body = front_matter(files["README.md"].decode())
+    (gradio_spec,) = [spec for spec in PYPROJECT["project"]["optional-dependencies"]["app"] if spec.startswith("gradio")]
+    (floor,) = [spec.version for spec in Requirement(gradio_spec).specifier if spec.operator == ">="]
+    assert meta["sdk"] == "gradio" and meta["app_file"] == "app.py" and meta["models"] == ["me/tiny"]
+    assert meta["sdk_version"] == floor + ".0" * (2 - floor.count("."))
+    assert "(https://huggingface.co/me/tiny)" in body
+    # requirements.txt: the package's own dependencies with their ranges, as pyproject.toml states them
+    requirements = files["requirements.txt"].decode().split()
+    assert {str(Requirement(line)) for line in requirements} == {
+        str(Requirement(line)) for line in PYPROJECT["project"]["dependencies"]
+    }
+    app = files["app.py"].decode()
+    compile(app, "app.py", "exec")
+    assert "MODEL_ID = 'me/tiny'" in app and "REVISION = 'dev'" in app and "from phantom_hf.app import launch" in app
+    # the installed package travels with the Space, file for file
+    package = Path(phantom_hf.__file__).parent
+    for name in ("__init__.py", "app.py", "prompts.py"):
+        assert files[f"phantom_hf/{name}"] == (package / name).read_bytes()
+    modeling = Path(phantom_hf.modeling.__file__).parent
+    assert files["phantom_hf/modeling/modeling_phantom.py"] == (modeling / "modeling_phantom.py").read_bytes()
+    assert "phantom_hf/hub_cards/model_card.md" in files
+    assert not any("__pycache__" in name for name in files)
+
+
+def test_push_space_refuses_before_any_call(monkeypatch) -> None:
+    use_fake_api(monkeypatch)
+    with pytest.raises(ValueError, match="invalid space_id"):
+        push_space("me/bad name", "me/tiny", token="hf_x")
+    with pytest.raises(ValueError, match="model_id must be 'namespace/name'"):
+        push_space("me/chat", "tiny", token="hf_x")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(HubUploadError, match="offline mode"):
+        push_space("me/chat", "me/tiny", token="hf_x")
+    assert all(api.calls == [] for api in FakeApi.instances)
+
+
+def test_write_space_folder_needs_an_empty_folder(tmp_path: Path) -> None:
+    (tmp_path / "space").mkdir()
+    (tmp_path / "space" / "old.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="is not empty"):
+        hub.write_space_folder(tmp_path / "space", "me/tiny")
+
+
+def test_cli_push_with_space_pushes_the_model_then_its_space(saved_folder: Path, monkeypatch, capsys) -> None:
+    use_fake_api(monkeypatch)
+    status = cli.main(["push", str(saved_folder), "me/tiny", "--token", "hf_x", "--revision", "v1", "--space", "tiny-chat"])
+    out = capsys.readouterr().out
+    assert status == 0 and "pushed the Space me/tiny-chat" in out
+    model_api, space_api = FakeApi.instances
+    assert model_api.calls[-1][1]["repo_type"] == "model" and model_api.calls[-1][1]["repo_id"] == "me/tiny"
+    assert space_api.calls[-1][1]["repo_type"] == "space" and space_api.calls[-1][1]["repo_id"] == "me/tiny-chat"
+    app = {op.path_in_repo: op.path_or_fileobj for op in space_api.calls[-1][1]["operations"]}["app.py"].decode()
+    assert "MODEL_ID = 'me/tiny'" in app and "REVISION = 'v1'" in app
+
+    FakeApi.instances.clear()
+    status = cli.main(["push", str(saved_folder), "me/tiny", "--token", "hf_x", "--space", "bad name"])
+    assert status == 2 and "invalid --space 'me/bad name'" in capsys.readouterr().err
+    assert FakeApi.instances == []  # nothing pushed, not even the model

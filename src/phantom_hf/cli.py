@@ -2,9 +2,10 @@
 
 Sub-commands: `demo` (the offline end-to-end demo), `convert` (a published checkpoint -> a Hub-ready folder),
 `train` (the two-step Phantom recipe on a triple dataset), `chat` (ask a saved model about an image), `eval`
-(lmms-eval benchmarks with the published prompts), `card` (render a model card) and `push` (upload a saved folder
-to the Hub). Heavy modules (torch, transformers, this package's model code) are imported only by the sub-command that
-needs them, so `--help` stays quick; `phantom_hf_launch` is the console script's entry.
+(lmms-eval benchmarks with the published prompts), `card` (render a model card), `push` (upload a saved folder
+to the Hub) and `app` (a chat page in the browser). Heavy modules (torch, transformers, this package's model
+code) are imported only by the sub-command that needs them, so `--help` stays quick; `phantom_hf_launch` is the
+console script's entry.
 """
 
 from __future__ import annotations
@@ -527,12 +528,23 @@ def _add_push(subparsers: Any, selected: bool) -> None:
             default=DEFAULT_HUB_TIMEOUT,
             help=f"seconds to wait for any answer of the Hub before giving up (default {DEFAULT_HUB_TIMEOUT:g})",
         )
+    parser.add_argument(
+        "--space",
+        default=None,
+        metavar="NAME",
+        help="also push a Gradio Space serving the model's chat page (`phantom-hf app`) to NAME (namespace/name, or a "
+        "name in the model's namespace); a private model needs a read token in the Space's HF_TOKEN secret",
+    )
     parser.set_defaults(handler=_run_push)
 
 
 def _run_push(args: argparse.Namespace) -> int:
-    from .hub import push_folder
+    from .hub import check_repo_id, push_folder, push_space
 
+    space_id = None
+    if args.space is not None:  # checked before the model is pushed
+        space_id = args.space if "/" in args.space else f"{args.repo_id.split('/')[0]}/{args.space}"
+        check_repo_id(space_id, "--space")
     commit = push_folder(
         args.folder,
         args.repo_id,
@@ -544,6 +556,45 @@ def _run_push(args: argparse.Namespace) -> int:
         timeout=args.timeout,
     )
     print(f"pushed {args.folder} to {getattr(commit, 'commit_url', None) or args.repo_id}")
+    if space_id is not None:
+        commit = push_space(
+            space_id,
+            args.repo_id,
+            model_revision=args.revision,
+            private=args.private,
+            token=args.token,
+            timeout=args.timeout,
+        )
+        print(f"pushed the Space {space_id}: {getattr(commit, 'commit_url', None) or space_id}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ app
+
+
+def _add_app(subparsers: Any, selected: bool) -> None:
+    parser = subparsers.add_parser(
+        "app",
+        help="serve a chat page (Gradio) for a saved Phantom model",
+        description="Serve a Gradio chat page for a saved Phantom model (pip install 'phantom-hf[app]'): images "
+        "and questions, multi-turn, streamed answers, generation settings, the published benchmark instructions.",
+    )
+    parser.add_argument("model", help="saved Phantom model folder or Hub id")
+    parser.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1, or GRADIO_SERVER_NAME)")
+    parser.add_argument("--port", type=int, default=None, help="port (default 7860, or GRADIO_SERVER_PORT)")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.set_defaults(handler=_run_app)
+
+
+def _run_app(args: argparse.Namespace) -> int:
+    if args.port is not None and not 0 < args.port < 65536:
+        raise CLIError(f"--port must be between 1 and 65535, got {args.port}")
+    if importlib.util.find_spec("gradio") is None:
+        raise CLIError('Gradio is not installed: pip install "phantom-hf[app]"')
+    model, processor = _load_model_and_processor(args.model, _check_device(args.device))
+    from .app import launch
+
+    launch(model, processor, host=args.host, port=args.port, title=Path(args.model).name)
     return 0
 
 
@@ -557,6 +608,7 @@ _SUBCOMMANDS: dict[str, Callable[[Any, bool], None]] = {
     "eval": _add_eval,
     "card": _add_card,
     "push": _add_push,
+    "app": _add_app,
 }
 
 

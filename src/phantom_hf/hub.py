@@ -4,20 +4,33 @@
 a body: what the model is, how to load it, the training recipe and hyper-parameters, evaluation results,
 citation). `write_model_card` writes it as `README.md` into a saved folder. `push_folder` uploads a saved
 folder as one commit, after checking — before anything is sent — that a token is there and the Hub is reachable.
+`write_space_folder` writes a Gradio Space that serves a pushed model with the chat page of `phantom_hf.app`, and
+`push_space` pushes one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import json
 import re
+import tempfile
 from collections.abc import Iterator, Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import jinja2
-from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData, constants, get_token
+from huggingface_hub import (
+    CommitOperationAdd,
+    HfApi,
+    ModelCard,
+    ModelCardData,
+    SpaceCard,
+    SpaceCardData,
+    constants,
+    get_token,
+)
 from huggingface_hub.utils import HFValidationError, get_session, validate_repo_id
 from transformers import PretrainedConfig
 
@@ -355,6 +368,16 @@ def hub_timeout(seconds: float | None) -> Iterator[None]:
         session.timeout = previous
 
 
+def check_repo_id(repo_id: str, name: str = "repo_id") -> None:
+    """A `ValueError` naming `name` unless `repo_id` is a valid Hub id of the form namespace/name."""
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise ValueError(f"invalid {name} {repo_id!r}: {error}") from error
+    if "/" not in repo_id:
+        raise ValueError(f"{name} must be 'namespace/name', got {repo_id!r}")
+
+
 def push_folder(
     folder: str | Path,
     repo_id: str,
@@ -396,12 +419,7 @@ def _push_folder(
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{str(folder)!r} is not a folder")
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as error:
-        raise ValueError(f"invalid repo_id {repo_id!r}: {error}") from error
-    if "/" not in repo_id:
-        raise ValueError(f"repo_id must be 'namespace/name', got {repo_id!r}")
+    check_repo_id(repo_id)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{str(folder)!r} has no config.json: save the model there with save_pretrained first")
 
@@ -427,15 +445,158 @@ def _push_folder(
         raise HubUploadError(f"upload of {str(folder)!r} to {repo_id!r} failed, no commit was made: {error}") from error
 
 
+# ---------------------------------------------------------------------------------------------- Spaces
+
+_SPACE_APP = '''"""The chat page of {model_id} (a Phantom model, arXiv 2409.14713), served by `phantom_hf.app`.
+
+Written by `phantom-hf push --space`. The `phantom_hf` folder beside this file is the phantom-hf package that wrote
+it. A private model needs a read token in the Space's HF_TOKEN secret.
+"""
+
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+import phantom_hf  # noqa: F401  registers Phantom with the Auto classes
+from phantom_hf.app import launch
+
+MODEL_ID = {model_id!r}
+REVISION = {revision!r}
+
+model = AutoModelForImageTextToText.from_pretrained(MODEL_ID, revision=REVISION)
+processor = AutoProcessor.from_pretrained(MODEL_ID, revision=REVISION)
+# Address and port: Gradio reads GRADIO_SERVER_NAME and GRADIO_SERVER_PORT, which Spaces set.
+launch(model, processor, title=MODEL_ID)
+'''
+
+
+def _space_requirements() -> tuple[list[str], str]:
+    """The installed phantom-hf's own requirements (the ranges it is tested with) and the Gradio version of its
+    `app` extra's floor (a Space installs Gradio itself, at the card's `sdk_version`)."""
+    from packaging.requirements import Requirement
+
+    requirements, gradio_version = [], None
+    for line in importlib.metadata.requires("phantom-hf") or []:
+        requirement = Requirement(line)
+        if requirement.marker is None:
+            requirements.append(str(requirement))
+        elif requirement.name == "gradio" and requirement.marker.evaluate({"extra": "app"}):
+            floors = [spec.version for spec in requirement.specifier if spec.operator == ">="]
+            gradio_version = floors[0] if floors else None
+    if gradio_version is None:
+        raise RuntimeError("the installed phantom-hf names no Gradio floor in its `app` extra: reinstall it")
+    parts = gradio_version.split(".")
+    return requirements, ".".join(parts + ["0"] * (3 - len(parts)))
+
+
+def _package_files() -> dict[str, Path]:
+    """The phantom-hf package as installed: relative path in a Space -> source file (Python files and model cards;
+    `phantom_hf.modeling` and `phantom_hf.hub_cards` may live elsewhere in an editable install)."""
+    import phantom_hf
+    from phantom_hf import hub_cards, modeling
+
+    files: dict[str, Path] = {}
+    for package, name, patterns in (
+        (phantom_hf, "phantom_hf", ("*.py",)),
+        (modeling, "phantom_hf/modeling", ("*.py",)),
+        (hub_cards, "phantom_hf/hub_cards", ("*.py", "*.md")),
+    ):
+        root = Path(package.__file__).parent
+        for pattern in patterns:
+            for path in sorted(root.glob(pattern)):
+                files[f"{name}/{path.name}"] = path
+    return files
+
+
+def write_space_folder(folder: str | Path, model_id: str, revision: str | None = None) -> list[str]:
+    """Write a Gradio Space that serves `model_id` (at `revision`) with the chat page of `phantom_hf.app` into the
+    empty or new `folder`: `app.py`, `requirements.txt` (phantom-hf's requirements, its tested ranges), `README.md`
+    (the Space card: `sdk: gradio` at the `app` extra's Gradio version, the model linked) and the installed
+    `phantom_hf` package itself (it is not on PyPI). Returns the files written, relative to `folder`."""
+    folder = Path(folder)
+    if folder.exists() and any(folder.iterdir()):
+        raise FileExistsError(f"{str(folder)!r} is not empty: a Space folder is written into a new or empty folder")
+    requirements, gradio_version = _space_requirements()
+    card = SpaceCard.from_template(
+        SpaceCardData(
+            title=model_id.split("/")[-1][:30],
+            emoji="👻",
+            colorFrom="indigo",
+            colorTo="gray",
+            sdk="gradio",
+            sdk_version=gradio_version,
+            app_file="app.py",
+            models=[model_id],
+            license=DEFAULT_LICENSE,
+            short_description="Chat with a Phantom vision-language model",
+        ),
+        template_str=(
+            "---\n{{ card_data }}\n---\n\n# {{ model_id }}\n\nA chat page for the Phantom vision-language model "
+            "[{{ model_id }}](https://huggingface.co/{{ model_id }}) "
+            "([Phantom of Latent](https://arxiv.org/abs/2409.14713)): upload images, ask, and read the answer as it "
+            "is generated. Written by `phantom-hf push --space`.\n"
+        ),
+        model_id=model_id,
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "app.py").write_text(_SPACE_APP.format(model_id=model_id, revision=revision), encoding="utf-8")
+    (folder / "requirements.txt").write_text("\n".join(requirements) + "\n", encoding="utf-8")
+    card.save(folder / CARD_NAME)
+    for name, source in _package_files().items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(source.read_bytes())
+    return folder_files(folder)
+
+
+def push_space(
+    space_id: str,
+    model_id: str,
+    model_revision: str | None = None,
+    private: bool | None = None,
+    commit_message: str | None = None,
+    token: str | None = None,
+    timeout: float | None = DEFAULT_HUB_TIMEOUT,
+) -> Any:
+    """Push a Gradio Space serving the Hub model `model_id` (`write_space_folder`) to `space_id` as one commit (the
+    Space is created when missing). Refuses before sending anything as `push_folder` does; returns the `CommitInfo`."""
+    if timeout is not None and not timeout > 0:
+        raise ValueError(f"timeout must be a number of seconds > 0 or None, got {timeout!r}")
+    check_repo_id(space_id, "space_id")
+    check_repo_id(model_id, "model_id")
+    with hub_timeout(timeout):
+        api = HfApi()
+        token = _check_upload_possible(api, token, timeout)
+        with tempfile.TemporaryDirectory(prefix="phantom-hf-space-") as staging:
+            files = write_space_folder(staging, model_id, model_revision)
+            operations = [
+                CommitOperationAdd(path_in_repo=name, path_or_fileobj=(Path(staging) / name).read_bytes())
+                for name in files
+            ]
+        try:
+            api.create_repo(
+                space_id, private=private, exist_ok=True, repo_type="space", space_sdk="gradio", token=token
+            )
+            return api.create_commit(
+                space_id,
+                operations=operations,
+                commit_message=commit_message or f"Chat page for {model_id} with phantom-hf",
+                token=token,
+                repo_type="space",
+            )
+        except Exception as error:
+            raise HubUploadError(f"upload of the Space {space_id!r} failed, no commit was made: {error}") from error
+
+
 __all__ = [
     "DEFAULT_HUB_TIMEOUT",
+    "check_repo_id",
     "HubUploadError",
     "describe_training_args",
     "folder_files",
     "hub_timeout",
     "infer_base_model",
     "push_folder",
+    "push_space",
     "render_model_card",
     "save_model_folder",
     "write_model_card",
+    "write_space_folder",
 ]
