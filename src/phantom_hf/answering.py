@@ -84,6 +84,22 @@ def model_inputs(model: Any, processor: Any, prompts: Sequence[str], images: Seq
     return inputs
 
 
+def _within_context(model: Any, prompt_length: int, generate_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`generate_kwargs` with `max_new_tokens` lowered to the room the model's context (`max_position_embeddings`)
+    leaves after a prompt of `prompt_length` tokens; a prompt that fills the context is refused."""
+    context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if context is None:
+        return generate_kwargs
+    if prompt_length >= context:
+        raise ValueError(
+            f"the prompt is {prompt_length} tokens, the model's context {context}: shorten the question or start a "
+            "new conversation"
+        )
+    if generate_kwargs.get("max_new_tokens") is None:
+        return generate_kwargs
+    return {**generate_kwargs, "max_new_tokens": min(generate_kwargs["max_new_tokens"], context - prompt_length)}
+
+
 def answer_questions(
     model: Any,
     processor: Any,
@@ -109,6 +125,8 @@ def answer_questions(
             that receives the tokens as they are generated; only with a single question.
         **generate_kwargs: `generate` options (`max_new_tokens`, `do_sample`, `temperature`, `num_beams`, ...).
             Decoding is greedy unless `do_sample` says otherwise; `pad_token_id` defaults to `pad_token_id(tokenizer)`.
+            `max_new_tokens` is lowered to the room the model's context leaves; a prompt that fills the context is
+            refused with a `ValueError`.
     """
     if isinstance(questions, str):
         raise TypeError("questions must be a list of questions; for one question pass [question]")
@@ -126,8 +144,9 @@ def answer_questions(
     try:
         for start in range(0, len(prompts), step):
             inputs = model_inputs(model, processor, prompts[start : start + step], rows[start : start + step])
+            within = _within_context(model, inputs["input_ids"].shape[1], generate_kwargs)
             with torch.no_grad():
-                output = model.generate(**inputs, streamer=streamer, **generate_kwargs)
+                output = model.generate(**inputs, streamer=streamer, **within)
             answers.extend(answer.strip() for answer in processor.batch_decode(output, prompt_ids=inputs["input_ids"]))
     finally:
         tokenizer.padding_side = padding_side

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
+from .answering import answer_questions
 from .modeling.processing_phantom import to_rgb_array
 from .prompts import BENCHMARK_PROMPTS, apply_benchmark_prompt, benchmark_prompt
 
@@ -44,30 +45,12 @@ def generate_answer(
     **generate_kwargs: Any,
 ) -> str:
     """The model's answer to the chat `messages` (transformers' chat format: each turn a role and a list of
-    `{"type": "image", "image": ...}` / `{"type": "text", "text": ...}` blocks), decoded without special tokens.
-
-    The prompt is made as `pipeline("image-text-to-text")` makes it: `processor.apply_chat_template(messages,
-    add_generation_prompt=True, tokenize=True, return_dict=True)`, floating inputs cast to the model's dtype; then
-    `model.generate(**inputs, streamer=streamer, **generate_kwargs)`. The answer ends where the model's context
-    (`max_position_embeddings`) does: `max_new_tokens` is lowered to the room left, and a conversation that leaves
-    none is refused with a `ValueError` before generating.
+    `{"type": "image", "image": ...}` / `{"type": "text", "text": ...}` blocks), through the library's one way of
+    asking a model (`answering.answer_questions`): the prompt is the chat template's, as `pipeline("image-text-to-text")`
+    makes it, and `max_new_tokens` is lowered to the room the model's context leaves (a conversation that leaves
+    none is refused with a `ValueError` before generating).
     """
-    inputs = processor.apply_chat_template(
-        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
-    )
-    inputs = inputs.to(model.device).to(dtype=model.dtype)
-    prompt_length = inputs["input_ids"].shape[1]
-    context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-    if context is not None:
-        if prompt_length >= context:
-            raise ValueError(
-                f"the conversation is {prompt_length} tokens, the model's context {context}: shorten the question "
-                "or start a new conversation"
-            )
-        if generate_kwargs.get("max_new_tokens") is not None:
-            generate_kwargs["max_new_tokens"] = min(generate_kwargs["max_new_tokens"], context - prompt_length)
-    output = model.generate(**inputs, streamer=streamer, **generate_kwargs)
-    return processor.decode(output[0, prompt_length:], skip_special_tokens=True)
+    return answer_questions(model, processor, [messages], streamer=streamer, **generate_kwargs)[0]
 
 
 class ChatSession:
