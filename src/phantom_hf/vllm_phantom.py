@@ -174,15 +174,6 @@ class PhantomAnchorLookup(nn.Module):
         return (bits.long() * self.bit_values).sum(-1).clamp_(0, self.vocab_size - 1)
 
 
-def _operand_pair(operands: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """The anchor-side MHCA operands (keys, values), each (anchors, H_all, D), from what
-    `PhantomAttentionMixin._phantom_anchors` returns: that pair, or (in the mixin's form before model-held anchors) a
-    dict holding them as `mhca_key` / `mhca_value` beside the path mask; both are read until one form remains."""
-    if isinstance(operands, dict):
-        return operands["mhca_key"], operands["mhca_value"]
-    return operands
-
-
 class PhantomVLLMAttention(PhantomAttentionMixin, nn.Module):
     """A decoder layer's attention with Phantom Dimension on vLLM's paged attention.
 
@@ -252,7 +243,7 @@ class PhantomVLLMAttention(PhantomAttentionMixin, nn.Module):
         query, key = self.rotary_emb(positions, query, key)
         return query, key, value
 
-    def _anchor_operands(self, states: tuple[torch.Tensor, ...], anchors: AnchorRows) -> Any:
+    def _anchor_operands(self, states: tuple[torch.Tensor, ...], anchors: AnchorRows) -> tuple[torch.Tensor, torch.Tensor]:
         """The fused MHCA's anchor operands for every row, as `_phantom_expand` takes them: the table's for known
         anchors, computed from the anchor rows (q/k/v at position 0) for new ones and handed back in `anchors`."""
         keys, values = [], []
@@ -263,9 +254,6 @@ class PhantomVLLMAttention(PhantomAttentionMixin, nn.Module):
         if new_rows[0].shape[0]:
             first = torch.zeros(new_rows[0].shape[0], dtype=torch.long, device=new_rows[0].device)
             computed = self._phantom_anchors(*new_rows, first)
-            if isinstance(computed, dict):
-                self._path_mask = computed["mhca_mask"][0]
-            computed = _operand_pair(computed)
             anchors.computed.append(computed)
             keys.append(computed[0])
             values.append(computed[1])
@@ -275,9 +263,7 @@ class PhantomVLLMAttention(PhantomAttentionMixin, nn.Module):
             key, value = key.expand(rows, -1, -1), value.expand(rows, -1, -1)
         else:
             key, value = key[anchors.anchor_of_row], value[anchors.anchor_of_row]
-        if hasattr(self, "_phantom_mask"):
-            return key, value
-        return {"mhca_key": key, "mhca_value": value, "mhca_mask": self._path_mask.expand(rows, -1, -1)}
+        return key, value
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, anchors: AnchorRows | None) -> torch.Tensor:
         query, key, value = self._project(positions, hidden_states)
@@ -562,6 +548,20 @@ def _check_supported(config: PretrainedConfig) -> None:
     _backbone_biases(config.text_config)
 
 
+def _suppressed_token_ids(vllm_config: VllmConfig) -> list[int]:
+    """Token ids the model never emits: `image_token_id` (a placeholder without its image cannot be embedded) and
+    the `suppress_tokens` of the folder's generation_config.json, which transformers' `generate` applies and vLLM's
+    sampling parameters do not carry."""
+    config = vllm_config.model_config.hf_config
+    suppressed = vllm_config.model_config.try_get_generation_config().get("suppress_tokens") or []
+    vocab_size = config.text_config.vocab_size
+    ids = sorted({int(config.image_token_id), *(int(token) for token in suppressed)})
+    out_of_range = [token for token in ids if not 0 <= token < vocab_size]
+    if out_of_range:
+        raise ValueError(f"generation_config.json: suppress_tokens {out_of_range} are outside the vocabulary (size {vocab_size})")
+    return ids
+
+
 @MULTIMODAL_REGISTRY.register_processor(
     PhantomMultiModalProcessor, info=PhantomProcessingInfo, dummy_inputs=PhantomDummyInputsBuilder
 )
@@ -597,6 +597,7 @@ class PhantomForConditionalGeneration(nn.Module, SupportsMultiModal):
         if config.tie_word_embeddings:
             self.lm_head = self.lm_head.tie_weights(self.language_model.embed_tokens)
         self.logits_processor = LogitsProcessor(text.vocab_size)
+        self.register_buffer("suppressed_token_ids", torch.tensor(_suppressed_token_ids(vllm_config)), persistent=False)
 
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
         """Vision tokens of each image, (tiles * image_seq_length, hidden), in prompt order."""
@@ -622,7 +623,12 @@ class PhantomForConditionalGeneration(nn.Module, SupportsMultiModal):
         return self.language_model(input_ids, positions, inputs_embeds)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        return self.logits_processor(self.lm_head, hidden_states)
+        """The backbone's logits with the image placeholder and the folder's `suppress_tokens` at -inf, so that no
+        sampling setting picks them (as transformers' `generate` suppresses them)."""
+        logits = self.logits_processor(self.lm_head, hidden_states)
+        if logits is not None:
+            logits.index_fill_(-1, self.suppressed_token_ids, float("-inf"))
+        return logits
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         return AutoWeightsLoader(self).load_weights(weights, mapper=self.hf_to_vllm_mapper)
