@@ -130,12 +130,3 @@ def test_an_anchor_token_other_than_the_first_is_refused(tmp_path):
     model, processor = make_phantom("qwen2", phantom_anchor_token_id=3)
     with pytest.raises(Exception, match="phantom_anchor_token_id=3"):
         vllm_engine(save(model, processor, tmp_path))
-
-
-def test_tensor_parallelism_is_refused(monkeypatch):
-    from phantom_hf import vllm_phantom
-
-    model, _ = make_phantom("qwen2")
-    monkeypatch.setattr(vllm_phantom, "get_tensor_model_parallel_world_size", lambda: 2)
-    with pytest.raises(ValueError, match="tensor_parallel_size=1"):
-        vllm_phantom._check_supported(model.config)
