@@ -680,7 +680,7 @@ def _suppressed_token_ids(vllm_config: VllmConfig) -> list[int]:
     config = vllm_config.model_config.hf_config
     suppressed = vllm_config.model_config.try_get_generation_config().get("suppress_tokens") or []
     vocab_size = config.text_config.vocab_size
-    ids = sorted({int(config.image_token_id), *(int(token) for token in suppressed)})
+    ids = sorted({int(token) for token in [config.image_token_id, *suppressed] if token is not None})
     out_of_range = [token for token in ids if not 0 <= token < vocab_size]
     if out_of_range:
         raise ValueError(f"generation_config.json: suppress_tokens {out_of_range} are outside the vocabulary (size {vocab_size})")
@@ -722,7 +722,7 @@ class PhantomForConditionalGeneration(nn.Module, SupportsMultiModal):
         if config.tie_word_embeddings:
             self.lm_head = self.lm_head.tie_weights(self.language_model.embed_tokens)
         self.logits_processor = LogitsProcessor(text.vocab_size)
-        self.register_buffer("suppressed_token_ids", torch.tensor(_suppressed_token_ids(vllm_config)), persistent=False)
+        self.register_buffer("suppressed_token_ids", torch.tensor(_suppressed_token_ids(vllm_config), dtype=torch.long), persistent=False)
 
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
         """Vision tokens of each image, (tiles * image_seq_length, hidden), in prompt order."""
