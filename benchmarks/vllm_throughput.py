@@ -1,18 +1,21 @@
 """Offline throughput of Phantom served by vLLM against transformers' `generate`, and Phantom against the plain
 backbone in vLLM.
 
-`--prompts` concurrent prompts of `--prompt-tokens` random tokens each, `--new-tokens` greedy tokens each (no early
-stop). Variants (`--variants`, the first is the baseline):
+For each batch size of `--prompts` (default 1 and 16): that many concurrent prompts of `--prompt-tokens` random
+tokens, `--new-tokens` greedy tokens each (no early stop). Variants (`--variants`, the first is the baseline):
   hf-plain, hf-phantom      transformers' `generate` on the whole batch (Phantom Dimension off / on, PhantomCache);
   vllm-plain, vllm-phantom  vLLM's offline engine (`vllm.LLM(...).generate`) on the same prompts, from folders written
-                            by `save_pretrained` (prefix caching off, so that every repeat prefills; eager).
-All four share the same random backbone tensors (Phantom's modules are extra). Metrics: generated tokens per second
-(prompts x new tokens / seconds of the whole call, prefill included), by the wall clock and by the CPU time of this
-process (vLLM runs in this process: VLLM_ENABLE_V1_MULTIPROCESSING=0). Runs in the vLLM environment (README, "Serving
-with vLLM"); on the CPU vLLM's worker binds its threads to `--threads` cores and transformers then runs with the same
-threads.
+                            by `save_pretrained` (prefix caching off, so that every repeat prefills); vLLM's compiled
+                            path (torch.compile; CUDA graphs on a GPU) unless `--eager`.
+All four share the same random backbone tensors (Phantom's modules are extra). Metrics, by the wall clock and by the
+CPU time of this process (vLLM runs in this process: VLLM_ENABLE_V1_MULTIPROCESSING=0): decode tokens/s (the
+difference between a run of `--new-tokens` and a run of 1 new token, both measured in every round: prompts x
+(new tokens - 1) / the extra seconds) and tokens/s of the whole call (prefill included). Every round runs every
+variant and batch size in turn. Runs in the vLLM environment (README, "Serving with vLLM"); on the CPU vLLM's worker
+binds its threads to `--threads` cores and transformers then runs with the same threads. Default shape: Qwen2-0.5B's
+(Phantom-0.5B's decoder).
 
-    python benchmarks/vllm_throughput.py --threads 1 --repeats 3 --json vllm-cpu.json
+    python benchmarks/vllm_throughput.py --threads 1 --clock process --repeats 3 --variants vllm-plain,vllm-phantom
 """
 
 from __future__ import annotations
@@ -48,20 +51,17 @@ from phantom_hf.modeling.processing_phantom import PhantomProcessor  # noqa: E40
 from phantom_hf.tokenization import build_tokenizer  # noqa: E402
 
 VARIANTS = ("hf-plain", "hf-phantom", "vllm-plain", "vllm-phantom")
-# A small decoder (the CPU default): the shape of a Phantom layer (GQA 4:1, head_dim 64, so 128 for Phantom
-# attention) at a size where a CPU run takes minutes.
-SMALL_SHAPE = dict(layers=8, hidden_size=512, heads=8, kv_heads=2, head_dim=64, intermediate_size=2048, vocab_size=32000)
 
 
 def parse_args() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
-    parser.set_defaults(**SMALL_SHAPE)
-    parser.add_argument("--prompts", type=int, default=8, help="concurrent prompts")
+    parser.add_argument("--prompts", default="1,16", help="batch sizes (concurrent prompts), comma-separated")
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--eager", action="store_true", help="vLLM's eager path (enforce_eager) instead of the compiled one")
     add_variants_argument(parser, VARIANTS, ",".join(VARIANTS))
     return parser, parser.parse_args()
 
@@ -77,6 +77,7 @@ def save_folder(model: Any, vocab_size: int, folder: Path) -> Path:
 def main() -> None:
     parser, args = parse_args()
     variants = selected_variants(parser, args, VARIANTS)
+    batch_sizes = [int(size) for size in args.prompts.split(",")]
     device = torch.device(args.device)
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     torch.manual_seed(args.seed)
@@ -89,15 +90,13 @@ def main() -> None:
         model.generation_config.eos_token_id = None
         model.generation_config.pad_token_id = 0
     generator = torch.Generator().manual_seed(args.seed)
-    prompts = torch.randint(50, text.vocab_size, (args.prompts, args.prompt_tokens), generator=generator)
+    prompts = torch.randint(50, text.vocab_size, (max(batch_sizes), args.prompt_tokens), generator=generator)
 
     engines: dict[str, Any] = {}
     folders = tempfile.TemporaryDirectory(prefix="phantom-vllm-bench-")
     if any(name.startswith("vllm") for name in variants):
         from vllm import LLM, SamplingParams
 
-        sampling = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True, detokenize=False)
-        token_prompts = [{"prompt_token_ids": row.tolist()} for row in prompts]
         for name in variants:
             if name.startswith("vllm"):
                 kind = name.split("-")[1]
@@ -106,47 +105,62 @@ def main() -> None:
                     model=str(folder),
                     dtype=dtype,
                     max_model_len=args.prompt_tokens + args.new_tokens + 16,
-                    max_num_seqs=max(args.prompts, 1),
-                    max_num_batched_tokens=max(args.prompts * args.prompt_tokens, 2048),
+                    max_num_seqs=max(batch_sizes),
+                    max_num_batched_tokens=max(max(batch_sizes) * args.prompt_tokens, 2048),
                     enable_prefix_caching=False,
-                    enforce_eager=True,
+                    enforce_eager=args.eager,
                     limit_mm_per_prompt={"image": 0},
                     seed=args.seed,
                 )
+                if f"hf-{kind}" not in variants:  # the engine holds its own copy of the weights
+                    del models[kind]
 
-    def run(name: str) -> dict[str, float]:
+    def generate(name: str, batch: int, new_tokens: int) -> tuple[float, float]:
+        """(wall, CPU) seconds of one call that generates `new_tokens` for each of the first `batch` prompts."""
         wall, cpu = time.perf_counter(), time.process_time()
         if name in engines:
-            outputs = engines[name].generate(token_prompts, sampling, use_tqdm=False)
+            sampling = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True, detokenize=False)
+            outputs = engines[name].generate([{"prompt_token_ids": row.tolist()} for row in prompts[:batch]], sampling, use_tqdm=False)
             generated = sum(len(output.outputs[0].token_ids) for output in outputs)
         else:
             with torch.no_grad():
                 output = models[name.split("-")[1]].generate(
-                    input_ids=prompts.to(device),
-                    attention_mask=torch.ones_like(prompts).to(device),
+                    input_ids=prompts[:batch].to(device),
+                    attention_mask=torch.ones_like(prompts[:batch]).to(device),
                     do_sample=False,
-                    max_new_tokens=args.new_tokens,
-                    min_new_tokens=args.new_tokens,
+                    max_new_tokens=new_tokens,
+                    min_new_tokens=new_tokens,
                 )
             generated = (output.shape[1] - args.prompt_tokens) * output.shape[0]
-        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-        if generated != args.prompts * args.new_tokens:
-            raise RuntimeError(f"{name} generated {generated} tokens, expected {args.prompts * args.new_tokens}")
-        return {"tokens/s (wall)": generated / wall, "tokens/s (cpu time)": generated / cpu}
+        if generated != batch * new_tokens:
+            raise RuntimeError(f"{name} generated {generated} tokens, expected {batch * new_tokens}")
+        return time.perf_counter() - wall, time.process_time() - cpu
 
-    samples = interleaved(variants, args.repeats, args.warmup, run)
-    setting = f"{args.prompts} prompts x {args.prompt_tokens} + {args.new_tokens} tokens"
-    rows = [
-        Row(setting, name, metric, values, True, variants[0])
-        for name in variants
-        for metric, values in samples[name].items()
-    ]
-    rows.sort(key=lambda row: (row.metric, variants.index(row.variant)))
+    runs = [(name, batch) for batch in batch_sizes for name in variants]
+
+    def run(key: str) -> dict[str, float]:
+        name, batch = runs[int(key)]
+        full_wall, full_cpu = generate(name, batch, args.new_tokens)
+        one_wall, one_cpu = generate(name, batch, 1)
+        decoded = batch * (args.new_tokens - 1)
+        return {
+            "decode tokens/s (wall)": decoded / max(full_wall - one_wall, 1e-9),
+            "decode tokens/s (cpu time)": decoded / max(full_cpu - one_cpu, 1e-9),
+            "tokens/s (wall)": batch * args.new_tokens / full_wall,
+            "tokens/s (cpu time)": batch * args.new_tokens / full_cpu,
+        }
+
+    samples = interleaved([str(index) for index in range(len(runs))], args.repeats, args.warmup, run)
+    rows = []
+    for index, (name, batch) in enumerate(runs):
+        setting = f"{batch} x ({args.prompt_tokens} + {args.new_tokens})"
+        rows += [Row(setting, name, metric, values, True, variants[0]) for metric, values in samples[str(index)].items()]
+    rows.sort(key=lambda row: (row.metric, batch_sizes.index(int(row.setting.split(" ")[0])), variants.index(row.variant)))
     import vllm
 
-    info = {**machine_info(device), "vllm": vllm.__version__, "threads": torch.get_num_threads()}
+    info = {**machine_info(device), "vllm": vllm.__version__, "threads": torch.get_num_threads(), "compiled": not args.eager}
     print(f"\nmodel: {shape_label(text)}, {dtype}; {info}")
-    report("vllm_throughput", f"Offline generation throughput ({setting})", rows, args, device)
+    report("vllm_throughput", "Offline generation throughput (prompts x (prompt + new tokens))", rows, args, device)
     folders.cleanup()
 
 

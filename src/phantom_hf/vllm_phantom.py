@@ -25,18 +25,29 @@ The anchor without per-sequence state
       caching and preemption need nothing from the model between steps. Cost: one more layer of KV cache
       (1/num_layers more) and one small attention per step.
     * the anchor-side operands of the fused MHCA in every layer (gelu(Lk(a)) and Lo(gelu(Lv(a))) of the anchor's
-      q/k/v) are thus a pure function of the anchor's token id and the weights: the language model keeps them per
-      token id (`anchor_table`, filled on first use, cleared with new weights). A forward pass that meets an anchor id
-      not in the table appends one row for it to the hidden states, at position 0, and runs it through the layers
-      beside the tokens: its attention output is its own expanded value (softmax over one key), and each layer
-      computes the operands from its q/k/v, the ones transformers computes for that token at prefill.
+      q/k/v) are thus a pure function of the anchor's token id and the weights: `PhantomAnchorTable` keeps them per
+      token id on the device (fixed size, least recently used out, cleared with new weights). In each pass every
+      row at position 0 computes its own token's anchor where it stands (its attention output is its own expanded
+      value, softmax over one key, as transformers computes that token at prefill), and every other row takes its
+      anchor's operands from the table or from such a row of the same pass. One more row at position 0 follows the
+      batch's tokens: it computes an anchor that is in neither place (a prefix-cache hit on a sequence whose first
+      token the table no longer holds). Each layer computes the operands of every row and writes the new anchors'
+      to the table.
 
-    The forward pass has data-dependent shapes (the new anchors), so the model runs eagerly: vLLM does not
-    torch.compile it nor capture CUDA graphs of it.
+    Nothing in the forward pass synchronises with the host or has a data-dependent shape (the rows are the batch's
+    tokens plus `ANCHOR_FALLBACK_ROWS`), so vLLM compiles it (`support_torch_compile`) and, on a GPU, captures CUDA
+    graphs of it. The limit of this: a pass in which more anchors than fallback rows are missing (two prefix-cache
+    hits in one step on different first tokens that the table, `ANCHOR_TABLE_SIZE` or 2 * max_num_seqs + 1 ids,
+    no longer holds) computes only the first; `PhantomAnchorTable.misses` counts the rows that found no anchor.
+
+Tensor parallelism: the backbone's projections, MLP, embeddings and LM head are vLLM's parallel layers, each rank
+holds its share of the heads; the MHCA of every head attends over all heads of the anchor, so each layer
+all-gathers the rows' anchor operands (one all-gather per layer). Pipeline parallelism is refused (the anchor rows
+and table would have to travel between stages).
 
 Limits, refused with the reason: at load, `phantom_anchor_token_id` (an anchor that is not the first token depends
-on the prefix) and tensor or pipeline parallelism (the MHCA of a head attends over all heads of the anchor; README,
-"Serving with vLLM"); per request, a prompt whose first token would be an image embedding.
+on the prefix), pipeline parallelism, tensor parallelism that does not divide the key/value heads; per request, a
+prompt whose first token would be an image embedding.
 
 Images go through `PhantomProcessor` (`phantom_hf.modeling.processing_phantom`: dynamic tiling, no torchvision),
 called by vLLM's multimodal processing; vLLM expands each `<image>` marker with the processor's placeholders.
@@ -46,15 +57,18 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import AutoModel, BatchFeature, PretrainedConfig
 from vllm.config import CacheConfig, VllmConfig
 from vllm.config.multimodal import MultiModalDummyOptions
-from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
+from vllm.compilation.decorators import support_torch_compile
+from vllm.distributed import (
+    get_tensor_model_parallel_world_size,
+    tensor_model_parallel_all_gather,
+)
 from vllm.inputs import MultiModalDataDict, MultiModalInput
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import RMSNorm
@@ -88,9 +102,12 @@ from .modeling.processing_phantom import IMAGE_MARKER, PhantomProcessor
 # Score of the anchor-lookup query on the position-0 key (every other key scores 0): exp(-1e4) is 0 in every float
 # type, so the lookup reads position 0 exactly.
 ANCHOR_LOOKUP_SCALE = 1e4
-# Anchor ids whose operands the model keeps (a few hundred KB each at the published sizes); the table starts over
-# when it is full.
+# Anchor ids whose operands the model keeps at least (layers * (H_q + 2 H_kv) * head_dim * 2 values each: 110 KB at the
+# 0.5B shape in bfloat16); the least recently used make room for new ones.
 ANCHOR_TABLE_SIZE = 256
+# Rows at position 0 that each pass adds after its tokens, for an anchor that is neither in the table nor at position
+# 0 in the batch (a prefix-cache hit on a sequence whose first token the table no longer holds).
+ANCHOR_FALLBACK_ROWS = 1
 # Token ids are carried as this many bits (0/1 values are exact in every KV-cache dtype): ids below 2**31.
 ANCHOR_ID_BITS = 31
 
@@ -121,17 +138,97 @@ def _sliding_window(text_config: PretrainedConfig, layer_index: int) -> int | No
 
 
 @dataclass
-class AnchorRows:
-    """The anchors of one forward pass. The first `num_tokens` rows of the hidden states are the batch's tokens; one
-    row follows for each anchor not yet in the model's table. `anchor_of_row` (rows,) indexes every row's anchor in
-    [anchors from the table, new anchors]; `known` holds the table's operands, (layers, known anchors, H_all, D) keys
-    and values; each layer appends the operands it computes for the new anchors to `computed`."""
+class AnchorPlan:
+    """Where every row of one forward pass finds its anchor's MHCA operands (all tensors on the device, fixed shapes).
+
+    Rows: the pass's `num_tokens` tokens, then `ANCHOR_FALLBACK_ROWS` rows at position 0 (a fallback anchor). Per
+    row: `known` (its anchor id is in the table, at `slot`) or else `source`, the row that computes the anchor in
+    this pass (a position-0 row with the anchor's token id, or a fallback row). `first` marks the rows at
+    position 0 (their attention sees only themselves). The candidate rows (position 0, fallback) whose operands are
+    new write them to `new_slot` (the table's spare slot for the others).
+    """
 
     num_tokens: int
-    anchor_of_row: torch.Tensor
-    new_ids: list[int]
-    known: tuple[torch.Tensor, torch.Tensor] | None
-    computed: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    first: torch.Tensor
+    known: torch.Tensor
+    slot: torch.Tensor
+    source: torch.Tensor
+    new_slot: torch.Tensor
+
+
+class PhantomAnchorTable(nn.Module):
+    """The anchor-side MHCA operands of recent anchor token ids, on the device: per layer (slots + 1, H_all, D) keys
+    and values, the last slot a spare that absorbs writes nobody reads.
+
+    An anchor's operands are a pure function of its token id and the weights (module docstring), so they are kept per
+    token id: `slot_of_token` (vocab + 1 ids, the last a spare) and `token_of_slot` map both ways (a slot is valid for
+    a token only where they agree), and `last_use` (the pass counter `clock` at each slot's last use) picks the slots
+    that new anchors take: the least recently used, never one read in the same pass (the table holds at least
+    2 * max_num_seqs + ANCHOR_FALLBACK_ROWS slots). `misses` counts token rows that found their anchor nowhere
+    (more new anchors in one pass than fallback rows; see `plan`); it stays 0 in every test.
+    """
+
+    def __init__(self, layers: int, slots: int, heads: int, head_dim: int, vocab_size: int) -> None:
+        super().__init__()
+        self.slots, self.vocab_size = slots, vocab_size
+        for name in ("keys", "values"):
+            self.register_buffer(name, torch.zeros(layers, slots + 1, heads, head_dim), persistent=False)
+        self.register_buffer("slot_of_token", torch.full((vocab_size + 1,), slots, dtype=torch.long), persistent=False)
+        self.register_buffer("token_of_slot", torch.full((slots + 1,), -1, dtype=torch.long), persistent=False)
+        self.register_buffer("last_use", torch.zeros(slots + 1, dtype=torch.long), persistent=False)
+        self.register_buffer("clock", torch.zeros(1, dtype=torch.long), persistent=False)
+        self.register_buffer("misses", torch.zeros(1, dtype=torch.long), persistent=False)
+
+    def clear(self) -> None:
+        """Forget every anchor (the weights changed)."""
+        self.slot_of_token.fill_(self.slots)
+        self.token_of_slot.fill_(-1)
+        self.last_use.zero_()
+
+    def plan(self, input_ids: torch.Tensor, positions: torch.Tensor, looked_up: torch.Tensor) -> tuple[AnchorPlan, torch.Tensor]:
+        """The pass's `AnchorPlan` and the fallback row's token id, (ANCHOR_FALLBACK_ROWS,).
+
+        A token's anchor id is its own id at position 0, else what the anchor lookup read (`looked_up`). Anchors in
+        the table are read from it; the others are computed in this pass by a position-0 row of the batch with that
+        id (a sequence's first prefill chunk) or, for the first row whose anchor has neither (a prefix-cache hit on
+        an anchor the table no longer holds), by the fallback row. New anchors take the least recently used slots.
+        """
+        tokens = input_ids.shape[0]
+        rows = torch.arange(tokens, device=input_ids.device)
+        first = positions == 0
+        anchor = torch.where(first, input_ids, looked_up)
+        self.clock += 1
+        slot = self.slot_of_token[anchor]
+        known = self.token_of_slot[slot] == anchor
+        self.last_use.index_put_((torch.where(known, slot, self.slots),), self.clock.expand(tokens))
+        # the lowest position-0 row of each token id in the batch (`tokens` where there is none)
+        owner = torch.full((self.vocab_size + 1,), tokens, dtype=torch.long, device=input_ids.device)
+        owner.scatter_reduce_(0, torch.where(first, input_ids, self.vocab_size), rows, "amin")
+        in_batch = owner[anchor] < tokens
+        missing = ~known & ~in_batch
+        first_missing = torch.argmax(missing.int(), dim=0, keepdim=True)  # (ANCHOR_FALLBACK_ROWS,)
+        fallback_id, fallback_needed = anchor[first_missing], missing[first_missing]
+        self.misses += (missing & (anchor != fallback_id)).sum()
+        source = torch.where(in_batch, owner[anchor], tokens)  # the first fallback row otherwise
+        fallback_rows = torch.arange(tokens, tokens + ANCHOR_FALLBACK_ROWS, device=input_ids.device)
+        # candidates: the position-0 rows (the lowest of each new id) and the fallback row
+        inserts = torch.cat([first & (owner[input_ids] == rows) & ~known, fallback_needed])
+        candidate_ids = torch.cat([input_ids, fallback_id])
+        rank = (torch.cumsum(inserts.long(), 0) - 1).clamp(0, self.slots - 1)
+        oldest = torch.argsort(self.last_use[: self.slots], stable=True)
+        new_slot = torch.where(inserts, oldest[rank], self.slots)
+        self.token_of_slot.index_put_((new_slot,), torch.where(inserts, candidate_ids, -1))
+        self.slot_of_token.index_put_((torch.where(inserts, candidate_ids, self.vocab_size),), new_slot)
+        self.last_use.index_put_((new_slot,), self.clock.expand(new_slot.shape[0]))
+        plan = AnchorPlan(
+            num_tokens=tokens,
+            first=torch.cat([first, first.new_ones(ANCHOR_FALLBACK_ROWS)]),
+            known=torch.cat([known, known.new_zeros(ANCHOR_FALLBACK_ROWS)]),
+            slot=torch.cat([slot, slot.new_full((ANCHOR_FALLBACK_ROWS,), self.slots)]),
+            source=torch.cat([source, fallback_rows]),
+            new_slot=new_slot,
+        )
+        return plan, fallback_id
 
 
 class PhantomAnchorLookup(nn.Module):
@@ -157,7 +254,7 @@ class PhantomAnchorLookup(nn.Module):
         self.attn = Attention(
             num_kv_heads, head_size, ANCHOR_LOOKUP_SCALE, num_kv_heads=num_kv_heads, cache_config=cache_config, prefix=prefix
         )
-        self.register_buffer("bit_values", 2 ** torch.arange(ANCHOR_ID_BITS), persistent=False)
+        self.register_buffer("bit_shifts", torch.arange(ANCHOR_ID_BITS), persistent=False)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         tokens = input_ids.shape[0]
@@ -167,20 +264,11 @@ class PhantomAnchorLookup(nn.Module):
         key = torch.zeros_like(query)
         key[..., 0] = (positions == 0).to(dtype)[:, None]
         value = torch.zeros(tokens, width, dtype=dtype, device=input_ids.device)
-        value[:, :ANCHOR_ID_BITS] = ((input_ids[:, None] // self.bit_values) % 2).to(dtype)
+        value[:, :ANCHOR_ID_BITS] = ((input_ids[:, None] >> self.bit_shifts) & 1).to(dtype)
         output = self.attn(query.view(tokens, width), key.view(tokens, width), value)
         bits = output[:, :ANCHOR_ID_BITS] > 0.5
         # rows past the scheduled tokens (padding) hold no result: keep their ids in range
-        return (bits.long() * self.bit_values).sum(-1).clamp_(0, self.vocab_size - 1)
-
-
-def _operand_pair(operands: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """The anchor-side MHCA operands (keys, values), each (anchors, H_all, D), from what
-    `PhantomAttentionMixin._phantom_anchors` returns: that pair, or (in the mixin's form before model-held anchors) a
-    dict holding them as `mhca_key` / `mhca_value` beside the path mask; both are read until one form remains."""
-    if isinstance(operands, dict):
-        return operands["mhca_key"], operands["mhca_value"]
-    return operands
+        return (bits.long() << self.bit_shifts).sum(-1).clamp_(0, self.vocab_size - 1)
 
 
 class PhantomVLLMAttention(PhantomAttentionMixin, nn.Module):
@@ -189,7 +277,8 @@ class PhantomVLLMAttention(PhantomAttentionMixin, nn.Module):
     The backbone's projections, q/k norms and rotary are vLLM layers loaded from the backbone's weights; the
     Phantom modules (`xattn_{query,key,value}_phantom`, `gating_phantom_{1,2}`) and the expansion and fold are
     `PhantomAttentionMixin`'s, the same code transformers runs. Without Phantom Dimension it is the backbone's
-    attention.
+    attention. Under tensor parallelism this rank holds `num_heads` query and `num_kv_heads` key/value heads of
+    the backbone's; the MHCA of each of them attends over all heads of the anchor (the operands are all-gathered).
     """
 
     def __init__(
@@ -204,19 +293,21 @@ class PhantomVLLMAttention(PhantomAttentionMixin, nn.Module):
         text = config.text_config
         self.config = text  # PhantomAttentionMixin.init_phantom reads the head counts here
         self.head_dim = config.phantom_head_dim
-        self.num_heads = text.num_attention_heads
-        self.num_kv_heads = text.num_key_value_heads
+        self.tp_size = get_tensor_model_parallel_world_size()
+        self.num_heads = text.num_attention_heads // self.tp_size
+        self.num_kv_heads = text.num_key_value_heads // self.tp_size
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.phantom = bool(config.phantom_dimension)
         self.layer_index = layer_index
         qkv_bias, o_bias, _, qk_norm = _backbone_biases(text)
         self.qkv_proj = QKVParallelLinear(
-            text.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads, bias=qkv_bias,
+            text.hidden_size, self.head_dim, text.num_attention_heads, text.num_key_value_heads, bias=qkv_bias,
             quant_config=quant_config, prefix=f"{prefix}.qkv_proj",
         )
         self.o_proj = RowParallelLinear(
-            self.q_size, text.hidden_size, bias=o_bias, quant_config=quant_config, prefix=f"{prefix}.o_proj"
+            text.num_attention_heads * self.head_dim, text.hidden_size, bias=o_bias, quant_config=quant_config,
+            prefix=f"{prefix}.o_proj",
         )
         if qk_norm:
             self.q_norm = RMSNorm(self.head_dim, eps=text.rms_norm_eps)
@@ -240,6 +331,31 @@ class PhantomVLLMAttention(PhantomAttentionMixin, nn.Module):
         )
         if self.phantom:
             self.init_phantom(config)
+            if self.phantom_expansion == "mhca":
+                self._register_path_mask(text.num_attention_heads, text.num_key_value_heads)
+
+    def _register_path_mask(self, heads: int, kv_heads: int) -> None:
+        """This rank's rows of the fused MHCA's path mask (`PhantomAttentionMixin._phantom_mask`): its own q, k, v
+        heads against the anchor heads of all ranks, and the order that puts all-gathered operands in the
+        mixin's [q heads, k heads, v heads] layout."""
+        path_of_anchor_head = torch.arange(3).repeat_interleave(torch.tensor([heads, kv_heads, kv_heads]))
+        path_of_head = torch.arange(3).repeat_interleave(torch.tensor([self.num_heads, self.num_kv_heads, self.num_kv_heads]))
+        other_path = path_of_head[:, None] != path_of_anchor_head[None, :]
+        self.register_buffer(
+            "path_mask", torch.zeros(other_path.shape).masked_fill(other_path, float("-inf")), persistent=False
+        )
+        local = self.num_heads + 2 * self.num_kv_heads
+        # gathered: rank-major blocks of [q, k, v] heads; wanted: path-major blocks of rank-ordered heads
+        order = [
+            gathered_rank * local + offset + head
+            for offset, count in ((0, self.num_heads), (self.num_heads, self.num_kv_heads), (self.num_heads + self.num_kv_heads, self.num_kv_heads))
+            for gathered_rank in range(self.tp_size)
+            for head in range(count)
+        ]
+        self.register_buffer("gathered_order", torch.tensor(order), persistent=False)
+
+    def _phantom_mask(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return self.path_mask.to(dtype)
 
     def _project(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The backbone's q, k, v of shape (rows, heads * D), q/k-normed and rotated."""
@@ -252,34 +368,28 @@ class PhantomVLLMAttention(PhantomAttentionMixin, nn.Module):
         query, key = self.rotary_emb(positions, query, key)
         return query, key, value
 
-    def _anchor_operands(self, states: tuple[torch.Tensor, ...], anchors: AnchorRows) -> Any:
-        """The fused MHCA's anchor operands for every row, as `_phantom_expand` takes them: the table's for known
-        anchors, computed from the anchor rows (q/k/v at position 0) for new ones and handed back in `anchors`."""
-        keys, values = [], []
-        if anchors.known is not None:
-            keys.append(anchors.known[0][self.layer_index])
-            values.append(anchors.known[1][self.layer_index])
-        new_rows = tuple(state[anchors.num_tokens :] for state in states)
-        if new_rows[0].shape[0]:
-            first = torch.zeros(new_rows[0].shape[0], dtype=torch.long, device=new_rows[0].device)
-            computed = self._phantom_anchors(*new_rows, first)
-            if isinstance(computed, dict):
-                self._path_mask = computed["mhca_mask"][0]
-            computed = _operand_pair(computed)
-            anchors.computed.append(computed)
-            keys.append(computed[0])
-            values.append(computed[1])
-        key, value = (parts[0] if len(parts) == 1 else torch.cat(parts) for parts in (keys, values))
-        rows = anchors.anchor_of_row.shape[0]
-        if key.shape[0] == 1:  # the usual case, one anchor for the whole batch: no copy
-            key, value = key.expand(rows, -1, -1), value.expand(rows, -1, -1)
-        else:
-            key, value = key[anchors.anchor_of_row], value[anchors.anchor_of_row]
-        if hasattr(self, "_phantom_mask"):
-            return key, value
-        return {"mhca_key": key, "mhca_value": value, "mhca_mask": self._path_mask.expand(rows, -1, -1)}
+    def _anchor_operands(
+        self, states: tuple[torch.Tensor, ...], plan: AnchorPlan, table: PhantomAnchorTable
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fused MHCA's anchor operands of every row, as `_phantom_expand` takes them, (rows, H_all, D) each.
 
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, anchors: AnchorRows | None) -> torch.Tensor:
+        Every row's own operands are computed (as `_phantom_anchors` computes them from the anchor's q/k/v; they are
+        an anchor's for the rows at position 0, whose q/k/v are their anchor's); new anchors are written to the
+        table, and each token row takes its anchor's from the table or from the row that computes it in this pass.
+        """
+        rows = states[0].shape[0]
+        own = self._phantom_anchors(*states, torch.zeros(rows, dtype=torch.long, device=states[0].device))
+        if self.tp_size > 1:
+            own = tuple(tensor_model_parallel_all_gather(part, dim=1)[:, self.gathered_order] for part in own)
+        operands = []
+        for stored, computed in zip((table.keys[self.layer_index], table.values[self.layer_index]), own):
+            stored.index_put_((plan.new_slot,), computed)  # never a slot read in this pass (PhantomAnchorTable)
+            operands.append(torch.where(plan.known[:, None, None], stored[plan.slot], computed[plan.source]))
+        return operands[0], operands[1]
+
+    def forward(
+        self, positions: torch.Tensor, hidden_states: torch.Tensor, plan: AnchorPlan | None, table: PhantomAnchorTable | None
+    ) -> torch.Tensor:
         query, key, value = self._project(positions, hidden_states)
         if not self.phantom:
             output, _ = self.o_proj(self.attn(query, key, value))
@@ -291,18 +401,21 @@ class PhantomVLLMAttention(PhantomAttentionMixin, nn.Module):
             key.reshape(rows, self.num_kv_heads, 1, dim),
             value.reshape(rows, self.num_kv_heads, 1, dim),
         )
-        products = None
-        tokens = rows
-        if anchors is not None:
-            tokens = anchors.num_tokens
-            products = self._anchor_operands(states, anchors)
-        query, key, value = (state.reshape(rows, -1, 2 * dim) for state in self._phantom_expand("qkv", states, products))
-        output = torch.empty(rows, self.num_heads, 2 * dim, dtype=query.dtype, device=query.device)
-        output[:tokens] = self.attn(
-            query[:tokens].reshape(tokens, -1), key[:tokens].reshape(tokens, -1), value[:tokens].reshape(tokens, -1)
-        ).view(tokens, self.num_heads, 2 * dim)
-        # an anchor row sees only itself: its attention output is its own expanded value, per query head's group
-        output[tokens:] = value[tokens:].repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
+        operands = self._anchor_operands(states, plan, table) if plan is not None else None
+        query, key, value = (state.reshape(rows, -1, 2 * dim) for state in self._phantom_expand("qkv", states, operands))
+        if plan is None:
+            output = self.attn(query.reshape(rows, -1), key.reshape(rows, -1), value.reshape(rows, -1))
+            output = output.view(rows, self.num_heads, 2 * dim)
+        else:
+            tokens = plan.num_tokens
+            attended = self.attn(
+                query[:tokens].reshape(tokens, -1), key[:tokens].reshape(tokens, -1), value[:tokens].reshape(tokens, -1)
+            ).view(tokens, self.num_heads, 2 * dim)
+            # a row at position 0 (and the fallback row) sees only itself: its output is its own expanded value,
+            # per query head's group; taken here so that an anchor's operands never depend on vLLM's batch layout
+            own = value.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
+            attended = torch.cat([attended, own[tokens:]])
+            output = torch.where(plan.first[:, None, None], own, attended)
         output, _ = self.o_proj(self._phantom_fold(output).reshape(rows, self.q_size))
         return output
 
@@ -337,14 +450,15 @@ class PhantomDecoderLayer(nn.Module):
         positions: torch.Tensor,
         hidden_states: torch.Tensor,
         residual: torch.Tensor | None,
-        anchors: AnchorRows | None,
+        plan: AnchorPlan | None,
+        table: PhantomAnchorTable | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
             residual = hidden_states
             hidden_states = self.input_layernorm(hidden_states)
         else:
             hidden_states, residual = self.input_layernorm(hidden_states, residual)
-        hidden_states = self.self_attn(positions, hidden_states, anchors)
+        hidden_states = self.self_attn(positions, hidden_states, plan, table)
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
         return self.mlp(hidden_states), residual
 
@@ -362,11 +476,16 @@ _STACKED_WEIGHTS = WeightsMapper(
 )
 
 
+@support_torch_compile(dynamic_arg_dims={"input_ids": 0, "positions": 0, "inputs_embeds": 0})
 class PhantomLanguageModel(nn.Module):
-    """The decoder stack (embeddings, layers, final norm) with Phantom Dimension, plus the anchor lookup."""
+    """The decoder stack (embeddings, layers, final norm) with Phantom Dimension, plus the anchor lookup and table.
 
-    def __init__(self, vllm_config: VllmConfig, config: PretrainedConfig, prefix: str = "") -> None:
+    Its forward has no host synchronisation and no data-dependent shape (the anchors' rows are a fixed
+    `ANCHOR_FALLBACK_ROWS` more than the batch's tokens), so vLLM compiles it and captures CUDA graphs of it."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()
+        config = vllm_config.model_config.hf_config
         text = config.text_config
         cache_config, quant_config = vllm_config.cache_config, vllm_config.quant_config
         self.embed_tokens = VocabParallelEmbedding(
@@ -377,18 +496,25 @@ class PhantomLanguageModel(nn.Module):
             for index in range(text.num_hidden_layers)
         )
         self.norm = RMSNorm(text.hidden_size, eps=text.rms_norm_eps)
-        # anchor token id -> the anchor-side MHCA operands of every layer, (layers, H_all, D) keys and values: a pure
-        # function of the token id and the weights (see the module docstring), filled on first use
-        self.anchor_table: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.anchor_lookup: PhantomAnchorLookup | None = None
+        self.anchor_table: PhantomAnchorTable | None = None
         if config.phantom_dimension and config.phantom_expansion == "mhca":
+            tp_size = get_tensor_model_parallel_world_size()
             # vLLM orders cache layers by the one integer in their name: this one comes after the decoder layers
             self.anchor_lookup = PhantomAnchorLookup(
-                text.num_key_value_heads,
+                text.num_key_value_heads // tp_size,
                 2 * config.phantom_head_dim,
                 text.vocab_size,
                 cache_config,
                 prefix=f"{prefix}.anchor_lookup.{text.num_hidden_layers}.attn",
+            )
+            slots = max(ANCHOR_TABLE_SIZE, 2 * vllm_config.scheduler_config.max_num_seqs + ANCHOR_FALLBACK_ROWS)
+            self.anchor_table = PhantomAnchorTable(
+                text.num_hidden_layers,
+                slots,
+                text.num_attention_heads + 2 * text.num_key_value_heads,
+                config.phantom_head_dim,
+                text.vocab_size,
             )
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -400,49 +526,32 @@ class PhantomLanguageModel(nn.Module):
         positions: torch.Tensor,
         inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
-        tokens = hidden_states.shape[0]
-        anchors = None
-        if self.anchor_lookup is not None:
+        if self.anchor_lookup is None:
+            hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
+            plan = None
+        else:
             if input_ids is None:
                 raise ValueError("Phantom Dimension needs the token ids of the batch to find each sequence's anchor")
-            anchors = self._anchors(self.anchor_lookup(input_ids[:tokens], positions[:tokens], hidden_states.dtype))
-            new_ids = anchors.anchor_of_row.new_tensor(anchors.new_ids)
-            hidden_states = torch.cat([hidden_states[:tokens], self.embed_input_ids(new_ids)])
-            positions = torch.cat([positions[:tokens], positions.new_zeros(new_ids.shape[0])])
+            tokens = input_ids.shape[0]
+            looked_up = self.anchor_lookup(input_ids, positions, self.norm.weight.dtype)
+            plan, fallback_id = self.anchor_table.plan(input_ids, positions, looked_up)
+            embedded = self.embed_input_ids(torch.cat([input_ids, fallback_id]))
+            if inputs_embeds is not None:
+                # position 0 is a text token (image-first prompts are refused): its embedding, whatever a padding
+                # row of the batch holds, so that every position-0 row computes its token's anchor exactly
+                first = plan.first[:tokens, None]
+                embedded = torch.cat([torch.where(first, embedded[:tokens], inputs_embeds), embedded[tokens:]])
+            hidden_states = embedded
+            positions = torch.cat([positions, positions.new_zeros(ANCHOR_FALLBACK_ROWS)])
         residual = None
         for layer in self.layers:
-            hidden_states, residual = layer(positions, hidden_states, residual, anchors)
+            hidden_states, residual = layer(positions, hidden_states, residual, plan, self.anchor_table)
         hidden_states, _ = self.norm(hidden_states, residual)
-        if anchors is not None and anchors.new_ids:
-            self._remember(anchors)
-        return hidden_states[:tokens]
-
-    def _anchors(self, anchor_ids: torch.Tensor) -> AnchorRows:
-        """The pass's anchors: each distinct anchor id in the table, or else a new anchor row (position 0)."""
-        unique_ids, anchor_of_token = torch.unique(anchor_ids, return_inverse=True)
-        ids = unique_ids.tolist()
-        known = [token for token in ids if token in self.anchor_table]
-        new = [token for token in ids if token not in self.anchor_table]
-        slot = {token: index for index, token in enumerate(known + new)}
-        anchor_of_token = anchor_ids.new_tensor([slot[token] for token in ids])[anchor_of_token]
-        new_slots = torch.arange(len(known), len(known) + len(new), device=anchor_ids.device)
-        operands = None
-        if known:
-            operands = tuple(torch.stack([self.anchor_table[token][part] for token in known], dim=1) for part in (0, 1))
-        anchor_of_row = torch.cat([anchor_of_token, new_slots])
-        return AnchorRows(num_tokens=anchor_ids.shape[0], anchor_of_row=anchor_of_row, new_ids=new, known=operands)
-
-    def _remember(self, anchors: AnchorRows) -> None:
-        """Keep the operands the layers computed for new anchors: (layers, H_all, D) keys and values per token id."""
-        if len(self.anchor_table) + len(anchors.new_ids) > ANCHOR_TABLE_SIZE:
-            self.anchor_table.clear()
-        keys, values = (torch.stack([operands[part] for operands in anchors.computed]) for part in (0, 1))
-        for index, token in enumerate(anchors.new_ids):
-            self.anchor_table[token] = (keys[:, index].clone(), values[:, index].clone())
+        return hidden_states if plan is None else hidden_states[: plan.num_tokens]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        self.anchor_table.clear()  # computed from the weights these replace
+        if self.anchor_table is not None:
+            self.anchor_table.clear()  # computed from the weights these replace
         return AutoWeightsLoader(self).load_weights(weights, mapper=_STACKED_WEIGHTS)
 
 
@@ -547,19 +656,35 @@ class PhantomMultiModalProcessor(BaseMultiModalProcessor[PhantomProcessingInfo])
 
 
 def _check_supported(config: PretrainedConfig) -> None:
-    """Refuse, with the reason, what this vLLM model does not run exactly."""
-    if get_tensor_model_parallel_world_size() > 1:
+    """Refuse, with the reason, what this vLLM model does not run exactly. (Pipeline parallelism vLLM refuses
+    itself: the model does not implement `SupportsPP`.)"""
+    text = config.text_config
+    tp_size = get_tensor_model_parallel_world_size()
+    if text.num_attention_heads % tp_size or text.num_key_value_heads % tp_size:
         raise ValueError(
-            "Phantom on vLLM runs with tensor_parallel_size=1: the MHCA of Phantom Dimension lets every head attend "
-            "over all heads of the anchor, which a tensor-parallel split of the heads does not hold on one rank "
-            "(README, 'Serving with vLLM'). Use data parallelism (several replicas) instead."
+            f"tensor_parallel_size={tp_size} must divide the backbone's {text.num_attention_heads} attention heads and "
+            f"{text.num_key_value_heads} key/value heads: Phantom's MHCA gathers every rank's heads of the anchor"
         )
     if config.phantom_dimension and config.phantom_anchor_token_id is not None:
         raise ValueError(
             f"phantom_anchor_token_id={config.phantom_anchor_token_id}: Phantom on vLLM takes the first token as the "
             "anchor; an anchor elsewhere depends on the tokens before it and is not supported"
         )
-    _backbone_biases(config.text_config)
+    _backbone_biases(text)
+
+
+def _suppressed_token_ids(vllm_config: VllmConfig) -> list[int]:
+    """Token ids the model never emits: `image_token_id` (a placeholder without its image cannot be embedded) and
+    the `suppress_tokens` of the folder's generation_config.json, which transformers' `generate` applies and vLLM's
+    sampling parameters do not carry."""
+    config = vllm_config.model_config.hf_config
+    suppressed = vllm_config.model_config.try_get_generation_config().get("suppress_tokens") or []
+    vocab_size = config.text_config.vocab_size
+    ids = sorted({int(token) for token in [config.image_token_id, *suppressed] if token is not None})
+    out_of_range = [token for token in ids if not 0 <= token < vocab_size]
+    if out_of_range:
+        raise ValueError(f"generation_config.json: suppress_tokens {out_of_range} are outside the vocabulary (size {vocab_size})")
+    return ids
 
 
 @MULTIMODAL_REGISTRY.register_processor(
@@ -590,13 +715,14 @@ class PhantomForConditionalGeneration(nn.Module, SupportsMultiModal):
             self.vision_tower = AutoModel.from_config(config.vision_config)
             self.multi_modal_projector = PROJECTOR_CLASSES[config.projector_type](config)
         with self._mark_language_model(vllm_config):
-            self.language_model = PhantomLanguageModel(vllm_config, config, prefix=maybe_prefix(prefix, "language_model"))
+            self.language_model = PhantomLanguageModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "language_model"))
         self.lm_head = ParallelLMHead(
             text.vocab_size, text.hidden_size, quant_config=vllm_config.quant_config, prefix=maybe_prefix(prefix, "lm_head")
         )
         if config.tie_word_embeddings:
             self.lm_head = self.lm_head.tie_weights(self.language_model.embed_tokens)
         self.logits_processor = LogitsProcessor(text.vocab_size)
+        self.register_buffer("suppressed_token_ids", torch.tensor(_suppressed_token_ids(vllm_config), dtype=torch.long), persistent=False)
 
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
         """Vision tokens of each image, (tiles * image_seq_length, hidden), in prompt order."""
@@ -617,12 +743,15 @@ class PhantomForConditionalGeneration(nn.Module, SupportsMultiModal):
         inputs_embeds: torch.Tensor | None = None,
         **kwargs: object,
     ) -> torch.Tensor:
-        if not get_pp_group().is_first_rank or intermediate_tensors is not None:
-            raise ValueError("Phantom on vLLM does not support pipeline parallelism")
         return self.language_model(input_ids, positions, inputs_embeds)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        return self.logits_processor(self.lm_head, hidden_states)
+        """The backbone's logits with the image placeholder and the folder's `suppress_tokens` at -inf, so that no
+        sampling setting picks them (as transformers' `generate` suppresses them)."""
+        logits = self.logits_processor(self.lm_head, hidden_states)
+        if logits is not None:
+            logits.index_fill_(-1, self.suppressed_token_ids, float("-inf"))
+        return logits
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         return AutoWeightsLoader(self).load_weights(weights, mapper=self.hf_to_vllm_mapper)

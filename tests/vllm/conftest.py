@@ -3,7 +3,8 @@ builds it and runs them. Where vllm is not installed (the normal test passes) ea
 reason in pytest's summary (`helpers.import_vllm`); with PHANTOM_HF_REQUIRE_VLLM=1 (set by .ci/vllm-pass.sh) a
 missing vllm fails them instead.
 
-vLLM runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) with a 1 GiB CPU KV cache, eagerly, in float32."""
+vLLM runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) with a 1 GiB CPU KV cache, in float32 (eagerly, but
+for the tests of vLLM's compiled path)."""
 
 from __future__ import annotations
 

@@ -125,8 +125,11 @@ def hf_greedy(
     return prompt_ids, output[0, len(prompt_ids) :].tolist()
 
 
-def vllm_engine(folder: Path, **overrides: Any) -> Any:
-    """vLLM's offline engine on `folder`, small and eager (what a CPU test machine affords)."""
+def vllm_engine(folder: Path, compiled: bool = False, **overrides: Any) -> Any:
+    """vLLM's offline engine on `folder`, small (what a CPU test machine affords) and eager unless `compiled`:
+    vLLM's compiled path (torch.compile, what CUDA graphs capture on a GPU) costs minutes of compilation per engine
+    on the CPU, so the tests that compile are the few that cover it (the Phantom rows of test_vllm_generation.py
+    and the tensor-parallel tests)."""
     from vllm import LLM
 
     settings = dict(
@@ -137,7 +140,7 @@ def vllm_engine(folder: Path, **overrides: Any) -> Any:
         max_num_seqs=8,
         max_num_batched_tokens=MAX_BATCHED_TOKENS,
         block_size=32,  # the CPU default (128) would leave the tests' prompts without a full block to cache
-        enforce_eager=True,
+        enforce_eager=not compiled,
         limit_mm_per_prompt={"image": 3},
         seed=0,
     )
