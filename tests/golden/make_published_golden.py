@@ -31,10 +31,15 @@ says so here:
   `window_size`) is put in `sys.modules` before their code is imported. Only unpadded single prompts are run, so the
   variable-length kernels are never called.
 
-Versions used for the committed fixture: Python 3.11, torch 2.13.0 (PyPI build, run on the CPU; torchvision's PyPI
-wheels need it), torchvision 0.28.0, transformers 4.41.2 (the release the published 0.5B code was written against),
-tokenizers 0.19.1, timm 1.0.31, einops 0.8.2, safetensors 0.8.0; published repository commit recorded in each
-`expected.json`.
+The published code needs two transformers releases, so the fixture is made in two runs of one environment:
+
+    python -m venv /tmp/phantom-published && . /tmp/phantom-published/bin/activate
+    pip install torch==2.13.0 torchvision==0.28.0 timm einops safetensors  # the PyPI torch: torchvision's wheels need it
+    pip install transformers==4.37.2 && python tests/golden/make_published_golden.py --published-repo REPO --arch internlm2 phi3
+    pip install transformers==4.42.4 && python tests/golden/make_published_golden.py --published-repo REPO --arch qwen2
+
+The versions of each run (Python 3.11.7, torch 2.13.0, torchvision 0.28.0, tokenizers 0.15.2 / 0.19.1, timm 1.0.31,
+einops 0.8.2, safetensors 0.8.0) and the published commit are recorded in each `expected.json`.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib
+import importlib.machinery
 import json
 import math
 import subprocess
@@ -72,22 +78,26 @@ TEXT = {
     "num_key_value_heads": 1, "hidden_act": "silu", "max_position_embeddings": 2048, "tie_word_embeddings": False,
 }  # fmt: skip
 
-# Per architecture: the published package, its backbone config, its chat format (the published `prompt_rule`).
+# Per architecture: the published package, the transformers release its code runs on (the published requirements.txt
+# pins 4.37.2 for 1.8B/3.8B/7B; the 0.5B code's cache handling needs 4.42), its backbone config, its end-of-turn token.
 ARCHS = {
     "qwen2": {
         "package": "model.arch_0_5b",
+        "transformers": "4.42.4",
         "llm": {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "rms_norm_eps": 1e-6, "rope_theta": 1e6,
                 "use_sliding_window": False},
         "eos": "<|im_end|>",
     },
     "internlm2": {
         "package": "model.arch_1_8b",
+        "transformers": "4.37.2",
         "llm": {"architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2", "rms_norm_eps": 1e-5,
                 "rope_theta": 1e6, "bias": False, "rope_scaling": None, "attn_implementation": "flash_attention_2"},
         "eos": "<|im_end|>",
     },
     "phi3": {
         "package": "model.arch_3_8b",
+        "transformers": "4.37.2",
         "llm": {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "rms_norm_eps": 1e-5, "rope_theta": 1e4,
                 "rope_scaling": None, "original_max_position_embeddings": 2048, "sliding_window": 64,
                 "embd_pdrop": 0.0, "resid_pdrop": 0.0, "attention_dropout": 0.0},
@@ -133,6 +143,7 @@ def _not_run(*args, **kwargs):
 def install_flash_attn_stand_in() -> None:
     """Put the stand-in `flash_attn` (see `flash_attn_func`) in `sys.modules`."""
     package = types.ModuleType("flash_attn")
+    package.__spec__ = importlib.machinery.ModuleSpec("flash_attn", None)  # found, but without a version: "< 2.1"
     package.flash_attn_func = flash_attn_func
     package.flash_attn_varlen_func = _not_run
     padding = types.ModuleType("flash_attn.bert_padding")
@@ -143,10 +154,11 @@ def install_flash_attn_stand_in() -> None:
     sys.modules.update({"flash_attn": package, "flash_attn.bert_padding": padding, "flash_attn.flash_attn_interface": interface})
 
 
-def train_tokenizer(folder: Path):
-    """A byte-level BPE tokenizer (newlines are tokens, as in Qwen2's), the published special tokens added; saved in
-    `folder` and returned as loaded by `AutoTokenizer` (as the published loader loads it)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def train_tokenizer(folder: Path, bos: bool):
+    """A byte-level BPE tokenizer (newlines are tokens, as in Qwen2's), the published special tokens added, `<s>` put
+    in front by default when `bos` (as InternLM2's and Phi-3's tokenizers do; the published inference turns it off);
+    saved in `folder` and returned as `AutoTokenizer` loads it (as the published loader does)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     corpus = [
@@ -160,7 +172,11 @@ def train_tokenizer(folder: Path):
         vocab_size=320, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
     )
     backend.train_from_iterator(corpus, trainer)
-    PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<|endoftext|>", padding_side="left").save_pretrained(folder)
+    if bos:
+        backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", backend.token_to_id("<s>"))])
+    PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>" if bos else None, pad_token="<|endoftext|>", padding_side="left"
+    ).save_pretrained(folder)
     return AutoTokenizer.from_pretrained(folder, padding_side="left")
 
 
@@ -237,7 +253,7 @@ def run_published(model, tokenizer, inputs: list[dict], data: str) -> dict[str, 
         "input_ids": prepared["input_ids"],
         "attention_mask": prepared["attention_mask"],
         "phantom_position": prepared["phantom_position"],
-        "tokens": out.sequences,
+        "tokens": out.sequences[:, -len(out.scores) :],  # transformers 4.37 puts a BOS token before them
         "step_logits": torch.stack(out.scores, dim=1).float(),
     }
     if "pixel_values" in prepared:
@@ -254,7 +270,7 @@ def make_fixture(arch: str, repo: Path, out: Path, commit: str) -> None:
     folder, checkpoint = out / arch, out / arch / "checkpoint"
     checkpoint.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(SEED)
-    tokenizer = train_tokenizer(checkpoint)
+    tokenizer = train_tokenizer(checkpoint, bos=arch != "qwen2")
     config = published_config(arch, tokenizer, package)
     model_class = importlib.import_module(package + ".modeling_phantom").PhantomForCausalLM
     model = model_class(config).float().eval()
@@ -338,6 +354,14 @@ def main() -> None:
     if commit is None:
         found = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True)
         commit = found.stdout.strip() if found.returncode == 0 else "unknown"
+    import transformers
+
+    wrong = [arch for arch in args.arch if ARCHS[arch]["transformers"] != transformers.__version__]
+    if wrong:
+        raise SystemExit(
+            f"transformers {transformers.__version__} is installed; "
+            + "; ".join(f"{arch} runs on transformers=={ARCHS[arch]['transformers']}" for arch in wrong)
+        )
     torch.set_num_threads(1)
     if set(args.arch) - {"qwen2"}:
         install_flash_attn_stand_in()
