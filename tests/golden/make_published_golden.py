@@ -1,6 +1,6 @@
 """Make the golden fixture of `tests/test_published_golden.py` with the published Phantom code itself.
 
-Run once, in the published code's own environment, never by the test suite (docs/design.md, section 7):
+Run once, in the published code's own environment, never by the test suite (docs/design.md, section 5):
 
     python tests/golden/make_published_golden.py --published-repo /path/to/ByungKwanLee/Phantom [--out tests/golden/published]
 
@@ -15,7 +15,8 @@ copied here. For each published architecture this script
 2. writes the published folder `<out>/<arch>/checkpoint/`: `config.json` as the published `PhantomConfig` saves it,
    `model.safetensors` (bfloat16) and a byte-level BPE tokenizer trained here; and `<out>/<arch>/image.png`;
 3. runs the published inference (`eval_process` then `generate`, greedy) on a question about the image (the
-   published demo's `data="demo"` path) and on a text-only question, and records the prompts' token ids, a
+   published demo's `data="demo"` path), on a text-only question and, for Qwen2, on both in one left-padded batch
+   (the anchor of the padded row is its first token, not position 0), and records the prompts' token ids, a
    subsample of the published pixel values, the generated tokens and the logits of every generated step, in
    `<out>/<arch>/expected.safetensors` and `expected.json`.
 
@@ -50,6 +51,7 @@ import importlib
 import importlib.machinery
 import json
 import math
+import re
 import subprocess
 import sys
 import types
@@ -261,7 +263,7 @@ def run_published(model, tokenizer, inputs: list[dict], data: str) -> dict[str, 
     return result
 
 
-def make_fixture(arch: str, repo: Path, out: Path, commit: str) -> None:
+def make_fixture(arch: str, out: Path, commit: str) -> None:
     from PIL import Image
     from safetensors.torch import save_file
     from torchvision.transforms.functional import pil_to_tensor
@@ -285,10 +287,15 @@ def make_fixture(arch: str, repo: Path, out: Path, commit: str) -> None:
     save_file(state, checkpoint / "model.safetensors")
     make_image(folder / "image.png")
     image = pil_to_tensor(Image.open(folder / "image.png").convert("RGB"))
+    # (rows, the published `data` name): the demo's path, which puts "<image>" before the question itself; a
+    # benchmark name that adds nothing; and, for Qwen2 (whose sdpa class takes padding), both rows in one left-padded
+    # batch, where the question carries its "<image>" as the benchmark datasets' do.
     cases = {
         "image": ([{"image": image, "question": QUESTION_IMAGE}], "demo"),
         "text": ([{"question": QUESTION_TEXT}], "llava"),
     }
+    if arch == "qwen2":
+        cases["batch"] = ([{"image": image, "question": "<image>" + QUESTION_IMAGE}, {"question": QUESTION_TEXT}], "llava")
     special = {tokenizer.convert_tokens_to_ids(token) for token in ("<IMG_CONTEXT>", "<img>", "</img>")}
     tensors, cases_meta = {}, {}
     for case, (inputs, data) in cases.items():
@@ -298,8 +305,8 @@ def make_fixture(arch: str, repo: Path, out: Path, commit: str) -> None:
         without = run_published(model, tokenizer, inputs, data)
         for module in phantom_modules(model):
             module.eta = eta
-        generated = result["tokens"][0].tolist()
-        if special & set(generated):
+        generated = result["tokens"].tolist()
+        if special & set(sum(generated, [])):
             raise SystemExit(f"{arch}/{case}: the random model generated an image token {generated}; change SEED")
         effect = (result["step_logits"][:, 0] - without["step_logits"][:, 0]).abs().max().item()
         for key in ("input_ids", "attention_mask", "tokens", "step_logits"):
@@ -310,14 +317,14 @@ def make_fixture(arch: str, repo: Path, out: Path, commit: str) -> None:
             tiles = pixels.shape[0]
         else:
             tiles = 0
-        anchors = result["phantom_position"][0].nonzero().flatten().tolist()
         cases_meta[case] = {
-            "question": inputs[0]["question"],
+            "questions": [row["question"].removeprefix("<image>") for row in inputs],
+            "images": [int("image" in row) for row in inputs],
             "published_data": data,
-            "prompt": tokenizer.decode(result["input_ids"][0]).replace("<IMG_CONTEXT>" * 256 * max(tiles, 1), "<IMG_CONTEXT>*256*tiles") if tiles else tokenizer.decode(result["input_ids"][0]),
+            "prompts": [re.sub("(<IMG_CONTEXT>)+", "<IMG_CONTEXT>*256*tiles", text) for text in tokenizer.batch_decode([ids[mask.bool()] for ids, mask in zip(result["input_ids"], result["attention_mask"])])],
             "tiles": tiles,
-            "phantom_position": anchors,
-            "generated_text": tokenizer.decode(result["tokens"][0]),
+            "phantom_position": [row.nonzero().flatten().tolist() for row in result["phantom_position"]],
+            "generated_text": tokenizer.batch_decode(result["tokens"]),
             "max_abs_logit_change_from_phantom_at_first_step": effect,
         }
         print(f"{arch}/{case}: {result['input_ids'].shape[1]} prompt tokens, {tiles} tiles, tokens {generated}, "
@@ -367,7 +374,7 @@ def main() -> None:
         install_flash_attn_stand_in()
     sys.path.insert(0, str(repo))
     for arch in args.arch:
-        make_fixture(arch, repo, args.out, commit)
+        make_fixture(arch, args.out, commit)
 
 
 if __name__ == "__main__":
