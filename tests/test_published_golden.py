@@ -68,14 +68,17 @@ def test_converted_fixture_gives_the_published_ids_logits_and_tokens(converted, 
     assert inputs["attention_mask"].tolist() == expected[f"{case}.attention_mask"].tolist()
     if "pixel_values" in inputs:
         stride = meta["pixel_stride"]
-        torch.testing.assert_close(
-            inputs["pixel_values"][:, :, ::stride, ::stride], expected[f"{case}.pixel_values_subsample"], rtol=0, atol=1e-5
-        )
+        subsample = inputs["pixel_values"][:, :, ::stride, ::stride]
+        torch.testing.assert_close(subsample, expected[f"{case}.pixel_values_subsample"], rtol=0, atol=1e-5)
         # the published `generate` feeds the vision tower `pixel_values.to(torch.bfloat16)`
         inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16).float()
     with torch.no_grad():
         out = model.generate(
-            **inputs, do_sample=False, max_new_tokens=meta["max_new_tokens"], output_logits=True, return_dict_in_generate=True
+            **inputs,
+            do_sample=False,
+            max_new_tokens=meta["max_new_tokens"],
+            output_logits=True,
+            return_dict_in_generate=True,
         )
     assert out.sequences[:, inputs["input_ids"].shape[1] :].tolist() == expected[f"{case}.tokens"].tolist()
     logits = torch.stack(out.logits, dim=1)

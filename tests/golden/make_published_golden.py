@@ -153,7 +153,9 @@ def install_flash_attn_stand_in() -> None:
     interface = types.ModuleType("flash_attn.flash_attn_interface")
     interface.flash_attn_varlen_qkvpacked_func = _not_run
     package.bert_padding, package.flash_attn_interface = padding, interface
-    sys.modules.update({"flash_attn": package, "flash_attn.bert_padding": padding, "flash_attn.flash_attn_interface": interface})
+    sys.modules.update(
+        {"flash_attn": package, "flash_attn.bert_padding": padding, "flash_attn.flash_attn_interface": interface}
+    )
 
 
 def train_tokenizer(folder: Path, bos: bool):
@@ -170,12 +172,14 @@ def train_tokenizer(folder: Path, bos: bool):
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
     trainer = trainers.BpeTrainer(
-        vocab_size=320, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=320, special_tokens=SPECIAL_TOKENS, initial_alphabet=alphabet, show_progress=False
     )
     backend.train_from_iterator(corpus, trainer)
     if bos:
-        backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", backend.token_to_id("<s>"))])
+        bos_id = backend.token_to_id("<s>")
+        backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos_id)])
     PreTrainedTokenizerFast(
         tokenizer_object=backend, bos_token="<s>" if bos else None, pad_token="<|endoftext|>", padding_side="left"
     ).save_pretrained(folder)
@@ -241,7 +245,8 @@ def random_state(model: torch.nn.Module, eta: float) -> dict[str, torch.Tensor]:
 
 
 def phantom_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    return [module for name, module in model.named_modules() if name.endswith(("xattn_query_phantom", "xattn_key_phantom", "xattn_value_phantom"))]
+    names = ("xattn_query_phantom", "xattn_key_phantom", "xattn_value_phantom")
+    return [module for name, module in model.named_modules() if name.endswith(names)]
 
 
 def run_published(model, tokenizer, inputs: list[dict], data: str) -> dict[str, torch.Tensor]:
@@ -295,7 +300,8 @@ def make_fixture(arch: str, out: Path, commit: str) -> None:
         "text": ([{"question": QUESTION_TEXT}], "llava"),
     }
     if arch == "qwen2":
-        cases["batch"] = ([{"image": image, "question": "<image>" + QUESTION_IMAGE}, {"question": QUESTION_TEXT}], "llava")
+        rows = [{"image": image, "question": "<image>" + QUESTION_IMAGE}, {"question": QUESTION_TEXT}]
+        cases["batch"] = (rows, "llava")
     special = {tokenizer.convert_tokens_to_ids(token) for token in ("<IMG_CONTEXT>", "<img>", "</img>")}
     tensors, cases_meta = {}, {}
     for case, (inputs, data) in cases.items():
@@ -317,11 +323,13 @@ def make_fixture(arch: str, out: Path, commit: str) -> None:
             tiles = pixels.shape[0]
         else:
             tiles = 0
+        attended = [ids[mask.bool()] for ids, mask in zip(result["input_ids"], result["attention_mask"])]
+        prompts = tokenizer.batch_decode(attended)
         cases_meta[case] = {
             "questions": [row["question"].removeprefix("<image>") for row in inputs],
             "images": [int("image" in row) for row in inputs],
             "published_data": data,
-            "prompts": [re.sub("(<IMG_CONTEXT>)+", "<IMG_CONTEXT>*256*tiles", text) for text in tokenizer.batch_decode([ids[mask.bool()] for ids, mask in zip(result["input_ids"], result["attention_mask"])])],
+            "prompts": [re.sub("(<IMG_CONTEXT>)+", "<IMG_CONTEXT>*256*tiles", text) for text in prompts],
             "tiles": tiles,
             "phantom_position": [row.nonzero().flatten().tolist() for row in result["phantom_position"]],
             "generated_text": tokenizer.batch_decode(result["tokens"]),
@@ -330,7 +338,8 @@ def make_fixture(arch: str, out: Path, commit: str) -> None:
         print(f"{arch}/{case}: {result['input_ids'].shape[1]} prompt tokens, {tiles} tiles, tokens {generated}, "
               f"Phantom Dimension moves the first logits by up to {effect:.3f}")  # fmt: skip
     save_file(tensors, folder / "expected.safetensors")
-    versions = {name: importlib.import_module(name).__version__ for name in ("torch", "transformers", "tokenizers", "torchvision", "safetensors")}
+    packages = ("torch", "transformers", "tokenizers", "torchvision", "safetensors")
+    versions = {name: importlib.import_module(name).__version__ for name in packages}
     meta = {
         "published_repository": "github.com/ByungKwanLee/Phantom",
         "published_commit": commit,
