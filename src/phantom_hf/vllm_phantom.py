@@ -157,8 +157,9 @@ class AnchorPlan:
 
 
 class PhantomAnchorTable(nn.Module):
-    """The anchor-side MHCA operands of recent anchor token ids, on the device: per layer (slots + 1, H_all, D) keys
-    and values, the last slot a spare that absorbs writes nobody reads.
+    """The anchor-side MHCA operands of recent anchor token ids, on the device: per layer (slots + 1, H_all, 3 D) keys
+    and (slots + 1, H_all, D) values (the layout of `PhantomAttentionMixin._phantom_anchors`: each key in its path's
+    third of the row), the last slot a spare that absorbs writes nobody reads.
 
     An anchor's operands are a pure function of its token id and the weights (module docstring), so they are kept per
     token id: `slot_of_token` (vocab + 1 ids, the last a spare) and `token_of_slot` map both ways (a slot is valid for
@@ -171,8 +172,8 @@ class PhantomAnchorTable(nn.Module):
     def __init__(self, layers: int, slots: int, heads: int, head_dim: int, vocab_size: int) -> None:
         super().__init__()
         self.slots, self.vocab_size = slots, vocab_size
-        for name in ("keys", "values"):
-            self.register_buffer(name, torch.zeros(layers, slots + 1, heads, head_dim), persistent=False)
+        for name, width in (("keys", 3 * head_dim), ("values", head_dim)):
+            self.register_buffer(name, torch.zeros(layers, slots + 1, heads, width), persistent=False)
         self.register_buffer("slot_of_token", torch.full((vocab_size + 1,), slots, dtype=torch.long), persistent=False)
         self.register_buffer("token_of_slot", torch.full((slots + 1,), -1, dtype=torch.long), persistent=False)
         self.register_buffer("last_use", torch.zeros(slots + 1, dtype=torch.long), persistent=False)
@@ -371,7 +372,8 @@ class PhantomVLLMAttention(PhantomAttentionMixin, nn.Module):
     def _anchor_operands(
         self, states: tuple[torch.Tensor, ...], plan: AnchorPlan, table: PhantomAnchorTable
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The fused MHCA's anchor operands of every row, as `_phantom_expand` takes them, (rows, H_all, D) each.
+        """The fused MHCA's anchor operands of every row, as `_phantom_expand` takes them: (rows, H_all, 3 D) keys
+        and (rows, H_all, D) values.
 
         Every row's own operands are computed (as `_phantom_anchors` computes them from the anchor's q/k/v; they are
         an anchor's for the rows at position 0, whose q/k/v are their anchor's); new anchors are written to the
