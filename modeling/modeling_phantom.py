@@ -266,12 +266,13 @@ class PhantomAttentionMixin:
         start = 0 if paths[0] == "q" else self.phantom_num_heads
         stop = start + sum(sizes)
         key, value = anchors
+        # the one-token form's path mask, built here at prefill so that a compiled decode step only reads it
+        mask = self._phantom_mask(key.dtype, key.device)[start:stop, start:stop]
         if paths != "qkv":
             key, value = key[:, start:stop], value[:, start:stop]
         stacked = torch.cat(states, dim=1) if len(states) > 1 else states[0]
         query_weight, _, _ = self._phantom_derived_weights()
         if tokens == 1:  # decode: one product with all three Lq; each head's scores read its own path's third
-            mask = self._phantom_mask(key.dtype, key.device)[start:stop, start:stop]
             hidden = F.gelu(F.linear(stacked, query_weight)).reshape(batch, -1, 3 * dim)
             scores = torch.baddbmm(mask, hidden, key.transpose(1, 2), alpha=dim**-0.5)
             probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(hidden.dtype)
