@@ -269,10 +269,11 @@ class PhantomAttentionMixin:
         start = 0 if paths[0] == "q" else self.phantom_num_heads
         stop = start + sum(sizes)
         key, value = anchors
-        # the one-token form's path mask, built here at prefill so that a compiled decode step only reads it
-        mask = self._phantom_mask(key.dtype, key.device)[start:stop, start:stop]
+        # the one-token form's path mask, built here at prefill so that a compiled decode step only reads it; sliced
+        # only for a subset of the paths (under vLLM's tensor parallelism it is this rank's heads x all anchor heads)
+        mask = self._phantom_mask(key.dtype, key.device)
         if paths != "qkv":
-            key, value = key[:, start:stop], value[:, start:stop]
+            key, value, mask = key[:, start:stop], value[:, start:stop], mask[start:stop, start:stop]
         stacked = torch.cat(states, dim=1) if len(states) > 1 else states[0]
         query_weight, _, _ = self._phantom_derived_weights()
         if tokens == 1:  # decode: one product with all three Lq; each head's scores read its own path's third
