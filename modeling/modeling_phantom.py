@@ -917,7 +917,7 @@ class PhantomModel(PhantomPreTrainedModel):
         batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
         if not compiling:
             _check_attention_mask(attention_mask, batch, length, past_length)
-            capacity = static_capacity(cache)
+            capacity = None if decode_step else static_capacity(cache)  # generate checked its decode steps up front
             if capacity is not None and past_length + length > capacity:
                 raise ValueError(
                     f"the static cache has room for {capacity} tokens but this call needs {past_length + length} "
