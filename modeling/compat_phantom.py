@@ -8,17 +8,25 @@ from __future__ import annotations
 
 from typing import Any
 
+import transformers
 from transformers import processing_utils
 from transformers.modeling_outputs import CausalLMOutputWithPast
-from transformers.processing_utils import ProcessorMixin
+
+
+def _release(version: str) -> tuple[int, int]:
+    """(major, minor) of a transformers version string ("5.23.0", "5.26.0.dev0")."""
+    major, minor = version.split(".")[:2]
+    return int(major), int("".join(character for character in minor if character.isdigit()))
+
 
 # transformers 5.24 renamed `past_key_values` to `cache`: the field of every `ModelOutput`, the keyword of every
 # model's `forward` and attention module, and what `generate` passes. Before: `past_key_values`.
 CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 # transformers 5.23 places the assistant-token mask of a processor's chat template after the image placeholders
-# are expanded (`ProcessorMixin._adjust_assistant_masks_indices`); before, the mask is placed by the unexpanded text.
-ASSISTANT_MASK_FOLLOWS_EXPANSION = hasattr(ProcessorMixin, "_adjust_assistant_masks_indices")
+# are expanded; before, the mask is placed by the unexpanded text. Read from the release number (public), not from
+# the presence of the private method that does it.
+ASSISTANT_MASK_FOLLOWS_EXPANSION = _release(transformers.__version__) >= (5, 23)
 
 # transformers 5.23 marks the user text of a rendered chat (`sanitize_control_tokens`) with `_MARKED_RE` spans;
 # before, there are no marks to skip.
