@@ -342,12 +342,23 @@ def decode_checks(label: str, payload: dict[str, Any]) -> list[Check]:
     return checks
 
 
+def static_cache_crops() -> bool:
+    """Whether this transformers release can crop a static cache: decode.py's compiled variants (static caches)
+    crop theirs between rounds, which transformers 5.11's `StaticLayer` cannot."""
+    from transformers.cache_utils import StaticLayer
+
+    return hasattr(StaticLayer, "crop")
+
+
 def step_decode(args: argparse.Namespace, device: torch.device, deadline: float) -> list[Check]:
     checks = []
     for label, argv in decode_runs(args, device):
         remaining = deadline - time.monotonic()
         if remaining < 30:
             checks.append(skipped("decode", label, f"time budget spent ({args.budget:.0f} s)"))
+            continue
+        if label.endswith("compiled") and not static_cache_crops():
+            checks.append(skipped("decode", label, "this transformers release cannot crop a static cache (StaticLayer.crop)"))
             continue
         output = Path(args.scratch) / f"decode-{label.replace(' ', '-')}.json"
         argv = [*argv, "--json", str(output)]

@@ -126,7 +126,7 @@ def test_generate_answer_is_the_pipeline_answer_and_stays_within_the_context(tmp
         generate_answer(model, processor, [user(LONG_QUESTION)], do_sample=False, max_new_tokens=5)
     # ... and where the tokenizer states no maximum, the model's context does
     processor.tokenizer.model_max_length = int(1e30)
-    with pytest.raises(ValueError, match="the conversation is 605 tokens, the model's context 512"):
+    with pytest.raises(ValueError, match="the prompt is 605 tokens, the model's context 512"):
         generate_answer(model, processor, [user(LONG_QUESTION)], do_sample=False, max_new_tokens=5)
 
 

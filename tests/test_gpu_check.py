@@ -43,6 +43,9 @@ def test_dry_run_runs_every_step_and_skips_only_the_cuda_parts(tmp_path):
 
     decode = {check["case"]: check for check in checks if check["step"] == "decode"}
     for mode, phantom in (("eager", "phantom"), ("compiled", "phantom-compiled")):
+        if mode == "compiled" and not gpu_check.static_cache_crops():  # transformers 5.11: skipped, with the reason
+            assert ("decode", "tiny compiled") in by_status["skipped"]
+            continue
         for setting in ("b1 ctx16", "b2 ctx16"):
             row = decode[f"tiny {mode} sdpa {setting}: {phantom} tokens/s"]
             assert row["status"] == "measured" and row["value"] > 0 and "ratio" in row["detail"]
