@@ -73,13 +73,18 @@ def runs(tmp_path_factory) -> Path:
             ("fsdp", launch, fsdp_cases, open(root / "fsdp.log", "w")),
         )
     ]
-    for process, name in zip(processes, ("single", "fsdp")):
+    _wait_for(root, zip(("single", "fsdp"), processes))
+    return root
+
+
+def _wait_for(root: Path, processes) -> None:
+    """Wait for each launch (name, process) of a fixture (10 minutes at most) and fail with the tail of its log."""
+    for name, process in processes:
         try:
             process.wait(timeout=600)
         finally:
             process.kill()
         assert process.returncode == 0, (root / f"{name}.log").read_text()[-4000:]
-    return root
 
 
 def _report(runs: Path, side: str, case: str, rank: int = 0) -> dict:
@@ -225,12 +230,7 @@ def deepspeed_runs(runs) -> Path:
         ]
         log = open(root / f"{name}.log", "w")
         processes.append((name, subprocess.Popen(command, env=_env(), cwd=root, stdout=log, stderr=subprocess.STDOUT)))
-    for name, process in processes:
-        try:
-            process.wait(timeout=600)
-        finally:
-            process.kill()
-        assert process.returncode == 0, (root / f"{name}.log").read_text()[-4000:]
+    _wait_for(root, processes)
     return root
 
 
