@@ -45,13 +45,14 @@ def _check_model_folder(folder: Path) -> None:
     config = folder / "config.json"
     if not config.is_file():
         raise CLIError(f"{str(folder)!r} is not a saved model folder (no config.json)")
-    try:
-        data = json.loads(config.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CLIError(f"{config} is not valid JSON: {_one_line(error)}") from error
-    if not isinstance(data, dict):
-        raise CLIError(f"{config} must hold a JSON object, got {type(data).__name__}")
     from safetensors import SafetensorError, safe_open
+
+    from .convert import read_json_file
+
+    try:
+        read_json_file(config)
+    except ValueError as error:
+        raise CLIError(_one_line(error)) from error
 
     for weights in sorted(folder.glob("*.safetensors")):
         try:
