@@ -192,13 +192,19 @@ class PhantomAttentionMixin:
             )
         rows = torch.arange(query.shape[0], device=query.device)
         anchor_index = anchor_index.to(query.device)
+        return self._phantom_anchor_operands(*(states[rows, :, anchor_index] for states in (query, key, value)))
+
+    def _phantom_anchor_operands(
+        self, anchor_query: torch.Tensor, anchor_key: torch.Tensor, anchor_value: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`_phantom_anchors`' operands from the anchor features themselves, (B, H_path, D) per path."""
         dim = self.head_dim
         keys, values = [], []
-        for index, (path, states) in enumerate(zip("qkv", (query, key, value))):
+        for index, (path, features) in enumerate(zip("qkv", (anchor_query, anchor_key, anchor_value))):
             mhca = getattr(self, PHANTOM_MHCA_MODULES[path])
-            anchor_key, anchor_value = mhca.anchor_states(states[rows, :, anchor_index])
-            keys.append(F.pad(anchor_key, (index * dim, (2 - index) * dim)))
-            values.append(mhca.linear_o(anchor_value))
+            projected_key, projected_value = mhca.anchor_states(features)
+            keys.append(F.pad(projected_key, (index * dim, (2 - index) * dim)))
+            values.append(mhca.linear_o(projected_value))
         return torch.cat(keys, dim=1), torch.cat(values, dim=1)
 
     def _phantom_mask(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -388,8 +388,7 @@ class PhantomVLLMAttention(PhantomAttentionMixin, nn.Module):
         an anchor's for the rows at position 0, whose q/k/v are their anchor's); new anchors are written to the
         table, and each token row takes its anchor's from the table or from the row that computes it in this pass.
         """
-        rows = states[0].shape[0]
-        own = self._phantom_anchors(*states, torch.zeros(rows, dtype=torch.long, device=states[0].device))
+        own = self._phantom_anchor_operands(*(state[:, :, 0] for state in states))
         if self.tp_size > 1:
             own = tuple(tensor_model_parallel_all_gather(part, dim=1)[:, self.gathered_order] for part in own)
         operands = []
