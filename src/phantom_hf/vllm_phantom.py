@@ -420,7 +420,9 @@ class PhantomVLLMAttention(PhantomAttentionMixin, nn.Module):
             value.reshape(rows, self.num_kv_heads, 1, dim),
         )
         operands = self._anchor_operands(states, plan, table) if plan is not None else None
-        query, key, value = (state.reshape(rows, -1, 2 * dim) for state in self._phantom_expand("qkv", states, operands))
+        derived = self._phantom_derived_weights()
+        expanded = self._phantom_expand("qkv", states, operands, derived)
+        query, key, value = (state.reshape(rows, -1, 2 * dim) for state in expanded)
         if plan is None:
             output = self.attn(query.reshape(rows, -1), key.reshape(rows, -1), value.reshape(rows, -1))
             output = output.view(rows, self.num_heads, 2 * dim)
@@ -437,7 +439,7 @@ class PhantomVLLMAttention(PhantomAttentionMixin, nn.Module):
             if table.fallback_rows:
                 attended = torch.cat([attended, own[tokens:]])
             output = torch.where(plan.first[:, None, None], own, attended)
-        output, _ = self.o_proj(self._phantom_fold(output).reshape(rows, self.q_size))
+        output, _ = self.o_proj(self._phantom_fold(output, derived).reshape(rows, self.q_size))
         return output
 
 
