@@ -29,13 +29,14 @@ The anchor without per-sequence state
       token id on the device (fixed size, least recently used out, cleared with new weights). In each pass every
       row at position 0 computes its own token's anchor where it stands (its attention output is its own expanded
       value, softmax over one key, as transformers computes that token at prefill), and every other row takes its
-      anchor's operands from the table or from such a row of the same pass. One more row at position 0 follows the
-      batch's tokens: it computes an anchor that is in neither place (a prefix-cache hit on a sequence whose first
-      token the table no longer holds). Each layer computes the operands of every row and writes the new anchors'
+      anchor's operands from the table or from such a row of the same pass. With prefix caching on, one more row at
+      position 0 follows the batch's tokens: it computes an anchor that is in neither place (a prefix-cache hit on a
+      sequence whose first token the table no longer holds); without it every sequence starts at position 0 and that
+      row is left out. Each layer computes the operands of every row and writes the new anchors'
       to the table.
 
     Nothing in the forward pass synchronises with the host or has a data-dependent shape (the rows are the batch's
-    tokens plus `ANCHOR_FALLBACK_ROWS`), so vLLM compiles it (`support_torch_compile`) and, on a GPU, captures CUDA
+    tokens plus the fallback rows, a number fixed at load), so vLLM compiles it (`support_torch_compile`) and, on a GPU, captures CUDA
     graphs of it. The limit of this: a pass in which more anchors than fallback rows are missing (two prefix-cache
     hits in one step on different first tokens that the table, `ANCHOR_TABLE_SIZE` or 2 * max_num_seqs + 1 ids,
     no longer holds) computes only the first; `PhantomAnchorTable.misses` counts the rows that found no anchor.
