@@ -432,10 +432,8 @@ class PhantomVLLMAttention(PhantomAttentionMixin, nn.Module):
             # a row at position 0 (and a fallback row) sees only itself: its output is its own expanded value,
             # per query head's group; taken here so that an anchor's operands never depend on vLLM's batch layout
             own = value.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
-            if table.fallback_rows:
-                query, key, value = query[:tokens], key[:tokens], value[:tokens]
             attended = self.attn(
-                query.reshape(tokens, -1), key.reshape(tokens, -1), value.reshape(tokens, -1)
+                query[:tokens].reshape(tokens, -1), key[:tokens].reshape(tokens, -1), value[:tokens].reshape(tokens, -1)
             ).view(tokens, self.num_heads, 2 * dim)
             if table.fallback_rows:
                 attended = torch.cat([attended, own[tokens:]])
