@@ -257,7 +257,7 @@ class PhantomAttentionMixin:
         paths: str,
         states: tuple[torch.Tensor, ...],
         anchors: tuple[torch.Tensor, torch.Tensor] | None,
-        derived: tuple[torch.Tensor | None, ...] | None = None,
+        derived: tuple[torch.Tensor | None, ...],
     ) -> tuple[torch.Tensor, ...]:
         """[x, x*] along the head dimension for each path, x* = eta*MHCA(x, anchor) (+ x on the value path).
 
@@ -285,7 +285,7 @@ class PhantomAttentionMixin:
         if paths != "qkv":
             key, value, mask = key[:, start:stop], value[:, start:stop], mask[start:stop, start:stop]
         stacked = torch.cat(states, dim=1) if len(states) > 1 else states[0]
-        query_weight, _, _ = derived if derived is not None else self._phantom_derived_weights()
+        query_weight, _, _ = derived
         if tokens == 1:  # decode: one product with all three Lq; each head's scores read its own path's third
             hidden = F.gelu(F.linear(stacked, query_weight)).reshape(batch, -1, 3 * dim)
             scores = torch.baddbmm(mask, hidden, key.transpose(1, 2), alpha=dim**-0.5)
@@ -306,18 +306,18 @@ class PhantomAttentionMixin:
             expansion[:, -sizes[-1] :].add_(stacked[:, -sizes[-1] :])
         return torch.cat([stacked, expansion], dim=-1).split(sizes, dim=1)
 
-    def _phantom_fold(self, output: torch.Tensor, derived: tuple[torch.Tensor | None, ...] | None = None) -> torch.Tensor:
+    def _phantom_fold(self, output: torch.Tensor, derived: tuple[torch.Tensor | None, ...]) -> torch.Tensor:
         """Fold the (B, N, H, 2D) attention output back to (B, N, H, D) (Eq. 3 or an ablation).
 
-        `derived` (here and in `_phantom_expand`): `_phantom_derived_weights()`, where the caller already has it
-        (one staleness check per layer and step instead of two)."""
+        `derived` (here and in `_phantom_expand`): `_phantom_derived_weights()`, taken once per layer call by the
+        caller (its staleness check is the cost, not the weights)."""
         first, second = output[..., : self.head_dim], output[..., self.head_dim :]
         if self.phantom_mixing == "sum":
             return first + second
         if self.phantom_mixing == "mean":
             return (first + second) / 2
         # Eq. 3: w = e^f / (e^f + e^g) = sigmoid(f - g), f - g one linear layer on [O1, O2]; lerp gives w*O1 + (1-w)*O2
-        _, gate_weight, gate_bias = derived if derived is not None else self._phantom_derived_weights()
+        _, gate_weight, gate_bias = derived
         return torch.lerp(second, first, torch.sigmoid(F.linear(output, gate_weight, gate_bias)))
 
     def _phantom_attention_interface(self) -> Callable:

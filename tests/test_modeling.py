@@ -179,9 +179,10 @@ def test_fused_expansion_equals_the_cross_attention_modules(tokens: int) -> None
         anchors = layer._phantom_anchors(states["q"], states["k"], states["v"], anchor_index)
         # all the cache keeps: the keys in their path's third of a 3*D row, the values
         assert [tensor.shape for tensor in anchors] == [(2, heads + 2 * kv_heads, 3 * dim), (2, heads + 2 * kv_heads, dim)]
-        fused = dict(zip("qkv", layer._phantom_expand("qkv", (states["q"], states["k"], states["v"]), anchors)))
-        fused.update(zip("kv", layer._phantom_expand("kv", (states["k"], states["v"]), anchors)))
-        compact_q = layer._phantom_expand("q", (states["q"],), anchors)[0]
+        derived = layer._phantom_derived_weights()
+        fused = dict(zip("qkv", layer._phantom_expand("qkv", (states["q"], states["k"], states["v"]), anchors, derived)))
+        fused.update(zip("kv", layer._phantom_expand("kv", (states["k"], states["v"]), anchors, derived)))
+        compact_q = layer._phantom_expand("q", (states["q"],), anchors, derived)[0]
     for path in "qkv":
         torch.testing.assert_close(fused[path], expected[path], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(compact_q, expected["q"], rtol=1e-12, atol=1e-12)
