@@ -566,7 +566,7 @@ class PhantomPreTrainedModel(PreTrainedModel):
             if not isinstance(error, getattr(safetensors, "SafetensorError", ())):
                 raise
             source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
-            raise ValueError(f"{_unreadable_weights(source, safetensors)} cannot be read ({error})") from error
+            raise ValueError(f"{_unreadable_weights(source)} cannot be read ({error})") from error
         _check_loaded_weights(model, loading_info, override if isinstance(override, bool) else None)
         return (model, loading_info) if output_loading_info else model
 
@@ -595,16 +595,25 @@ class PhantomPreTrainedModel(PreTrainedModel):
         write_folder(save_directory, write)
 
 
-def _unreadable_weights(source: Any, safetensors: Any) -> str:
-    """The safetensors files of folder `source` that do not open (truncated or corrupt), for an error message."""
+def unreadable_weight_files(source: Any) -> list[tuple[str, BaseException]]:
+    """The safetensors files of folder `source` that do not open (truncated or corrupt), in name order, each with its
+    error; none where `source` is not a local folder (a Hub id). Used by `from_pretrained`'s error and by the CLI's
+    check of a folder before loading it."""
+    safetensors = sys.modules["safetensors"]  # imported by transformers' modeling_utils, which this module imports
     folder = Path(str(source))
     broken = []
     for path in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
         try:
             with safetensors.safe_open(str(path), framework="pt"):
                 pass
-        except (safetensors.SafetensorError, OSError):
-            broken.append(str(path))
+        except (safetensors.SafetensorError, OSError) as error:
+            broken.append((str(path), error))
+    return broken
+
+
+def _unreadable_weights(source: Any) -> str:
+    """What `from_pretrained`'s error names: the unreadable weight files of `source`, else its weights."""
+    broken = [path for path, _ in unreadable_weight_files(source)]
     if not broken:
         return f"the weights of {source}"
     return f"weights file {broken[0]}" + (f" (and {len(broken) - 1} more)" if len(broken) > 1 else "") + ", truncated or corrupt,"

@@ -45,21 +45,18 @@ def _check_model_folder(folder: Path) -> None:
     config = folder / "config.json"
     if not config.is_file():
         raise CLIError(f"{str(folder)!r} is not a saved model folder (no config.json)")
-    from safetensors import SafetensorError, safe_open
-
     from .convert import read_json_file
+    from .modeling.modeling_phantom import unreadable_weight_files
 
     try:
         read_json_file(config)
     except ValueError as error:
         raise CLIError(_one_line(error)) from error
 
-    for weights in sorted(folder.glob("*.safetensors")):
-        try:
-            with safe_open(str(weights), framework="pt"):
-                pass
-        except (SafetensorError, OSError) as error:
-            raise CLIError(f"weights file {weights} is unreadable (truncated or corrupt?): {_one_line(error)}") from error
+    broken = unreadable_weight_files(folder)
+    if broken:
+        weights, error = broken[0]
+        raise CLIError(f"weights file {weights} is unreadable (truncated or corrupt?): {_one_line(error)}") from error
 
 
 def _load_model_and_processor(source: str, device: str = "cpu") -> tuple[Any, Any]:
