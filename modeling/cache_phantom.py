@@ -222,6 +222,9 @@ class PhantomCacheMixin:
     # `generate` refuse a prompt that does not continue the conversation the cache holds. Beam reorders leave it
     # as it is (they move rows among the beams of one prompt, which share their anchor token).
     anchor_tokens: torch.Tensor | None = None
+    # per layer, the weights Phantom attention derives from its parameters (`_phantom_derived_weights`), kept at
+    # inference with the anchors, which the same parameters gave at prefill; forgotten with the anchors
+    derived_weights: dict[int, tuple]
 
     def get_anchors(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The (key, value) anchor operands of `layer_idx` set at prefill, or None before."""
@@ -262,6 +265,7 @@ class PhantomCache(PhantomCacheMixin, DynamicCache):
             self.layer_class_to_replicate = make_layer
         self.mode = mode
         self.anchors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.derived_weights = {}
 
     @staticmethod
     def _buffered(layer: Any, make_layer: Callable[[], BufferedDynamicLayer]) -> Any:
@@ -303,11 +307,13 @@ class PhantomCache(PhantomCacheMixin, DynamicCache):
         super().crop(*args, **kwargs)
         if self.get_seq_length() == 0:
             self.anchors.clear()
+            self.derived_weights.clear()
             self.anchor_tokens = None
 
     def reset(self) -> None:
         super().reset()
         self.anchors.clear()
+        self.derived_weights.clear()
         self.anchor_tokens = None
 
 
@@ -341,6 +347,7 @@ class PhantomStaticCache(PhantomCacheMixin, StaticCache):
     def _clear_anchors(self) -> None:
         self.anchor_buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._anchored: set[int] = set()  # layers whose buffers hold the current sequences' anchors
+        self.derived_weights = {}
         self.anchor_tokens = None
 
     @classmethod
@@ -386,11 +393,13 @@ class PhantomStaticCache(PhantomCacheMixin, StaticCache):
         super().crop(*args, **kwargs)
         if int(self.get_seq_length()) == 0:
             self._anchored.clear()
+            self.derived_weights.clear()
             self.anchor_tokens = None
 
     def reset(self) -> None:
         super().reset()
         self._anchored.clear()
+        self.derived_weights.clear()
         self.anchor_tokens = None
 
 

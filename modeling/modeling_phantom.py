@@ -122,6 +122,27 @@ def sdpa_attention_packed_decode(
     return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, **kwargs)
 
 
+# Values from which torch's oneDNN GELU beats ATen's on CPU (one thread, float32: 8.5 vs 5.4 us at 3456 values,
+# 16.4 vs 17.2 us at 20736)
+GELU_ONEDNN_MIN_NUMEL = 16384
+
+
+def gelu_small(x: torch.Tensor) -> torch.Tensor:
+    """Exact (erf) GELU of a small tensor, as `F.gelu`, for the decode step's MHCA.
+
+    On CPU, torch hands a contiguous float32/bfloat16 GELU to oneDNN, whose fixed cost per call (8 us in a hot loop,
+    ~30 us between a layer's weight reads, against 3.5 us for ATen's own vectorised kernel on the 18 x 192 values of
+    a 0.5B decode step) was the largest of Phantom's small operators. A transposed (non-contiguous) view of the same
+    values takes ATen's kernel; the result is transposed back, contiguous. From `GELU_ONEDNN_MIN_NUMEL` values on
+    (batches of decode rows, prefill) oneDNN is the faster and `F.gelu` is used (BENCHMARKS.md, "Decode: where the
+    rest of Phantom's cost goes").
+    """
+    if x.device.type != "cpu" or x.dim() < 2 or x.numel() >= GELU_ONEDNN_MIN_NUMEL:
+        return F.gelu(x)
+    rows = x.reshape(-1, x.shape[-1])
+    return F.gelu(rows.t()).t().view(x.shape)
+
+
 class PhantomAttentionMixin:
     """Phantom Dimension on top of a backbone attention module (paper Sec. 3, Eq. 1-3).
 
@@ -150,6 +171,9 @@ class PhantomAttentionMixin:
         self.phantom_num_kv_heads = text.num_key_value_heads
         self.phantom_mixing = config.phantom_mixing
         self.phantom_expansion = config.phantom_expansion
+        # which projections the backbone has, looked up once (a missing nn.Module attribute raises on every lookup)
+        self._phantom_fused_qkv = hasattr(self, "qkv_proj")
+        self._phantom_qk_norm = hasattr(self, "q_norm")
         self._phantom_path_mask: torch.Tensor | None = None
         self._phantom_derived: tuple[tuple, tuple] | None = None
         if self.phantom_expansion == "mhca":
@@ -162,14 +186,14 @@ class PhantomAttentionMixin:
     def _phantom_project(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The backbone's q, k, v of shape (B, H, N, D), before rotary."""
         hidden_shape = (*hidden_states.shape[:-1], -1, self.head_dim)
-        if hasattr(self, "qkv_proj"):
+        if self._phantom_fused_qkv:
             q_size = self.phantom_num_heads * self.head_dim
             kv_size = self.phantom_num_kv_heads * self.head_dim
             query, key, value = self.qkv_proj(hidden_states).split([q_size, kv_size, kv_size], dim=-1)
         else:
             query, key, value = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
         query, key, value = query.view(hidden_shape), key.view(hidden_shape), value.view(hidden_shape)
-        if hasattr(self, "q_norm"):
+        if self._phantom_qk_norm:
             query, key = self.q_norm(query), self.k_norm(key)
         return query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
 
@@ -219,7 +243,9 @@ class PhantomAttentionMixin:
             self._phantom_path_mask = mask
         return mask
 
-    def _phantom_derived_weights(self) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    def _phantom_derived_weights(
+        self, cache: PhantomCacheMixin | None = None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """Weights the fused expansion and fold use, derived from the Phantom modules' parameters:
 
         - the MHCA query weights of the q, k and v paths stacked, [Lq_q; Lq_k; Lq_v] of shape (3 D, D) (MHCA
@@ -229,15 +255,21 @@ class PhantomAttentionMixin:
 
         Kept from call to call while none of those parameters changed (inference: no copy per step); rebuilt at
         every call while autograd records (gradients flow to the parameters) or while compiling (the graph then
-        holds the few small ops).
+        holds the few small ops). At inference with a Phantom cache they are also kept in the cache with the anchors,
+        which were computed from the same parameters at prefill: a decode step then reads them without checking the
+        parameters (that check, ~20 us per layer, was a tenth of Phantom's overhead per decode step on CPU).
         """
+        reuse = not torch.is_grad_enabled() and not is_torchdynamo_compiling()
+        if reuse and cache is not None:
+            kept = cache.derived_weights.get(self.layer_idx)
+            if kept is not None:
+                return kept
         tensors: list[torch.Tensor] = []
         if self.phantom_expansion == "mhca":
             tensors += [getattr(self, name).linear_q.weight for name in PHANTOM_MHCA_MODULES.values()]
         if self.phantom_mixing == "weighted":
             first, second = self.gating_phantom_1, self.gating_phantom_2
             tensors += [first.weight, second.weight, first.bias, second.bias]
-        reuse = not torch.is_grad_enabled() and not is_torchdynamo_compiling()
         if reuse:
             key = tuple((tensor.data_ptr(), tensor._version, tensor.dtype, tensor.device) for tensor in tensors)
             if self._phantom_derived is not None and self._phantom_derived[0] == key:
@@ -250,6 +282,8 @@ class PhantomAttentionMixin:
         derived = (query_weight, gate_weight, gate_bias)
         if reuse:
             self._phantom_derived = (key, derived)
+            if cache is not None:
+                cache.derived_weights[self.layer_idx] = derived
         return derived
 
     def _phantom_expand(
@@ -287,7 +321,7 @@ class PhantomAttentionMixin:
         stacked = torch.cat(states, dim=1) if len(states) > 1 else states[0]
         query_weight, _, _ = derived
         if tokens == 1:  # decode: one product with all three Lq; each head's scores read its own path's third
-            hidden = F.gelu(F.linear(stacked, query_weight)).reshape(batch, -1, 3 * dim)
+            hidden = gelu_small(F.linear(stacked, query_weight).reshape(batch, -1, 3 * dim))
             scores = torch.baddbmm(mask, hidden, key.transpose(1, 2), alpha=dim**-0.5)
             probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(hidden.dtype)
             expansion = torch.bmm(probs, value)
@@ -301,7 +335,8 @@ class PhantomAttentionMixin:
                 parts.append(torch.bmm(probs, value[:, first : first + heads]))
                 first += heads
             expansion = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
-        expansion = F.gelu(expansion).mul_(self.phantom_config.phantom_eta).view(batch, -1, tokens, dim)
+        expansion = (gelu_small(expansion) if tokens == 1 else F.gelu(expansion)).mul_(self.phantom_config.phantom_eta)
+        expansion = expansion.view(batch, -1, tokens, dim)
         if paths[-1] == "v":  # v* = v + eta * MHCA(v, a)
             expansion[:, -sizes[-1] :].add_(stacked[:, -sizes[-1] :])
         return torch.cat([stacked, expansion], dim=-1).split(sizes, dim=1)
@@ -351,7 +386,7 @@ class PhantomAttentionMixin:
             if cache is not None:
                 cache.set_anchors(self.layer_idx, *anchors)
 
-        derived = self._phantom_derived_weights()
+        derived = self._phantom_derived_weights(cache)
         if cache is not None and cache.mode == "compact":
             key, value = cache.update(key, value, self.layer_idx)
             key, value = self._phantom_expand("kv", (key, value), anchors, derived)

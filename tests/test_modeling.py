@@ -218,6 +218,58 @@ def test_derived_weights_follow_every_change_of_the_phantom_parameters() -> None
     assert not torch.allclose(logits(model), before)
 
 
+@pytest.mark.parametrize("forget", ["reset", "crop"])
+@pytest.mark.parametrize("cache_class", ["dynamic", "static"])
+def test_a_cache_keeps_the_derived_weights_of_its_prefill_and_forgets_them_with_its_anchors(forget: str, cache_class: str) -> None:
+    """At inference a Phantom cache keeps, with the anchors, the weights derived from the Phantom parameters at
+    prefill (decode steps do not check the parameters again); emptied (reset, crop to nothing) it forgets both, so
+    a cache reused after the parameters changed gives what a fresh model with the new parameters gives."""
+    from phantom_hf import PhantomCache, PhantomStaticCache
+
+    model, fresh = make_model(seed=6), make_model(seed=6)
+    input_ids, attention_mask = left_padded_batch([6, 6], seed=6)
+
+    def new_cache(m):
+        if cache_class == "dynamic":
+            return PhantomCache()
+        return PhantomStaticCache(m.config.text_config, max_cache_len=input_ids.shape[1] + 2)
+
+    def prefill_and_step(m, cache) -> torch.Tensor:
+        with torch.no_grad():
+            out = m(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+            mask = torch.cat([attention_mask, torch.ones_like(token)], dim=1)
+            step = m(input_ids=token, attention_mask=mask, past_key_values=cache_of(out), use_cache=True)
+        return torch.cat([out.logits[:, -1], step.logits[:, -1]])
+
+    cache = new_cache(model)
+    before = prefill_and_step(model, cache)
+    assert set(cache.derived_weights) == set(range(model.config.text_config.num_hidden_layers))
+    for m in (model, fresh):
+        with torch.no_grad():
+            for layer in m.language_model.layers:
+                layer.self_attn.gating_phantom_1.weight.mul_(-2.0)
+                layer.self_attn.xattn_value_phantom.linear_q.weight.mul_(0.5)
+    cache.reset() if forget == "reset" else cache.crop(-int(cache.get_seq_length()))  # every token
+    assert cache.derived_weights == {}
+    after = prefill_and_step(model, cache)
+    torch.testing.assert_close(after, prefill_and_step(fresh, new_cache(fresh)), rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(after, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape", [(1, 18, 192), (2, 18, 1, 64), (3, 1, 64), (128, 192), (64,)])
+def test_gelu_small_is_the_exact_gelu(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    """`gelu_small` (ATen's kernel through a transposed view below oneDNN's size, `F.gelu` above) is
+    x * Phi(x) = x/2 * (1 + erf(x / sqrt 2)) to the dtype's rounding, with x's shape and a contiguous result."""
+    x = (torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3).to(dtype)
+    reference = x.double() * 0.5 * (1 + torch.erf(x.double() / 2**0.5))
+    result = modeling_phantom.gelu_small(x)
+    assert result.shape == x.shape and result.dtype == dtype and result.is_contiguous()
+    tolerance = {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float64: 1e-14}[dtype]
+    torch.testing.assert_close(result.double(), reference, rtol=tolerance, atol=tolerance)
+
+
 def test_phantom_eta_is_read_from_the_model_config() -> None:
     """Changing `model.config.phantom_eta` after building changes the model as building it with that eta does."""
     model = make_model(seed=2, phantom_eta=1.0)
