@@ -53,7 +53,7 @@ class PhantomCrossAttention(nn.Module):
     `forward` is this formula for one module, written to be read: it is the reference that the tests hold
     the running code to. Phantom attention runs the three modules of a layer fused
     (`PhantomAttentionMixin._phantom_expand`), with the anchor-side products computed once per sequence
-    (`PhantomAttentionMixin._phantom_anchors`, from `anchor_states`) and kept in the cache for decoding.
+    (`PhantomAttentionMixin._phantom_anchors`; `anchor_states` is their reference form) and kept in the cache for decoding.
     """
 
     def __init__(self, head_dim: int) -> None:
@@ -221,15 +221,25 @@ class PhantomAttentionMixin:
     def _phantom_anchor_operands(
         self, anchor_query: torch.Tensor, anchor_key: torch.Tensor, anchor_value: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`_phantom_anchors`' operands from the anchor features themselves, (B, H_path, D) per path."""
+        """`_phantom_anchors`' operands from the anchor features themselves, (B, H_path, D) per path: per path one
+        product with [Lk; Lv] gives both projections, and one with Lo the values (six products, not nine)."""
         dim = self.head_dim
         keys, values = [], []
-        for index, (path, features) in enumerate(zip("qkv", (anchor_query, anchor_key, anchor_value))):
-            mhca = getattr(self, PHANTOM_MHCA_MODULES[path])
-            projected_key, projected_value = mhca.anchor_states(features)
-            keys.append(F.pad(projected_key, (index * dim, (2 - index) * dim)))
-            values.append(mhca.linear_o(projected_value))
+        for index, (features, (key_value_weight, output_weight)) in enumerate(
+            zip((anchor_query, anchor_key, anchor_value), self._phantom_anchor_weights())
+        ):
+            projected = F.gelu(F.linear(features, key_value_weight))  # [gelu(Lk(a)), gelu(Lv(a))]
+            keys.append(F.pad(projected[..., :dim], (index * dim, (2 - index) * dim)))
+            values.append(F.linear(projected[..., dim:], output_weight))
         return torch.cat(keys, dim=1), torch.cat(values, dim=1)
+
+    def _phantom_anchor_weights(self) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+        """Per path (q, k, v), the weights of the anchor side of its MHCA: [Lk; Lv] of shape (2 D, D), and Lo."""
+        weights = []
+        for path in "qkv":
+            mhca = getattr(self, PHANTOM_MHCA_MODULES[path])
+            weights.append((torch.cat([mhca.linear_k.weight, mhca.linear_v.weight]), mhca.linear_o.weight))
+        return tuple(weights)
 
     def _phantom_mask(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """(H_all, H_all) additive mask of the fused MHCA: 0 where a head and an anchor head belong to the same

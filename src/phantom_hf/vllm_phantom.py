@@ -96,7 +96,7 @@ from vllm.multimodal.processing import (
 )
 from vllm.sequence import IntermediateTensors
 
-from .modeling.configuration_phantom import SUPPORTED_TEXT_MODEL_TYPES
+from .modeling.configuration_phantom import PHANTOM_MODULE_NAMES, SUPPORTED_TEXT_MODEL_TYPES
 from .modeling.modeling_phantom import PROJECTOR_CLASSES, PhantomAttentionMixin, PhantomModel
 from .modeling.processing_phantom import IMAGE_MARKER, PhantomProcessor
 
@@ -352,6 +352,7 @@ class PhantomVLLMAttention(PhantomAttentionMixin, nn.Module):
             self.init_phantom(config)
             if self.phantom_expansion == "mhca":
                 self._register_path_mask(text.num_attention_heads, text.num_key_value_heads)
+            self._register_derived_weights()
 
     def _register_path_mask(self, heads: int, kv_heads: int) -> None:
         """This rank's rows of the fused MHCA's path mask (`PhantomAttentionMixin._phantom_mask`): its own q, k, v
@@ -375,6 +376,48 @@ class PhantomVLLMAttention(PhantomAttentionMixin, nn.Module):
 
     def _phantom_mask(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         return self.path_mask.to(dtype)
+
+    def _register_derived_weights(self) -> None:
+        """Buffers for the weights the mixin derives from the Phantom parameters (its stacked MHCA query weights and
+        fold gate, the anchor side's [Lk; Lv] and Lo per path), filled by `refresh_derived_weights` when weights are
+        loaded: a pass reads them instead of rebuilding them (in the compiled graph: two more kernels per layer)."""
+        weights = [weight for name, module in self.named_children() if name in PHANTOM_MODULE_NAMES for weight in module.parameters()]
+        if not weights:  # copies and a plain sum or mean: nothing derived
+            return
+        dim, options = self.head_dim, dict(dtype=weights[0].dtype, device=weights[0].device)
+        shapes = {}
+        if self.phantom_expansion == "mhca":
+            shapes["derived_query_weight"] = (3 * dim, dim)
+            shapes["derived_anchor_key_value_weights"] = (3, 2 * dim, dim)
+            shapes["derived_anchor_output_weights"] = (3, dim, dim)
+        if self.phantom_mixing == "weighted":
+            shapes["derived_gate_weight"] = (1, 2 * dim)
+            shapes["derived_gate_bias"] = (1,)
+        for name, shape in shapes.items():
+            self.register_buffer(name, torch.zeros(shape, **options), persistent=False)
+
+    @torch.no_grad()
+    def refresh_derived_weights(self) -> None:
+        """Recompute the derived-weight buffers from the Phantom parameters (after loading weights)."""
+        query_weight, gate_weight, gate_bias = PhantomAttentionMixin._phantom_derived_weights(self)
+        if self.phantom_expansion == "mhca":
+            self.derived_query_weight.copy_(query_weight)
+            for index, (key_value_weight, output_weight) in enumerate(PhantomAttentionMixin._phantom_anchor_weights(self)):
+                self.derived_anchor_key_value_weights[index].copy_(key_value_weight)
+                self.derived_anchor_output_weights[index].copy_(output_weight)
+        if self.phantom_mixing == "weighted":
+            self.derived_gate_weight.copy_(gate_weight)
+            self.derived_gate_bias.copy_(gate_bias)
+
+    def _phantom_derived_weights(self, cache: object = None) -> tuple[torch.Tensor | None, ...]:
+        return (
+            getattr(self, "derived_query_weight", None),
+            getattr(self, "derived_gate_weight", None),
+            getattr(self, "derived_gate_bias", None),
+        )
+
+    def _phantom_anchor_weights(self) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+        return tuple(zip(self.derived_anchor_key_value_weights, self.derived_anchor_output_weights))
 
     def _project(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The backbone's q, k, v of shape (rows, heads * D), q/k-normed and rotated."""
@@ -577,7 +620,11 @@ class PhantomLanguageModel(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         if self.anchor_table is not None:
             self.anchor_table.clear()  # computed from the weights these replace
-        return AutoWeightsLoader(self).load_weights(weights, mapper=_STACKED_WEIGHTS)
+        loaded = AutoWeightsLoader(self).load_weights(weights, mapper=_STACKED_WEIGHTS)
+        for layer in self.layers:
+            if layer.self_attn.phantom:
+                layer.self_attn.refresh_derived_weights()
+        return loaded
 
 
 # ---------------------------------------------------------------------------------------------------
