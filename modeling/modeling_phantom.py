@@ -143,6 +143,13 @@ def gelu_small(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(rows.t()).t().view(x.shape)
 
 
+def softmax_in_float32(scores: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dimension computed in float32 or wider, in the scores' dtype (the MHCA's, Eq. 1)."""
+    if scores.dtype in (torch.float32, torch.float64):
+        return torch.softmax(scores, dim=-1)
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(scores.dtype)
+
+
 class PhantomAttentionMixin:
     """Phantom Dimension on top of a backbone attention module (paper Sec. 3, Eq. 1-3).
 
@@ -174,6 +181,7 @@ class PhantomAttentionMixin:
         # which projections the backbone has, looked up once (a missing nn.Module attribute raises on every lookup)
         self._phantom_fused_qkv = hasattr(self, "qkv_proj")
         self._phantom_qk_norm = hasattr(self, "q_norm")
+        self._phantom_own_window = hasattr(self, "sliding_window")  # else the config says it (Phi-3)
         self._phantom_path_mask: torch.Tensor | None = None
         self._phantom_derived: tuple[tuple, tuple] | None = None
         if self.phantom_expansion == "mhca":
@@ -333,7 +341,7 @@ class PhantomAttentionMixin:
         if tokens == 1:  # decode: one product with all three Lq; each head's scores read its own path's third
             hidden = gelu_small(F.linear(stacked, query_weight).reshape(batch, -1, 3 * dim))
             scores = torch.baddbmm(mask, hidden, key.transpose(1, 2), alpha=dim**-0.5)
-            probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(hidden.dtype)
+            probs = softmax_in_float32(scores)
             expansion = torch.bmm(probs, value)
         else:  # prefill: path by path, without the decode form's products across paths (3x the Lq work per token)
             parts, first = [], 0
@@ -341,7 +349,7 @@ class PhantomAttentionMixin:
                 third, heads = slice("qkv".index(path) * dim, ("qkv".index(path) + 1) * dim), x.shape[1]
                 hidden = F.gelu(F.linear(x, query_weight[third])).reshape(batch, -1, dim)  # rows (head, token)
                 scores = torch.bmm(hidden, key[:, first : first + heads, third].transpose(1, 2)).mul_(dim**-0.5)
-                probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(hidden.dtype)
+                probs = softmax_in_float32(scores)
                 parts.append(torch.bmm(probs, value[:, first : first + heads]))
                 first += heads
             expansion = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
@@ -406,7 +414,7 @@ class PhantomAttentionMixin:
             if past_key_values is not None:
                 key, value = past_key_values.update(key, value, self.layer_idx)
 
-        sliding_window = getattr(self, "sliding_window", getattr(self.config, "sliding_window", None))
+        sliding_window = self.sliding_window if self._phantom_own_window else getattr(self.config, "sliding_window", None)
         attn_output, attn_weights = self._phantom_attention_interface()(
             self,
             query,
