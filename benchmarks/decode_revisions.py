@@ -18,7 +18,6 @@ variants' step times (median, min, max): the change's effect, paired round by ro
 from __future__ import annotations
 
 import argparse
-import statistics
 import subprocess
 import sys
 import types
