@@ -134,8 +134,7 @@ def gelu_small(x: torch.Tensor) -> torch.Tensor:
     ~30 us between a layer's weight reads, against 3.5 us for ATen's own vectorised kernel on the 18 x 192 values of
     a 0.5B decode step) was the largest of Phantom's small operators. A transposed (non-contiguous) view of the same
     values takes ATen's kernel; the result is transposed back, contiguous. From `GELU_ONEDNN_MIN_NUMEL` values on
-    (batches of decode rows, prefill) oneDNN is the faster and `F.gelu` is used (BENCHMARKS.md, "Decode: where the
-    rest of Phantom's cost goes").
+    (batches of decode rows, prefill) oneDNN is the faster and `F.gelu` is used (docs/design.md, "One fused MHCA").
     """
     if x.device.type != "cpu" or x.dim() < 2 or x.numel() >= GELU_ONEDNN_MIN_NUMEL:
         return F.gelu(x)
