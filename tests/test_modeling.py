@@ -224,8 +224,12 @@ def test_a_cache_keeps_the_derived_weights_of_its_prefill_and_forgets_them_with_
     """At inference a Phantom cache keeps, with the anchors, the weights derived from the Phantom parameters at
     prefill (decode steps do not check the parameters again); emptied (reset, crop to nothing) it forgets both, so
     a cache reused after the parameters changed gives what a fresh model with the new parameters gives."""
+    from transformers.cache_utils import StaticLayer
+
     from phantom_hf import PhantomCache, PhantomStaticCache
 
+    if cache_class == "static" and forget == "crop" and not hasattr(StaticLayer, "crop"):
+        pytest.skip("this transformers' StaticCache cannot crop (its StaticLayer has no crop; 5.11 has none)")
     model, fresh = make_model(seed=6), make_model(seed=6)
     input_ids, attention_mask = left_padded_batch([6, 6], seed=6)
 
