@@ -303,18 +303,20 @@ class PhantomCache(PhantomCacheMixin, DynamicCache):
         super().batch_select_indices(indices)
         self._map_anchors(lambda t: t[indices.to(t.device) if isinstance(indices, torch.Tensor) else indices])
 
-    def crop(self, *args: Any, **kwargs: Any) -> None:
-        super().crop(*args, **kwargs)
-        if self.get_seq_length() == 0:
-            self.anchors.clear()
-            self.derived_weights.clear()
-            self.anchor_tokens = None
-
-    def reset(self) -> None:
-        super().reset()
+    def _forget_anchors(self) -> None:
+        """Forget the rows' anchors and what was kept with them (the cache holds no sequence any more)."""
         self.anchors.clear()
         self.derived_weights.clear()
         self.anchor_tokens = None
+
+    def crop(self, *args: Any, **kwargs: Any) -> None:
+        super().crop(*args, **kwargs)
+        if self.get_seq_length() == 0:
+            self._forget_anchors()
+
+    def reset(self) -> None:
+        super().reset()
+        self._forget_anchors()
 
 
 class PhantomStaticCache(PhantomCacheMixin, StaticCache):
@@ -389,18 +391,20 @@ class PhantomStaticCache(PhantomCacheMixin, StaticCache):
             for buffer in self.anchor_buffers[layer_idx]:
                 buffer.copy_(buffer.index_select(0, beam_idx.to(buffer.device)))
 
-    def crop(self, *args: Any, **kwargs: Any) -> None:
-        super().crop(*args, **kwargs)
-        if int(self.get_seq_length()) == 0:
-            self._anchored.clear()
-            self.derived_weights.clear()
-            self.anchor_tokens = None
-
-    def reset(self) -> None:
-        super().reset()
+    def _forget_anchors(self) -> None:
+        """Forget the rows' anchors (the buffers stay for the next sequences) and what was kept with them."""
         self._anchored.clear()
         self.derived_weights.clear()
         self.anchor_tokens = None
+
+    def crop(self, *args: Any, **kwargs: Any) -> None:
+        super().crop(*args, **kwargs)
+        if int(self.get_seq_length()) == 0:
+            self._forget_anchors()
+
+    def reset(self) -> None:
+        super().reset()
+        self._forget_anchors()
 
 
 __all__ = ["BufferedDynamicLayer", "PhantomCache", "PhantomCacheMixin", "PhantomStaticCache", "static_capacity"]
