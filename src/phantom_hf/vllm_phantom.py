@@ -96,7 +96,7 @@ from vllm.multimodal.processing import (
 )
 from vllm.sequence import IntermediateTensors
 
-from .modeling.configuration_phantom import PHANTOM_MODULE_NAMES, SUPPORTED_TEXT_MODEL_TYPES
+from .modeling.configuration_phantom import SUPPORTED_TEXT_MODEL_TYPES
 from .modeling.modeling_phantom import PROJECTOR_CLASSES, PhantomAttentionMixin, PhantomModel
 from .modeling.processing_phantom import IMAGE_MARKER, PhantomProcessor
 
@@ -381,20 +381,18 @@ class PhantomVLLMAttention(PhantomAttentionMixin, nn.Module):
         """Buffers for the weights the mixin derives from the Phantom parameters (its stacked MHCA query weights and
         fold gate, the anchor side's [Lk; Lv] and Lo per path), filled by `refresh_derived_weights` when weights are
         loaded: a pass reads them instead of rebuilding them (in the compiled graph: two more kernels per layer)."""
-        weights = [weight for name, module in self.named_children() if name in PHANTOM_MODULE_NAMES for weight in module.parameters()]
-        if not weights:  # copies and a plain sum or mean: nothing derived
-            return
-        dim, options = self.head_dim, dict(dtype=weights[0].dtype, device=weights[0].device)
-        shapes = {}
+        dim, shapes = self.head_dim, {}
         if self.phantom_expansion == "mhca":
+            reference = self.xattn_query_phantom.linear_q.weight
             shapes["derived_query_weight"] = (3 * dim, dim)
             shapes["derived_anchor_key_value_weights"] = (3, 2 * dim, dim)
             shapes["derived_anchor_output_weights"] = (3, dim, dim)
         if self.phantom_mixing == "weighted":
+            reference = self.gating_phantom_1.weight
             shapes["derived_gate_weight"] = (1, 2 * dim)
             shapes["derived_gate_bias"] = (1,)
-        for name, shape in shapes.items():
-            self.register_buffer(name, torch.zeros(shape, **options), persistent=False)
+        for name, shape in shapes.items():  # none for copies and a plain sum or mean
+            self.register_buffer(name, torch.zeros(shape, dtype=reference.dtype, device=reference.device), persistent=False)
 
     @torch.no_grad()
     def refresh_derived_weights(self) -> None:
