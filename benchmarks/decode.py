@@ -61,6 +61,7 @@ from common import (  # noqa: E402
     shape_label,
     text_config_from_args,
     with_stock_layers,
+    write_rows,
 )
 from phantom_hf import PhantomCache, PhantomStaticCache  # noqa: E402
 from phantom_hf.modeling.compat_phantom import cache_kwargs, cache_of  # noqa: E402
@@ -134,6 +135,9 @@ def parse_settings(text: str) -> list[tuple[int, int]]:
 class DecodeState:
     """A model's prefilled cache for one setting, from which decoding can be repeated.
 
+    Runs under `torch.no_grad()`, as `generate` does: a cache filled under `torch.inference_mode()` holds
+    inference tensors, which CUDA-graph replays (torch.compile's "reduce-overhead") may not update in place.
+
     With a static cache every decode step gets a 2D mask over all `max_cache_len` slots (ones up to the
     current token), so its inputs keep one shape from step to step: a compiled `forward` runs one graph.
     """
@@ -158,7 +162,7 @@ class DecodeState:
             self.step_masks = [self.mask.clone() for _ in range(max_new_tokens)]
             for step, mask in enumerate(self.step_masks):
                 mask[:, self.context + step + 1 :] = 0
-        with torch.inference_mode(), Timer(timer_device) as timer:
+        with torch.no_grad(), Timer(timer_device) as timer:
             out = model(
                 input_ids=input_ids,
                 attention_mask=self.mask[:, : self.context],
@@ -175,7 +179,7 @@ class DecodeState:
     def decode(self, new_tokens: int) -> float:
         """Greedy-decode `new_tokens` tokens after the prefix; returns seconds. Leaves the cache at the prefix."""
         token, tokens = self.first_token, []
-        with torch.inference_mode(), Timer(self.device) as timer:
+        with torch.no_grad(), Timer(self.device) as timer:
             for step in range(new_tokens):
                 mask = self.step_masks[step] if self.static else self.mask[:, : self.context + step + 1]
                 out = self.forward(
@@ -193,7 +197,8 @@ class DecodeState:
 
 
 def compiled_forwards(models: dict[str, Any], names: list[str], mode: str | None, backend: str = "inductor") -> dict[str, Callable]:
-    """`torch.compile(model.forward, fullgraph=True)` for each model a compiled variant decodes with.
+    """`torch.compile(model.forward)` for each model a compiled variant decodes with, as one graph where the
+    backbone allows (`full_graph`).
 
     Every (model, setting) compiles its own static-shape graph: automatic dynamic shapes are off (a second
     context length would otherwise turn the graph dynamic) and the recompile limit is raised for the variants
@@ -202,7 +207,16 @@ def compiled_forwards(models: dict[str, Any], names: list[str], mode: str | None
     torch._dynamo.config.automatic_dynamic_shapes = False
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     wanted = {MODEL_OF[name] for name in names if name.endswith("-compiled")}
-    return {key: torch.compile(models[key].forward, fullgraph=True, mode=mode, backend=backend) for key in wanted}
+    return {key: torch.compile(models[key].forward, fullgraph=full_graph(models[key]), mode=mode, backend=backend) for key in wanted}
+
+
+def full_graph(model: Any) -> bool:
+    """Whether a decode step compiles to one graph: not with dynamic-NTK rope (the InternLM2 backbones of
+    phantom-1.8b and phantom-7b), whose frequency update in transformers branches on the position, a graph break
+    by design; `generate` compiles with `fullgraph=False` by default for the same reason."""
+    text = model.config.text_config
+    rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {}
+    return "dynamic" not in str(rope.get("rope_type", ""))
 
 
 def main(argv: list[str] | None = None) -> list[Row]:
@@ -285,6 +299,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
             for name in names:
                 rows.append(Row(setting, name, "prefill s", prefill[name], False, baseline))
             print(format_table(rows[-4 * len(names) :], setting), flush=True)
+            if args.json:
+                write_rows("decode", rows, args, device, complete=False)
         del models, forwards
 
     title = f"decode: {shape_label(text_config)}; {args.dtype} on {device}; {args.new_tokens} new tokens x {args.repeats} repeats"

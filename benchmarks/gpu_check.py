@@ -17,11 +17,13 @@ Steps (each prints its rows as it ends; the final table holds them all):
   backbone's error in the same setting is printed beside Phantom's as a yardstick.
 - generate: greedy and beam search over left-padded rows with images; the tokens of the default cache against the
   static cache and the static cache compiled (`CompileConfig(mode="reduce-overhead")`: CUDA graphs), float32.
-- decode: `benchmarks/decode.py` at the phantom-0.5b and phantom-1.8b shapes, batch 1 and 16, context 1024 and 4096,
-  bfloat16, sdpa: plain, phantom, plain-matched eagerly, then plain-compiled and phantom-compiled with CUDA graphs.
 - quantization: bitsandbytes int8 and nf4 on CUDA (`benchmarks/quantization.py`'s loading and speed pieces) at the
   phantom-0.5b shape: the Phantom modules stay unquantized in the compute dtype, Phantom's logits stay close to its
   bfloat16 logits, and the decode ratio to the plain backbone quantized the same way.
+- decode: `benchmarks/decode.py` at the phantom-0.5b and phantom-1.8b shapes, batch 1 and 16, context 1024 and 4096,
+  bfloat16, sdpa: plain, phantom, plain-matched eagerly, then plain-compiled and phantom-compiled with CUDA graphs
+  (batch 1 and 16 at context 1024; the 1.8B shape at batch 1). Last but vLLM: it takes the time left, and a run
+  the budget stops keeps the settings it finished.
 - vllm: the vLLM CUDA build (if it imports or installs) on a tiny Phantom folder with CUDA graphs on: its greedy
   tokens against transformers' (`tests/vllm/helpers.py`).
 
@@ -42,6 +44,7 @@ import copy
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -58,14 +61,18 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT))
 
-STEPS = ("install", "attention", "generate", "decode", "quantization", "vllm")
+# decode comes last but vllm: its runs take whatever time is left, each setting kept as it finishes
+STEPS = ("install", "attention", "generate", "quantization", "decode", "vllm")
 # Relative logit error (max |logits - reference| / max |reference| over the unpadded positions) allowed against
-# the float64 reference. float32 on CUDA runs with TF32 off. bfloat16 keeps 8 bits of mantissa: its error on these
-# 2-layer models is ~1e-2 on the CPU (--dry-run).
-ATTENTION_TOLERANCE = {"float32": 1e-4, "bfloat16": 6e-2}
-# Relative logit error ||q - f|| / ||f|| of a quantized Phantom against its bfloat16 self (tests/test_quantization.py
-# allows 0.03 and 0.2 on its tiny model).
-QUANTIZATION_TOLERANCE = {"bnb-int8": 0.03, "bnb-nf4": 0.2}
+# the float64 reference. float32 on CUDA runs with TF32 off. bfloat16 keeps 8 bits of mantissa. These test models
+# (eta = 1, large random Phantom weights) amplify rounding 6-9x over their plain backbone in float32 and bfloat16
+# alike (H200: phi3 shape float32 3.2e-6 vs 4.9e-7, bfloat16 eager 0.068 vs 0.0076; at eta = 1e-4 Phantom's
+# bfloat16 error is the backbone's, 0.0082 vs 0.0076 on the CPU), so bfloat16 is held to 0.1, not to the backbone's.
+ATTENTION_TOLERANCE = {"float32": 1e-4, "bfloat16": 0.1}
+# A quantized Phantom's relative logit error ||q - f|| / ||f|| against its bfloat16 self may exceed its plain
+# backbone's, quantized the same way, by this factor at most. The errors themselves are those of quantizing a
+# random-weight backbone (0.5B shape: int8 0.08, nf4 0.56-0.60 for plain and Phantom alike, CPU and H200).
+QUANTIZATION_MARGIN = 1.1
 
 
 @dataclass
@@ -172,6 +179,7 @@ def step_install(args: argparse.Namespace, device: torch.device) -> list[Check]:
     if ok:
         checks.append(Check("install", "vllm", "measured", said, f"installed in {venv}"))
     else:
+        shutil.rmtree(venv, ignore_errors=True)
         checks.append(skipped("install", "vllm", f"the vLLM CUDA build does not install here: {said}"))
     return checks
 
@@ -310,13 +318,13 @@ def decode_runs(args: argparse.Namespace, device: torch.device) -> list[tuple[st
             ("tiny eager", [*common, "--variants", "plain,phantom,plain-matched"]),
             ("tiny compiled", [*common, "--variants", "plain-compiled,phantom-compiled", "--compile-backend", "eager"]),
         ]
+    # in order of value: each shape's eager table, then its compiled one (a compile takes about a minute)
     runs = []
-    common = ["--dtype", "bfloat16", "--attn", "sdpa", "--new-tokens", "32", "--repeats", "5"]
-    for preset in ("phantom-0.5b", "phantom-1.8b"):
+    common = ["--dtype", "bfloat16", "--attn", "sdpa", "--new-tokens", "32", "--repeats", "3"]
+    for preset, compiled_settings in (("phantom-0.5b", "1x1024,16x1024"), ("phantom-1.8b", "1x1024")):
         runs.append((f"{preset} eager", ["--preset", preset, *common, "--settings", "1x1024,16x1024,1x4096,16x4096", "--variants", "plain,phantom,plain-matched"]))
-    for preset, settings in (("phantom-0.5b", "1x1024,16x1024"), ("phantom-1.8b", "1x1024")):
         variants = "plain-compiled,phantom-compiled"
-        runs.append((f"{preset} compiled", ["--preset", preset, *common, "--settings", settings, "--variants", variants, "--compile-mode", "reduce-overhead"]))
+        runs.append((f"{preset} compiled", ["--preset", preset, *common, "--settings", compiled_settings, "--variants", variants, "--compile-mode", "reduce-overhead"]))
     return runs
 
 
@@ -352,7 +360,11 @@ def static_cache_crops() -> bool:
 
 def step_decode(args: argparse.Namespace, device: torch.device, deadline: float) -> list[Check]:
     checks = []
-    for label, argv in decode_runs(args, device):
+    runs = decode_runs(args, device)
+    if getattr(args, "decode", None):
+        wanted = [label.strip() for label in args.decode.split(",")]
+        runs = [(label, argv) for label, argv in runs if label in wanted]
+    for label, argv in runs:
         remaining = deadline - time.monotonic()
         if remaining < 30:
             checks.append(skipped("decode", label, f"time budget spent ({args.budget:.0f} s)"))
@@ -362,22 +374,27 @@ def step_decode(args: argparse.Namespace, device: torch.device, deadline: float)
             continue
         output = Path(args.scratch) / f"decode-{label.replace(' ', '-')}.json"
         argv = [*argv, "--json", str(output)]
-        try:
-            if args.isolate:
-                command = [sys.executable, str(Path(__file__).parent / "decode.py"), *argv]
-                result = subprocess.run(command, capture_output=True, text=True, timeout=remaining)
-                if result.returncode != 0:
-                    checks.append(Check("decode", label, "error", None, last_line(result.stderr)))
-                    continue
-            else:
-                import decode
+        if not args.isolate:
+            import decode
 
-                with contextlib.redirect_stdout(sys.stderr if args.quiet_steps else sys.stdout):
-                    decode.main(argv)
-        except subprocess.TimeoutExpired:
-            checks.append(skipped("decode", label, f"timed out after {remaining:.0f} s (time budget)"))
+            with contextlib.redirect_stdout(sys.stderr if args.quiet_steps else sys.stdout):
+                decode.main(argv)
+            checks += decode_checks(label, json.loads(output.read_text()))
             continue
-        checks += decode_checks(label, json.loads(output.read_text()))
+        # decode.py writes its JSON after every setting: a run stopped by the budget keeps the settings it finished
+        log = Path(args.scratch) / f"decode-{label.replace(' ', '-')}.log"
+        command = [sys.executable, str(Path(__file__).parent / "decode.py"), *argv]
+        with log.open("w") as sink:
+            try:
+                result = subprocess.run(command, stdout=sink, stderr=subprocess.STDOUT, timeout=remaining - 30)
+                problem = None if result.returncode == 0 else Check("decode", label, "error", None, last_line(log.read_text()))
+            except subprocess.TimeoutExpired:
+                problem = skipped("decode", label, f"stopped by the time budget ({args.budget:.0f} s) after the settings above")
+        print(log.read_text(), file=sys.stderr, flush=True)
+        if output.is_file():
+            checks += decode_checks(label, json.loads(output.read_text()))
+        if problem:
+            checks.append(problem)
     return checks
 
 
@@ -391,6 +408,15 @@ def last_line(text: str) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def bitsandbytes_problem(device: torch.device) -> str | None:
+    """Why the bitsandbytes cases cannot run here (None: they can)."""
+    if device.type != "cuda":
+        return "needs CUDA (bitsandbytes' CUDA kernels; the CPU backend: tests/test_quantization.py, benchmarks/quantization.py)"
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return "bitsandbytes is not installed (see the install step)"
+    return None
+
+
 def step_quantization(args: argparse.Namespace, device: torch.device) -> list[Check]:
     import quantization
     from torch import nn
@@ -398,11 +424,7 @@ def step_quantization(args: argparse.Namespace, device: torch.device) -> list[Ch
     from phantom_hf.modeling.modeling_phantom import PhantomAttentionMixin
 
     precisions = ["bfloat16", "bnb-int8", "bnb-nf4"]
-    problem = None
-    if device.type != "cuda":
-        problem = "needs CUDA (bitsandbytes' CUDA kernels; the CPU backend: tests/test_quantization.py, benchmarks/quantization.py)"
-    elif importlib.util.find_spec("bitsandbytes") is None:
-        problem = "bitsandbytes is not installed (see the install step)"
+    problem = bitsandbytes_problem(device)
     shape = TINY_SHAPE if args.dry_run else ["--preset", "phantom-0.5b"]
     parser = argparse.ArgumentParser()
     quantization.add_model_arguments(parser)
@@ -413,7 +435,8 @@ def step_quantization(args: argparse.Namespace, device: torch.device) -> list[Ch
     options.new_tokens, options.repeats, options.warmup = (2, 1, 0) if args.dry_run else (16, 3, 1)
     if not (Path(options.folder) / "config.json").is_file():
         quantization.save_random_model(text_config, Path(options.folder), "sdpa")
-    checks, reference = [], None
+    checks: list[Check] = []
+    reference: dict[str, torch.Tensor] | None = None
     for precision in precisions:
         if precision.startswith("bnb") and problem:
             checks.append(skipped("quantization", precision, problem))
@@ -429,15 +452,20 @@ def step_quantization(args: argparse.Namespace, device: torch.device) -> list[Ch
         quantized = sum(1 for p in model.parameters() if type(p.data) is not torch.Tensor or not p.dtype.is_floating_point)
         status = "pass" if kept == len(phantom_linears) and (quantized > 0) == (precision != "bfloat16") else "fail"
         checks.append(Check("quantization", f"{precision}: Phantom modules kept in bf16", status, kept, f"of {len(phantom_linears)}; {quantized} quantized tensors in the backbone"))
-        with torch.no_grad():
-            logits = model(input_ids=quantization.prompt(options, text_config.vocab_size)).logits.float()
+        del model
+        logits = {}
+        for name in ("phantom", "plain"):
+            model = quantization.load(options, name, config)
+            with torch.no_grad():
+                logits[name] = model(input_ids=quantization.prompt(options, text_config.vocab_size)).logits.float()
+            del model
         if reference is None:
             reference = logits
         else:
-            error = float((logits - reference).norm() / reference.norm())
-            tolerance = QUANTIZATION_TOLERANCE[precision]
-            checks.append(Check("quantization", f"{precision}: logits vs bfloat16", "pass" if error <= tolerance else "fail", error, f"relative error; tolerance {tolerance}"))
-        del model
+            error = {name: float((logits[name] - reference[name]).norm() / reference[name].norm()) for name in logits}
+            status = "pass" if error["phantom"] <= QUANTIZATION_MARGIN * error["plain"] + 1e-3 else "fail"
+            detail = f"relative error; plain backbone {error['plain']:.4g}; allowed {QUANTIZATION_MARGIN}x the backbone's"
+            checks.append(Check("quantization", f"{precision}: logits vs bfloat16", status, error["phantom"], detail))
         speed = quantization.measure_speed(options)
         plain, phantom = (statistics_median(speed[name]["tokens/s"]) for name in ("plain", "phantom"))
         checks.append(Check("quantization", f"{precision}: decode tokens/s phantom", "measured", phantom, f"plain {plain:.4g}, ratio {phantom / plain:.3f}"))
@@ -455,11 +483,16 @@ def statistics_median(samples: list[float]) -> float:
 # ---------------------------------------------------------------------------------------------------------------
 
 VLLM_NEW_TOKENS = 8
+VLLM_CASE = "tokens = transformers, CUDA graphs on"
 
 
 def step_vllm(args: argparse.Namespace, device: torch.device) -> list[Check]:
     """transformers' greedy tokens (CPU, float32) on a tiny Phantom folder, then (CUDA, vllm importable) vLLM's with
     CUDA graphs on, float32."""
+    if device.type != "cuda":
+        return [skipped("vllm", VLLM_CASE, "needs CUDA and the vLLM CUDA build (the CPU build: tests/vllm, .ci/vllm-pass.sh)")]
+    if importlib.util.find_spec("vllm") is None:
+        return [skipped("vllm", VLLM_CASE, "vllm is not installed (see the install step)")]
     from tests.vllm import helpers
 
     model, processor = helpers.make_phantom("qwen2")
@@ -467,10 +500,6 @@ def step_vllm(args: argparse.Namespace, device: torch.device) -> list[Check]:
     images = [helpers.random_image(56, 28, seed=1)]
     prompts = [(helpers.chat_prompt(processor, "what is in the image ?", images=1), images), (helpers.chat_prompt(processor, "w1 w2 w3"), [])]
     expected = [helpers.hf_greedy(model, processor, text, pictures, VLLM_NEW_TOKENS)[1] for text, pictures in prompts]
-    if device.type != "cuda":
-        return [skipped("vllm", "tokens = transformers, CUDA graphs on", "needs CUDA and the vLLM CUDA build (the CPU build: tests/vllm, .ci/vllm-pass.sh)")]
-    if importlib.util.find_spec("vllm") is None:
-        return [skipped("vllm", "tokens = transformers, CUDA graphs on", "vllm is not installed (see the install step)")]
     from vllm import SamplingParams
 
     engine = helpers.vllm_engine(folder, enforce_eager=False, gpu_memory_utilization=0.3, max_num_batched_tokens=2048)
@@ -485,7 +514,7 @@ def step_vllm(args: argparse.Namespace, device: torch.device) -> list[Check]:
     detail = f"2 prompts (one with an image), {VLLM_NEW_TOKENS} greedy tokens, float32; enforce_eager={eager}, cudagraph_mode={graphs}"
     if not same:
         detail += f"; vllm {got} vs transformers {expected}"
-    return [Check("vllm", "tokens = transformers, CUDA graphs on", "pass" if same and not eager else "fail", same, detail)]
+    return [Check("vllm", VLLM_CASE, "pass" if same and not eager else "fail", same, detail)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -496,6 +525,8 @@ def step_vllm(args: argparse.Namespace, device: torch.device) -> list[Check]:
 def run_step(name: str, args: argparse.Namespace, device: torch.device, deadline: float) -> list[Check]:
     """One step: in this process (--dry-run, or --no-isolate), or in a process of its own with the time left."""
     remaining = deadline - time.monotonic()
+    if name == "vllm" and device.type == "cuda" and not vllm_python(args).is_file() and importlib.util.find_spec("vllm") is None:
+        return [skipped("vllm", VLLM_CASE, "vllm is not installed (see the install step)")]
     if name != "install" and remaining < 20:
         return [skipped(name, "all", f"time budget spent ({args.budget:.0f} s)")]
     if name == "decode":  # decode.py runs in processes of its own already
@@ -508,8 +539,11 @@ def run_step(name: str, args: argparse.Namespace, device: torch.device, deadline
             result = subprocess.run(command, capture_output=True, text=True, timeout=remaining)
         except subprocess.TimeoutExpired:
             return [skipped(name, "all", f"timed out after {remaining:.0f} s (time budget)")]
-        if result.returncode != 0 or not output.is_file():
-            return [Check(name, "all", "error", None, last_line(result.stderr))]
+        if result.returncode != 0:  # what the worker said goes to the log: a failed check or a traceback
+            print(result.stderr[-6000:], file=sys.stderr, flush=True)
+        if not output.is_file():  # the worker broke before writing its checks (it exits 1 when one fails)
+            said = last_line(result.stderr) if result.stderr.strip() else last_line(result.stdout)
+            return [Check(name, "all", "error", None, f"exit status {result.returncode}: {said}")]
         return [Check(**check) for check in json.loads(output.read_text())["checks"]]
     steps: dict[str, Callable[[argparse.Namespace, torch.device], list[Check]]] = {
         "install": step_install,
@@ -534,12 +568,15 @@ def main(argv: list[str] | None = None) -> list[Check]:
     parser.add_argument("--json", default=None, metavar="OUT", help="results JSON (default benchmarks/results/gpu-check-<device>.json)")
     parser.add_argument("--scratch", default=None, help="working folder (default: a temporary one)")
     parser.add_argument("--no-isolate", dest="isolate", action="store_false", default=None, help="run every step in this process")
+    parser.add_argument("--decode", default=None, metavar="LABELS", help="comma-separated decode runs to do (default all: " + "; ".join(label for label, _ in decode_runs(argparse.Namespace(dry_run=False), torch.device("cuda"))) + ")")
     parser.add_argument("--step", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     names = [name.strip() for name in args.steps.split(",") if name.strip()]
     if unknown := sorted(set(names) - set(STEPS)):
         parser.error(f"--steps: unknown {unknown}; choose from {', '.join(STEPS)}")
     device = torch.device("cpu" if args.dry_run or not torch.cuda.is_available() else "cuda")
+    if args.decode and (unknown := sorted(set(args.decode.split(",")) - {label for label, _ in decode_runs(args, device)})):
+        parser.error(f"--decode: unknown {unknown}; see --help")
     if args.isolate is None:
         args.isolate = device.type == "cuda"
     args.quiet_steps = True
