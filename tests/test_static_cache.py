@@ -122,6 +122,28 @@ def test_compiled_decode_step_is_one_graph_and_matches_the_uncached_forward(
     torch.testing.assert_close(torch.cat(logits, dim=1)[real], full[real], rtol=tolerance, atol=tolerance)
 
 
+def test_eager_decode_takes_the_compiled_steps_full_length_mask() -> None:
+    """The fixed-shape 2D mask of a compiled decode step (one column per static-cache slot) is accepted eagerly too,
+    with the uncached forward's logits; any other length is refused, naming both lengths it may have."""
+    model = make_model(seed=6)
+    input_ids, attention_mask = left_padded_batch([10, 6], seed=32)
+    prefill, max_len = 6, input_ids.shape[1] + 2
+    cache = PhantomStaticCache(model.config.text_config, max_cache_len=max_len)
+    static_mask = torch.zeros(input_ids.shape[0], max_len, dtype=torch.long)
+    with torch.no_grad():
+        full = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        static_mask[:, :prefill] = attention_mask[:, :prefill]
+        logits = [model(input_ids=input_ids[:, :prefill], attention_mask=static_mask[:, :prefill], **cache_kwargs(cache)).logits]
+        for position in range(prefill, input_ids.shape[1]):
+            static_mask[:, position] = attention_mask[:, position]
+            step = input_ids[:, position : position + 1]
+            logits.append(model(input_ids=step, attention_mask=static_mask, **cache_kwargs(cache)).logits)
+        with pytest.raises(ValueError, match=f"must cover all {input_ids.shape[1] + 1} \\(or the static cache's {max_len} slots\\)"):
+            model(input_ids=step, attention_mask=static_mask[:, :-2], **cache_kwargs(cache))
+    real = attention_mask.bool()
+    torch.testing.assert_close(torch.cat(logits, dim=1)[real], full[real], rtol=1e-10, atol=1e-10)
+
+
 def test_generate_compiles_the_decode_step_once_and_matches_eager() -> None:
     """transformers' own compile path (`compile_config`, as it runs on a GPU by default): one graph across steps
     and calls, eager's tokens; Phantom models declare it (`_can_compile_fullgraph`)."""
