@@ -182,7 +182,6 @@ class PhantomAttentionMixin:
         self._phantom_qk_norm = hasattr(self, "q_norm")
         self._phantom_own_window = hasattr(self, "sliding_window")  # else the config says it (Phi-3)
         self._phantom_path_mask: torch.Tensor | None = None
-        self._phantom_derived: tuple[tuple, tuple] | None = None
         if self.phantom_expansion == "mhca":
             for name in PHANTOM_MHCA_MODULES.values():  # xattn_{query,key,value}_phantom
                 setattr(self, name, PhantomCrossAttention(head_dim))
@@ -270,11 +269,10 @@ class PhantomAttentionMixin:
         - the fold's gate as one linear layer on [O1, O2] (weighted mixing): weight [w1, -w2] of shape (1, 2 D)
           and bias b1 - b2, since Eq. 3's weight e^f / (e^f + e^g) = sigmoid(f - g) needs only f - g.
 
-        Kept from call to call while none of those parameters changed (inference: no copy per step); rebuilt at
-        every call while autograd records (gradients flow to the parameters) or while compiling (the graph then
-        holds the few small ops). At inference with a Phantom cache they are also kept in the cache with the anchors,
-        which were computed from the same parameters at prefill: a decode step then reads them without checking the
-        parameters (that check, ~20 us per layer, was a tenth of Phantom's overhead per decode step on CPU).
+        Built at every call (two concatenations per layer), except at inference with a Phantom cache, which keeps
+        them with the anchors, computed from the same parameters at its prefill: its decode steps read them there.
+        The model keeps no copy between calls: a parameter written through `.data` (PEFT's merge, weight syncs) leaves
+        nothing that a staleness check could read, its version counter included.
         """
         reuse = not torch.is_grad_enabled() and not is_torchdynamo_compiling()
         if reuse and cache is not None:
@@ -287,20 +285,14 @@ class PhantomAttentionMixin:
         if self.phantom_mixing == "weighted":
             first, second = self.gating_phantom_1, self.gating_phantom_2
             tensors += [first.weight, second.weight, first.bias, second.bias]
-        if reuse:
-            key = tuple((tensor.data_ptr(), tensor._version, tensor.dtype, tensor.device) for tensor in tensors)
-            if self._phantom_derived is not None and self._phantom_derived[0] == key:
-                return self._phantom_derived[1]
         query_weight = torch.cat(tensors[:3]) if self.phantom_expansion == "mhca" else None
         gate_weight = gate_bias = None
         if self.phantom_mixing == "weighted":
             weight_1, weight_2, bias_1, bias_2 = tensors[-4:]
             gate_weight, gate_bias = torch.cat([weight_1, -weight_2], dim=1), bias_1 - bias_2
         derived = (query_weight, gate_weight, gate_bias)
-        if reuse:
-            self._phantom_derived = (key, derived)
-            if cache is not None:
-                cache.derived_weights[self.layer_idx] = derived
+        if reuse and cache is not None:
+            cache.derived_weights[self.layer_idx] = derived
         return derived
 
     def _phantom_expand(
@@ -361,7 +353,7 @@ class PhantomAttentionMixin:
         """Fold the (B, N, H, 2D) attention output back to (B, N, H, D) (Eq. 3 or an ablation).
 
         `derived` (here and in `_phantom_expand`): `_phantom_derived_weights()`, taken once per layer call by the
-        caller (its staleness check is the cost, not the weights)."""
+        caller."""
         first, second = output[..., : self.head_dim], output[..., self.head_dim :]
         if self.phantom_mixing == "sum":
             return first + second

@@ -190,7 +190,8 @@ def test_fused_expansion_equals_the_cross_attention_modules(tokens: int) -> None
 
 def test_derived_weights_follow_every_change_of_the_phantom_parameters() -> None:
     """The stacked MHCA query weights and the fold's gate, kept between inference calls, are rebuilt when a Phantom
-    parameter changes in place (an optimizer step, load_state_dict) or is replaced: the outputs equal a fresh model's
+    parameter changes in place (an optimizer step, load_state_dict; or through `.data`, as PEFT's merge and weight
+    syncs write, which leaves the tensor's version counter as it was) or is replaced: the outputs equal a fresh model's
     with the new parameters, under no_grad and with autograd recording alike."""
     model, fresh = make_model(seed=4), make_model(seed=4)
     input_ids, attention_mask = left_padded_batch([7, 5], seed=4)
@@ -207,6 +208,8 @@ def test_derived_weights_follow_every_change_of_the_phantom_parameters() -> None
         lambda a: a.gating_phantom_2.bias.add_(3.0),
         lambda a: a.gating_phantom_1.weight.mul_(2.0),
         lambda a: setattr(a.xattn_value_phantom.linear_q, "weight", torch.nn.Parameter(a.xattn_value_phantom.linear_q.weight * 0.5)),
+        lambda a: a.xattn_query_phantom.linear_q.weight.data.add_(0.25),  # through .data: no version bump
+        lambda a: a.gating_phantom_1.bias.data.copy_(a.gating_phantom_1.bias.data - 2.0),
     ]
     for change in changes:
         with torch.no_grad():
