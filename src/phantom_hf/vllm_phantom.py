@@ -78,6 +78,7 @@ from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.quantization import QuantizationConfig
 from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.interfaces import MultiModalEmbeddings, SupportsMultiModal
 from vllm.model_executor.models.llama import LlamaMLP
 from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper, maybe_prefix
@@ -140,6 +141,13 @@ def _sliding_window(text_config: PretrainedConfig, layer_index: int) -> int | No
     return window
 
 
+def load_state(tensor: torch.Tensor, value: torch.Tensor) -> None:
+    """Write `value` into a buffer that the weights determine, through the `weight_loader` vLLM gives it while it
+    reloads weights in place (`reload_weights`: the buffers are then placeholders, and vLLM puts every buffer that saw
+    no load back as it was), else by copying."""
+    getattr(tensor, "weight_loader", default_weight_loader)(tensor, value)
+
+
 @dataclass
 class AnchorPlan:
     """Where every row of one forward pass finds its anchor's MHCA operands (all tensors on the device, fixed shapes).
@@ -194,10 +202,10 @@ class PhantomAnchorTable(nn.Module):
         return getattr(self, f"keys_{index}"), getattr(self, f"values_{index}")
 
     def clear(self) -> None:
-        """Forget every anchor (the weights changed)."""
-        self.slot_of_token.fill_(self.slots)
-        self.token_of_slot.fill_(-1)
-        self.last_use.zero_()
+        """Forget every anchor (the weights changed; `load_state`, so that an in-place reload forgets them too)."""
+        for name, value in (("slot_of_token", self.slots), ("token_of_slot", -1), ("last_use", 0)):
+            buffer = getattr(self, name)
+            load_state(buffer, torch.full(buffer.shape, value, dtype=buffer.dtype))
 
     def plan(self, input_ids: torch.Tensor, positions: torch.Tensor, looked_up: torch.Tensor) -> tuple[AnchorPlan, torch.Tensor]:
         """The pass's `AnchorPlan` and the fallback rows' token ids, (fallback_rows,).
@@ -396,16 +404,21 @@ class PhantomVLLMAttention(PhantomAttentionMixin, nn.Module):
 
     @torch.no_grad()
     def refresh_derived_weights(self) -> None:
-        """Recompute the derived-weight buffers from the Phantom parameters (after loading weights)."""
+        """Recompute the derived-weight buffers from the Phantom parameters (after loading weights), unless those
+        parameters were not among the weights just loaded (vLLM's in-place reload leaves them placeholders then)."""
+        if any(parameter.is_meta for name, parameter in self.named_parameters() if "phantom" in name):
+            return
         query_weight, gate_weight, gate_bias = PhantomAttentionMixin._phantom_derived_weights(self)
+        values = {}
         if self.phantom_expansion == "mhca":
-            self.derived_query_weight.copy_(query_weight)
-            for index, (key_value_weight, output_weight) in enumerate(PhantomAttentionMixin._phantom_anchor_weights(self)):
-                self.derived_anchor_key_value_weights[index].copy_(key_value_weight)
-                self.derived_anchor_output_weights[index].copy_(output_weight)
+            key_value_weights, output_weights = zip(*PhantomAttentionMixin._phantom_anchor_weights(self))
+            values["derived_query_weight"] = query_weight
+            values["derived_anchor_key_value_weights"] = torch.stack(key_value_weights)
+            values["derived_anchor_output_weights"] = torch.stack(output_weights)
         if self.phantom_mixing == "weighted":
-            self.derived_gate_weight.copy_(gate_weight)
-            self.derived_gate_bias.copy_(gate_bias)
+            values["derived_gate_weight"], values["derived_gate_bias"] = gate_weight, gate_bias
+        for name, value in values.items():
+            load_state(getattr(self, name), value)
 
     def _phantom_derived_weights(self, cache: object = None) -> tuple[torch.Tensor | None, ...]:
         return (

@@ -102,6 +102,31 @@ def test_prefix_cache_hits_give_the_same_tokens(served):
         assert list(output.outputs[0].token_ids) == hf_greedy(model, processor, prompt, images, NEW_TOKENS)[1]
 
 
+def test_weights_reloaded_into_the_running_engine_take_effect(served):
+    """New weights reloaded into a running engine (vLLM's `reload_weights`, what online RL trainers call between
+    steps, with the transformers model's parameter names) give the new model's greedy tokens, and the old ones back
+    after reloading them: nothing computed from the old weights survives (Phantom's derived weights and anchor table,
+    which vLLM's in-place reload would otherwise put back as they were; its prefix and encoder caches are reset, as
+    those trainers do). Sending the weights to `load_weights` directly (TRL's colocated mode) runs the same code, but
+    vLLM's CPU backend drops each linear layer's weight once it has repacked it, for every model: not testable here."""
+    model, processor, engine = served
+    backbone = "phi3" if model.config.text_config.model_type == "phi3" else "qwen2"
+    other, _ = make_phantom(backbone, phantom=model.config.phantom_dimension, seed=1)
+    requests = requests_for(processor)[:3]
+    settings = vllm.SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    answers = {}
+    for reference in (other, model):
+        weights = [(name, parameter.detach().clone()) for name, parameter in reference.named_parameters()]
+        engine.collective_rpc("reload_weights", kwargs=dict(weights_iterator=iter(weights)))
+        engine.reset_prefix_cache()
+        engine.llm_engine.reset_encoder_cache()
+        outputs = engine.generate([as_vllm_prompt(prompt, images) for prompt, images in requests], settings, use_tqdm=False)
+        got = [list(output.outputs[0].token_ids) for output in outputs]
+        assert got == [hf_greedy(reference, processor, prompt, images, NEW_TOKENS)[1] for prompt, images in requests]
+        answers[reference is model] = got
+    assert answers[False] != answers[True]  # the two weight sets answer differently: the reload was not a no-op
+
+
 def test_without_prefix_caching_no_fallback_row_is_added(tmp_path):
     """Without prefix caching every sequence starts at position 0 (also after a preemption, which recomputes it), so
     its anchor is computed there: the model adds no fallback row to its passes, and the batch of mixed prompts (chunked
