@@ -17,7 +17,8 @@ transformers passes enable_gqa; phantom vs plain-matched is the cost of Phantom 
 Static-cache variants (preallocated keys/values of context + new tokens + 1 slots, what compiled decoding
 needs): `plain-static` (transformers' StaticCache), `phantom-static` (PhantomStaticCache, expanded), and
 their compiled forms `plain-compiled`, `plain-matched-compiled` (the packed decode attention, as
-plain-matched) and `phantom-compiled`: `torch.compile(model.forward, fullgraph=True)` (inductor; `--compile-mode`, `--compile-backend`)
+plain-matched) and `phantom-compiled`, and `phantom-fused-compiled` (Phantom with the decode step's MHCA and fold in
+the fused forms of `fused_forms.py`, a candidate for GPUs): `torch.compile(model.forward)` (inductor; `--compile-mode`, `--compile-backend`)
 runs every decode step after an eager prefill, the way `generate(cache_implementation="static")` compiles
 on a GPU. The compile happens in the warm-up round (its time is printed, not measured). Each compiled variant's
 tokens are checked against its eager static form's when both run.
@@ -63,6 +64,7 @@ from common import (  # noqa: E402
     with_stock_layers,
     write_rows,
 )
+from fused_forms import use_fused_forms  # noqa: E402
 from phantom_hf import PhantomCache, PhantomStaticCache  # noqa: E402
 from phantom_hf.modeling.compat_phantom import cache_kwargs, cache_of  # noqa: E402
 
@@ -78,10 +80,11 @@ MODEL_OF = {
     "plain-compiled": "plain",
     "plain-matched-compiled": "plain-packed",
     "phantom-compiled": "phantom",
+    "phantom-fused-compiled": "phantom-fused",
 }
 VARIANTS = tuple(MODEL_OF)
 # compiled variant -> the eager variant whose tokens it must reproduce
-EAGER_OF = {"plain-compiled": "plain-static", "phantom-compiled": "phantom-static"}
+EAGER_OF = {"plain-compiled": "plain-static", "phantom-compiled": "phantom-static", "phantom-fused-compiled": "phantom-static"}
 
 
 def is_static(variant: str) -> bool:
@@ -247,7 +250,12 @@ def main(argv: list[str] | None = None) -> list[Row]:
 
     rows: list[Row] = []
     for attn in attn_implementations(args):
-        models = build_models(text_config, model_specs(attn), args.device, args.dtype, attn)
+        specs = model_specs(attn)
+        if "phantom-fused-compiled" in names:  # Phantom again on the same tensors, its decode step in fused forms
+            specs["phantom-fused"] = specs["phantom"]
+        models = build_models(text_config, specs, args.device, args.dtype, attn)
+        if "phantom-fused" in models:
+            use_fused_forms(models["phantom-fused"])
         forwards = compiled_forwards(models, names, args.compile_mode, args.compile_backend)
         for name in names:  # first-call costs (allocator, kernel selection) stay out of the measurements
             if name.endswith("-compiled"):

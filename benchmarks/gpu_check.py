@@ -22,8 +22,9 @@ Steps (each prints its rows as it ends; the final table holds them all):
   bfloat16 logits, and the decode ratio to the plain backbone quantized the same way.
 - decode: `benchmarks/decode.py` at the phantom-0.5b and phantom-1.8b shapes, batch 1 and 16, context 1024 and 4096,
   bfloat16, sdpa: plain, phantom, plain-matched eagerly, then plain-compiled and phantom-compiled with CUDA graphs
-  (batch 1 and 16 at context 1024; the 1.8B shape at batch 1). Last but vLLM: it takes the time left, and a run
-  the budget stops keeps the settings it finished.
+  (batch 1 and 16 at context 1024; the 1.8B shape at batch 1), and phantom-compiled against the fused-forms
+  candidate (`fused_forms.py`) at batch 1. Last but vLLM: it takes the time left, runs go in order of value, and a
+  run the budget stops keeps the settings it finished.
 - vllm: the vLLM CUDA build (if it imports or installs) on a tiny Phantom folder with CUDA graphs on: its greedy
   tokens against transformers' (`tests/vllm/helpers.py`).
 
@@ -316,16 +317,21 @@ def decode_runs(args: argparse.Namespace, device: torch.device) -> list[tuple[st
         common = [*TINY_SHAPE, "--device", "cpu", "--threads", "1", "--new-tokens", "2", "--repeats", "1", "--settings", "1x16,2x16"]
         return [
             ("tiny eager", [*common, "--variants", "plain,phantom,plain-matched"]),
-            ("tiny compiled", [*common, "--variants", "plain-compiled,phantom-compiled", "--compile-backend", "eager"]),
+            ("tiny compiled", [*common, "--variants", "plain-compiled,phantom-compiled,phantom-fused-compiled", "--compile-backend", "eager"]),
         ]
-    # in order of value: each shape's eager table, then its compiled one (a compile takes about a minute)
-    runs = []
+    # in order of value (a compile takes about a minute per variant and setting): the 0.5B shape eager, compiled at
+    # batch 1 with the fused-forms candidate (benchmarks/fused_forms.py), the 1.8B shape eager, then more compiled
     common = ["--dtype", "bfloat16", "--attn", "sdpa", "--new-tokens", "32", "--repeats", "3"]
-    for preset, compiled_settings in (("phantom-0.5b", "1x1024,16x1024"), ("phantom-1.8b", "1x1024")):
-        runs.append((f"{preset} eager", ["--preset", preset, *common, "--settings", "1x1024,16x1024,1x4096,16x4096", "--variants", "plain,phantom,plain-matched"]))
-        variants = "plain-compiled,phantom-compiled"
-        runs.append((f"{preset} compiled", ["--preset", preset, *common, "--settings", compiled_settings, "--variants", variants, "--compile-mode", "reduce-overhead"]))
-    return runs
+    eager = ["--settings", "1x1024,16x1024,1x4096,16x4096", "--variants", "plain,phantom,plain-matched"]
+    compiled = ["--variants", "plain-compiled,phantom-compiled", "--compile-mode", "reduce-overhead"]
+    return [
+        ("phantom-0.5b eager", ["--preset", "phantom-0.5b", *common, *eager]),
+        ("phantom-0.5b compiled", ["--preset", "phantom-0.5b", *common, "--settings", "1x1024", *compiled]),
+        ("phantom-0.5b fused", ["--preset", "phantom-0.5b", *common, "--settings", "1x1024", "--variants", "phantom-compiled,phantom-fused-compiled", "--compile-mode", "reduce-overhead"]),
+        ("phantom-1.8b eager", ["--preset", "phantom-1.8b", *common, *eager]),
+        ("phantom-0.5b compiled b16", ["--preset", "phantom-0.5b", *common, "--settings", "16x1024", *compiled]),
+        ("phantom-1.8b compiled", ["--preset", "phantom-1.8b", *common, "--settings", "1x1024", *compiled]),
+    ]
 
 
 def decode_checks(label: str, payload: dict[str, Any]) -> list[Check]:
@@ -338,7 +344,11 @@ def decode_checks(label: str, payload: dict[str, Any]) -> list[Check]:
             spread[row["setting"], row["variant"]] = (min(row["samples"]), max(row["samples"]))
     checks = []
     for setting in dict.fromkeys(setting for setting, _ in medians):
-        for phantom, baselines in (("phantom", ("plain", "plain-matched")), ("phantom-compiled", ("plain-compiled",))):
+        for phantom, baselines in (
+            ("phantom", ("plain", "plain-matched")),
+            ("phantom-compiled", ("plain-compiled",)),
+            ("phantom-fused-compiled", ("phantom-compiled",)),
+        ):
             if (setting, phantom) not in medians:
                 continue
             value = medians[setting, phantom]
@@ -369,7 +379,7 @@ def step_decode(args: argparse.Namespace, device: torch.device, deadline: float)
         if remaining < 30:
             checks.append(skipped("decode", label, f"time budget spent ({args.budget:.0f} s)"))
             continue
-        if label.endswith("compiled") and not static_cache_crops():
+        if any(variant.endswith("-compiled") for variant in argv[argv.index("--variants") + 1].split(",")) and not static_cache_crops():
             checks.append(skipped("decode", label, "this transformers release cannot crop a static cache (StaticLayer.crop)"))
             continue
         output = Path(args.scratch) / f"decode-{label.replace(' ', '-')}.json"
