@@ -759,16 +759,19 @@ def _check_labels(labels: torch.Tensor, shape: tuple[int, int], vocab_size: int,
         )
 
 
-def _check_attention_mask(attention_mask: Any, batch: int, length: int, past_length: int, capacity: int | None = None) -> None:
-    """A 2D `attention_mask` covers the cached tokens and the new ones of every row, or with a static cache of
-    `capacity` slots all of them (the fixed-shape mask a compiled decode step takes); a 4D one has the batch size."""
+def _check_attention_mask(attention_mask: Any, batch: int, length: int, past_length: int, cache: Any = None) -> None:
+    """A 2D `attention_mask` covers the cached tokens and the new ones of every row, or with a static cache all of
+    its slots (the fixed-shape mask a compiled decode step takes); a 4D one has the batch size."""
     if not isinstance(attention_mask, torch.Tensor):
         return  # None, or a dict of prepared masks
     if attention_mask.dim() not in (2, 4):
         raise ValueError(f"attention_mask must have shape (batch, length), got {tuple(attention_mask.shape)}")
     if attention_mask.shape[0] != batch:
         raise ValueError(f"attention_mask has batch size {attention_mask.shape[0]} but the input has {batch} rows")
-    if attention_mask.dim() == 2 and attention_mask.shape[1] not in (past_length + length, capacity):
+    if attention_mask.dim() != 2 or attention_mask.shape[1] == past_length + length:
+        return
+    capacity = static_capacity(cache)  # looked up only here: decode steps with the usual mask never need it
+    if attention_mask.shape[1] != capacity:
         slots = f" (or the static cache's {capacity} slots)" if capacity is not None else ""
         raise ValueError(
             f"attention_mask covers {attention_mask.shape[1]} tokens, but the cache holds {past_length} and the input adds "
@@ -984,9 +987,9 @@ class PhantomModel(PhantomPreTrainedModel):
             placeholders = _check_token_ids(input_ids, embeddings, self.config.image_token_id)
         batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
         if not compiling:
-            capacity = static_capacity(cache)
-            _check_attention_mask(attention_mask, batch, length, past_length, capacity)
-            if capacity is not None and not decode_step and past_length + length > capacity:  # generate checked its decode steps up front
+            _check_attention_mask(attention_mask, batch, length, past_length, cache)
+            capacity = None if decode_step else static_capacity(cache)  # generate checked its decode steps up front
+            if capacity is not None and past_length + length > capacity:
                 raise ValueError(
                     f"the static cache has room for {capacity} tokens but this call needs {past_length + length} "
                     f"({past_length} cached + {length} new): create it with a larger max_cache_len"
