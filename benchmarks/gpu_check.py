@@ -369,6 +369,8 @@ def static_cache_crops() -> bool:
 
 
 def step_decode(args: argparse.Namespace, device: torch.device, deadline: float) -> list[Check]:
+    from decode import is_static
+
     checks = []
     runs = decode_runs(args, device)
     if getattr(args, "decode", None):
@@ -379,7 +381,7 @@ def step_decode(args: argparse.Namespace, device: torch.device, deadline: float)
         if remaining < 30:
             checks.append(skipped("decode", label, f"time budget spent ({args.budget:.0f} s)"))
             continue
-        if any(variant.endswith("-compiled") for variant in argv[argv.index("--variants") + 1].split(",")) and not static_cache_crops():
+        if any(map(is_static, argv[argv.index("--variants") + 1].split(","))) and not static_cache_crops():
             checks.append(skipped("decode", label, "this transformers release cannot crop a static cache (StaticLayer.crop)"))
             continue
         output = Path(args.scratch) / f"decode-{label.replace(' ', '-')}.json"
@@ -453,19 +455,18 @@ def step_quantization(args: argparse.Namespace, device: torch.device) -> list[Ch
             continue
         options.precision = precision
         config = quantization.quantization_config(precision, torch.bfloat16, device)
-        model = quantization.load(options, "phantom", config)
-        phantom_linears = [
-            module for attention in model.modules() if isinstance(attention, PhantomAttentionMixin)
-            for name, module in attention.named_modules() if "phantom" in name and isinstance(module, nn.Linear)
-        ]
-        kept = sum(type(m) is nn.Linear and type(m.weight.data) is torch.Tensor and m.weight.dtype == torch.bfloat16 for m in phantom_linears)
-        quantized = sum(1 for p in model.parameters() if type(p.data) is not torch.Tensor or not p.dtype.is_floating_point)
-        status = "pass" if kept == len(phantom_linears) and (quantized > 0) == (precision != "bfloat16") else "fail"
-        checks.append(Check("quantization", f"{precision}: Phantom modules kept in bf16", status, kept, f"of {len(phantom_linears)}; {quantized} quantized tensors in the backbone"))
-        del model
         logits = {}
-        for name in ("phantom", "plain"):
+        for name in ("phantom", "plain"):  # one model at a time
             model = quantization.load(options, name, config)
+            if name == "phantom":
+                phantom_linears = [
+                    module for attention in model.modules() if isinstance(attention, PhantomAttentionMixin)
+                    for module_name, module in attention.named_modules() if "phantom" in module_name and isinstance(module, nn.Linear)
+                ]
+                kept = sum(type(m) is nn.Linear and type(m.weight.data) is torch.Tensor and m.weight.dtype == torch.bfloat16 for m in phantom_linears)
+                quantized = sum(1 for p in model.parameters() if type(p.data) is not torch.Tensor or not p.dtype.is_floating_point)
+                status = "pass" if kept == len(phantom_linears) and (quantized > 0) == (precision != "bfloat16") else "fail"
+                checks.append(Check("quantization", f"{precision}: Phantom modules kept in bf16", status, kept, f"of {len(phantom_linears)}; {quantized} quantized tensors in the backbone"))
             with torch.no_grad():
                 logits[name] = model(input_ids=quantization.prompt(options, text_config.vocab_size)).logits.float()
             del model
@@ -496,13 +497,18 @@ VLLM_NEW_TOKENS = 8
 VLLM_CASE = "tokens = transformers, CUDA graphs on"
 
 
+def vllm_problem(args: argparse.Namespace, device: torch.device) -> str | None:
+    """Why the vllm step cannot run here (None: it can), in this interpreter or the install step's venv."""
+    if device.type != "cuda":
+        return "needs CUDA and the vLLM CUDA build (the CPU build: tests/vllm, .ci/vllm-pass.sh)"
+    if importlib.util.find_spec("vllm") is None and not vllm_python(args).is_file():
+        return "vllm is not installed (see the install step)"
+    return None
+
+
 def step_vllm(args: argparse.Namespace, device: torch.device) -> list[Check]:
     """transformers' greedy tokens (CPU, float32) on a tiny Phantom folder, then (CUDA, vllm importable) vLLM's with
     CUDA graphs on, float32."""
-    if device.type != "cuda":
-        return [skipped("vllm", VLLM_CASE, "needs CUDA and the vLLM CUDA build (the CPU build: tests/vllm, .ci/vllm-pass.sh)")]
-    if importlib.util.find_spec("vllm") is None:
-        return [skipped("vllm", VLLM_CASE, "vllm is not installed (see the install step)")]
     from tests.vllm import helpers
 
     model, processor = helpers.make_phantom("qwen2")
@@ -535,8 +541,8 @@ def step_vllm(args: argparse.Namespace, device: torch.device) -> list[Check]:
 def run_step(name: str, args: argparse.Namespace, device: torch.device, deadline: float) -> list[Check]:
     """One step: in this process (--dry-run, or --no-isolate), or in a process of its own with the time left."""
     remaining = deadline - time.monotonic()
-    if name == "vllm" and device.type == "cuda" and not vllm_python(args).is_file() and importlib.util.find_spec("vllm") is None:
-        return [skipped("vllm", VLLM_CASE, "vllm is not installed (see the install step)")]
+    if name == "vllm" and (problem := vllm_problem(args, device)):  # said before the budget: it would not run anyway
+        return [skipped("vllm", VLLM_CASE, problem)]
     if name != "install" and remaining < 20:
         return [skipped(name, "all", f"time budget spent ({args.budget:.0f} s)")]
     if name == "decode":  # decode.py runs in processes of its own already
