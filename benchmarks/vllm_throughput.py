@@ -10,7 +10,10 @@ tokens, `--new-tokens` greedy tokens each (no early stop). Variants (`--variants
 All four share the same random backbone tensors (Phantom's modules are extra). Metrics, by the wall clock and by the
 CPU time of this process (vLLM runs in this process: VLLM_ENABLE_V1_MULTIPROCESSING=0): decode tokens/s (the
 difference between a run of `--new-tokens` and a run of 1 new token, both measured in every round: prompts x
-(new tokens - 1) / the extra seconds) and tokens/s of the whole call (prefill included). Every round runs every
+(new tokens - 1) / the extra seconds), tokens/s of the whole call (prefill included), and, for the vLLM variants,
+decode step tokens/s of the model's forward alone (prompts / the median forward time of the call's decode steps:
+without the LM head, sampler and scheduler, which are the same for both models, and steadier than a difference of
+two calls). Every round runs every
 variant and batch size in turn. Runs in the vLLM environment (README, "Serving with vLLM"); on the CPU vLLM's worker
 binds its threads to `--threads` cores and transformers then runs with the same threads. Default shape: Qwen2-0.5B's
 (Phantom-0.5B's decoder).
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -37,6 +41,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     Row,
+    Timer,
     add_model_arguments,
     add_variants_argument,
     build_models,
@@ -66,6 +71,22 @@ def parse_args() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     return parser, parser.parse_args()
 
 
+def time_forwards(model: torch.nn.Module, records: list[tuple[int, float]]) -> None:
+    """Make every forward pass of a vLLM model append (tokens in the pass, seconds) to `records`, timed with the
+    benchmark's clock (`Timer`): a decode step's model time, without the scheduler, sampler and output handling that
+    a whole call's time also holds (and whose noise the difference of two calls adds up)."""
+    forward = model.forward
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        positions = kwargs["positions"] if "positions" in kwargs else args[1]
+        with Timer(positions.device) as timer:
+            output = forward(*args, **kwargs)
+        records.append((positions.shape[-1], timer.seconds))
+        return output
+
+    model.forward = timed
+
+
 def save_folder(model: Any, vocab_size: int, folder: Path) -> Path:
     """`save_pretrained` of the model with a word-level tokenizer of its vocabulary and a processor (what vLLM loads)."""
     tokenizer = build_tokenizer([f"t{index}" for index in range(vocab_size - 40)])
@@ -81,6 +102,7 @@ def main() -> None:
     device = torch.device(args.device)
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     torch.manual_seed(args.seed)
+    Timer.clock = args.clock
     if device.type == "cpu" and args.threads:
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{args.threads - 1}" if args.threads > 1 else "0")
         torch.set_num_threads(args.threads)
@@ -115,6 +137,10 @@ def main() -> None:
                 if f"hf-{kind}" not in variants:  # the engine holds its own copy of the weights
                     del models[kind]
 
+    step_times: dict[str, list[tuple[int, float]]] = {name: [] for name in engines}
+    for name, engine in engines.items():
+        engine.apply_model(lambda model, name=name: time_forwards(model, step_times[name]))
+
     def generate(name: str, batch: int, new_tokens: int) -> tuple[float, float]:
         """(wall, CPU) seconds of one call that generates `new_tokens` for each of the first `batch` prompts."""
         wall, cpu = time.perf_counter(), time.process_time()
@@ -140,10 +166,15 @@ def main() -> None:
 
     def run(key: str) -> dict[str, float]:
         name, batch = runs[int(key)]
+        if name in step_times:
+            step_times[name].clear()
         full_wall, full_cpu = generate(name, batch, args.new_tokens)
+        decode_steps = [seconds for tokens, seconds in step_times.get(name, []) if tokens == batch]
         one_wall, one_cpu = generate(name, batch, 1)
         decoded = batch * (args.new_tokens - 1)
+        step_metric = {"decode step tokens/s (model forward)": batch / statistics.median(decode_steps)} if decode_steps else {}
         return {
+            **step_metric,
             "decode tokens/s (wall)": decoded / max(full_wall - one_wall, 1e-9),
             "decode tokens/s (cpu time)": decoded / max(full_cpu - one_cpu, 1e-9),
             "tokens/s (wall)": batch * args.new_tokens / full_wall,

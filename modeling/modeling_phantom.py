@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import sys
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -149,6 +150,25 @@ def softmax_in_float32(scores: torch.Tensor) -> torch.Tensor:
     return torch.softmax(scores, dim=-1, dtype=torch.float32).to(scores.dtype)
 
 
+def phantom_anchor_operands(
+    anchor_query: torch.Tensor,
+    anchor_key: torch.Tensor,
+    anchor_value: torch.Tensor,
+    weights: Sequence[tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused MHCA's anchor operands (`PhantomAttentionMixin._phantom_anchors`) from the anchor's q, k, v,
+    (B, H_path, D) per path, and per path the anchor side's weights ([Lk; Lv] of shape (2 D, D), Lo): one product
+    with [Lk; Lv] gives both projections, and one with Lo the values (six products, not nine). Returns the
+    (B, H_all, 3 D) keys, each in its path's third of the row, and the (B, H_all, D) values."""
+    dim = anchor_query.shape[-1]
+    keys, values = [], []
+    for index, (features, (key_value_weight, output_weight)) in enumerate(zip((anchor_query, anchor_key, anchor_value), weights)):
+        projected = F.gelu(F.linear(features, key_value_weight))  # [gelu(Lk(a)), gelu(Lv(a))]
+        keys.append(F.pad(projected[..., :dim], (index * dim, (2 - index) * dim)))
+        values.append(F.linear(projected[..., dim:], output_weight))
+    return torch.cat(keys, dim=1), torch.cat(values, dim=1)
+
+
 class PhantomAttentionMixin:
     """Phantom Dimension on top of a backbone attention module (paper Sec. 3, Eq. 1-3).
 
@@ -227,17 +247,8 @@ class PhantomAttentionMixin:
     def _phantom_anchor_operands(
         self, anchor_query: torch.Tensor, anchor_key: torch.Tensor, anchor_value: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`_phantom_anchors`' operands from the anchor features themselves, (B, H_path, D) per path: per path one
-        product with [Lk; Lv] gives both projections, and one with Lo the values (six products, not nine)."""
-        dim = self.head_dim
-        keys, values = [], []
-        for index, (features, (key_value_weight, output_weight)) in enumerate(
-            zip((anchor_query, anchor_key, anchor_value), self._phantom_anchor_weights())
-        ):
-            projected = F.gelu(F.linear(features, key_value_weight))  # [gelu(Lk(a)), gelu(Lv(a))]
-            keys.append(F.pad(projected[..., :dim], (index * dim, (2 - index) * dim)))
-            values.append(F.linear(projected[..., dim:], output_weight))
-        return torch.cat(keys, dim=1), torch.cat(values, dim=1)
+        """`_phantom_anchors`' operands from the anchor features themselves (`phantom_anchor_operands`)."""
+        return phantom_anchor_operands(anchor_query, anchor_key, anchor_value, self._phantom_anchor_weights())
 
     def _phantom_anchor_weights(self) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
         """Per path (q, k, v), the weights of the anchor side of its MHCA: [Lk; Lv] of shape (2 D, D), and Lo."""

@@ -32,14 +32,18 @@ The anchor without per-sequence state
       anchor's operands from the table or from such a row of the same pass. With prefix caching on, one more row at
       position 0 follows the batch's tokens: it computes an anchor that is in neither place (a prefix-cache hit on a
       sequence whose first token the table no longer holds); without it every sequence starts at position 0 and that
-      row is left out. Each layer computes the operands of every row and writes the new anchors'
-      to the table.
+      row is left out. Each layer computes the operands of the rows at position 0 (on a GPU: of every row, to keep
+      fixed shapes for CUDA graphs) and writes the new anchors' to the table.
 
     Nothing in the forward pass synchronises with the host or has a data-dependent shape (the rows are the batch's
-    tokens plus the fallback rows, a number fixed at load), so vLLM compiles it (`support_torch_compile`) and, on a GPU, captures CUDA
-    graphs of it. The limit of this: a pass in which more anchors than fallback rows are missing (two prefix-cache
-    hits in one step on different first tokens that the table, `ANCHOR_TABLE_SIZE` or 2 * max_num_seqs + 1 ids,
-    no longer holds) computes only the first; `PhantomAnchorTable.misses` counts the rows that found no anchor.
+    tokens plus the fallback rows, a number fixed at load), so vLLM compiles it (`support_torch_compile`) and, on a
+    GPU, captures CUDA graphs of it. On the CPU, where host and device are one, the anchor operands of the position-0
+    rows are computed by an op outside the compiled graph (`anchor_operands_at_position_zero`) that picks those rows: a
+    decode pass, which has none, skips the six products per layer.
+
+    The limit of the table: a pass in which more anchors than fallback rows are missing (two prefix-cache hits in one
+    step on different first tokens that the table, `ANCHOR_TABLE_SIZE` or 2 * max_num_seqs + 1 ids, no longer holds)
+    computes only the first; `PhantomAnchorTable.misses` counts the rows that found no anchor.
 
 Tensor parallelism: the backbone's projections, MLP, embeddings and LM head are vLLM's parallel layers, each rank
 holds its share of the heads; the MHCA of every head attends over all heads of the anchor, so each layer
@@ -62,6 +66,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.library import Library
 from transformers import AutoModel, BatchFeature, PretrainedConfig
 from vllm.config import CacheConfig, VllmConfig
 from vllm.config.multimodal import MultiModalDummyOptions
@@ -95,10 +100,12 @@ from vllm.multimodal.processing import (
     PromptUpdateDetails,
     TimingContext,
 )
+from vllm.platforms import current_platform
 from vllm.sequence import IntermediateTensors
+from vllm.utils.torch_utils import direct_register_custom_op
 
 from .modeling.configuration_phantom import SUPPORTED_TEXT_MODEL_TYPES
-from .modeling.modeling_phantom import PROJECTOR_CLASSES, PhantomAttentionMixin, PhantomModel
+from .modeling.modeling_phantom import PROJECTOR_CLASSES, PhantomAttentionMixin, PhantomModel, phantom_anchor_operands
 from .modeling.processing_phantom import IMAGE_MARKER, PhantomProcessor
 
 # Score of the anchor-lookup query on the position-0 key (every other key scores 0): exp(-1e4) is 0 in every float
@@ -146,6 +153,56 @@ def load_state(tensor: torch.Tensor, value: torch.Tensor) -> None:
     reloads weights in place (`reload_weights`: the buffers are then placeholders, and vLLM puts every buffer that saw
     no load back as it was), else by copying."""
     getattr(tensor, "weight_loader", default_weight_loader)(tensor, value)
+
+
+def anchor_operands_at_position_zero(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    first: torch.Tensor,
+    key_value_weights: torch.Tensor,
+    output_weights: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The anchor operands (`phantom_anchor_operands`) of the rows where `first` is set, zeros in the other rows:
+    (rows, H_all, 3 D) keys and (rows, H_all, D) values from the rows' (rows, H_path, D) q, k, v and the stacked
+    anchor-side weights (3, 2 D, D) and (3, D, D).
+
+    Only the rows at position 0 (and the fallback rows) have operands that a pass reads, and a decode pass has none
+    of them; which rows they are is data, so this runs as an op of its own outside the compiled graph (registered
+    on the CPU only: picking the rows reads them on the host, which on a GPU would synchronise and break CUDA graphs).
+    """
+    rows, dim = query.shape[0], query.shape[-1]
+    heads = query.shape[1] + key.shape[1] + value.shape[1]
+    keys, values = query.new_zeros(rows, heads, 3 * dim), query.new_zeros(rows, heads, dim)
+    selected = first.nonzero().squeeze(1)
+    if selected.numel():
+        weights = tuple(zip(key_value_weights, output_weights))
+        keys[selected], values[selected] = phantom_anchor_operands(query[selected], key[selected], value[selected], weights)
+    return keys, values
+
+
+def _anchor_operands_shapes(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    first: torch.Tensor,
+    key_value_weights: torch.Tensor,
+    output_weights: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`anchor_operands_at_position_zero`'s outputs as empty tensors of their shapes (what the compiler traces)."""
+    rows, dim = query.shape[0], query.shape[-1]
+    heads = query.shape[1] + key.shape[1] + value.shape[1]
+    return query.new_empty(rows, heads, 3 * dim), query.new_empty(rows, heads, dim)
+
+
+_PHANTOM_OPS = Library("phantom_hf", "FRAGMENT")  # lives as long as the module: the ops' registrations with it
+if current_platform.is_cpu():
+    direct_register_custom_op(
+        "anchor_operands_at_position_zero",
+        anchor_operands_at_position_zero,
+        fake_impl=_anchor_operands_shapes,
+        target_lib=_PHANTOM_OPS,
+    )
 
 
 @dataclass
@@ -361,6 +418,7 @@ class PhantomVLLMAttention(PhantomAttentionMixin, nn.Module):
             if self.phantom_expansion == "mhca":
                 self._register_path_mask(text.num_attention_heads, text.num_key_value_heads)
             self._register_derived_weights()
+            self.anchor_rows_on_host = self.phantom_expansion == "mhca" and current_platform.is_cpu()
 
     def _register_path_mask(self, heads: int, kv_heads: int) -> None:
         """This rank's rows of the fused MHCA's path mask (`PhantomAttentionMixin._phantom_mask`): its own q, k, v
@@ -447,11 +505,19 @@ class PhantomVLLMAttention(PhantomAttentionMixin, nn.Module):
         """The fused MHCA's anchor operands of every row, as `_phantom_expand` takes them: (rows, H_all, 3 D) keys
         and (rows, H_all, D) values.
 
-        Every row's own operands are computed (as `_phantom_anchors` computes them from the anchor's q/k/v; they are
-        an anchor's for the rows at position 0, whose q/k/v are their anchor's); new anchors are written to the
-        table, and each token row takes its anchor's from the table or from the row that computes it in this pass.
+        The rows at position 0 (and the fallback rows) compute their own operands, as `_phantom_anchors` computes
+        them from the anchor's q/k/v (their q/k/v are their anchor's); new anchors are written to the table, and each
+        token row takes its anchor's from the table or from the row that computes it in this pass. On a GPU every row
+        computes them (fixed shapes for CUDA graphs; only the position-0 rows' are read); on the CPU, where the host
+        is the device, `anchor_operands_at_position_zero` computes only the position-0 rows'.
         """
-        own = self._phantom_anchor_operands(*(state[:, :, 0] for state in states))
+        features = tuple(state[:, :, 0] for state in states)
+        if self.anchor_rows_on_host:
+            own = torch.ops.phantom_hf.anchor_operands_at_position_zero(
+                *features, plan.first, self.derived_anchor_key_value_weights, self.derived_anchor_output_weights
+            )
+        else:
+            own = self._phantom_anchor_operands(*features)
         if self.tp_size > 1:
             own = tuple(tensor_model_parallel_all_gather(part, dim=1)[:, self.gathered_order] for part in own)
         operands = []
