@@ -171,9 +171,7 @@ def anchor_operands_at_position_zero(
     of them; which rows they are is data, so this runs as an op of its own outside the compiled graph (registered
     on the CPU only: picking the rows reads them on the host, which on a GPU would synchronise and break CUDA graphs).
     """
-    rows, dim = query.shape[0], query.shape[-1]
-    heads = query.shape[1] + key.shape[1] + value.shape[1]
-    keys, values = query.new_zeros(rows, heads, 3 * dim), query.new_zeros(rows, heads, dim)
+    keys, values = (operand.zero_() for operand in _anchor_operands_shapes(query, key, value))
     selected = first.nonzero().squeeze(1)
     if selected.numel():
         weights = tuple(zip(key_value_weights, output_weights))
@@ -182,14 +180,10 @@ def anchor_operands_at_position_zero(
 
 
 def _anchor_operands_shapes(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    first: torch.Tensor,
-    key_value_weights: torch.Tensor,
-    output_weights: torch.Tensor,
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *rows_and_weights: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`anchor_operands_at_position_zero`'s outputs as empty tensors of their shapes (what the compiler traces)."""
+    """`anchor_operands_at_position_zero`'s outputs, uninitialised: (rows, H_all, 3 D) and (rows, H_all, D) (also
+    what the compiler traces)."""
     rows, dim = query.shape[0], query.shape[-1]
     heads = query.shape[1] + key.shape[1] + value.shape[1]
     return query.new_empty(rows, heads, 3 * dim), query.new_empty(rows, heads, dim)
