@@ -189,8 +189,11 @@ def _anchor_operands_shapes(
     return query.new_empty(rows, heads, 3 * dim), query.new_empty(rows, heads, dim)
 
 
+# Whether the position-0 rows are picked on the host (`anchor_operands_at_position_zero`, registered only then): decided
+# once, so that every layer's choice and the op's registration agree
+ANCHOR_ROWS_ON_HOST = current_platform.is_cpu()
 _PHANTOM_OPS = Library("phantom_hf", "FRAGMENT")  # lives as long as the module: the ops' registrations with it
-if current_platform.is_cpu():
+if ANCHOR_ROWS_ON_HOST:
     direct_register_custom_op(
         "anchor_operands_at_position_zero",
         anchor_operands_at_position_zero,
@@ -412,7 +415,7 @@ class PhantomVLLMAttention(PhantomAttentionMixin, nn.Module):
             if self.phantom_expansion == "mhca":
                 self._register_path_mask(text.num_attention_heads, text.num_key_value_heads)
             self._register_derived_weights()
-            self.anchor_rows_on_host = self.phantom_expansion == "mhca" and current_platform.is_cpu()
+            self.anchor_rows_on_host = self.phantom_expansion == "mhca" and ANCHOR_ROWS_ON_HOST
 
     def _register_path_mask(self, heads: int, kv_heads: int) -> None:
         """This rank's rows of the fused MHCA's path mask (`PhantomAttentionMixin._phantom_mask`): its own q, k, v
