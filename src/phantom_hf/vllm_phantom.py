@@ -159,21 +159,22 @@ def anchor_operands_at_position_zero(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    first: torch.Tensor,
+    computes: torch.Tensor,
     key_value_weights: torch.Tensor,
     output_weights: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The anchor operands (`phantom_anchor_operands`) of the rows where `first` is set, zeros in the other rows:
-    (rows, H_all, 3 D) keys and (rows, H_all, D) values from the rows' (rows, H_path, D) q, k, v and the stacked
-    anchor-side weights (3, 2 D, D) and (3, D, D).
+    """The anchor operands (`phantom_anchor_operands`) of the rows where `computes` is set (`AnchorPlan.computes`),
+    the other rows left unset: (rows, H_all, 3 D) keys and (rows, H_all, D) values from the rows' (rows, H_path, D)
+    q, k, v and the stacked anchor-side weights (3, 2 D, D) and (3, D, D).
 
-    Only the rows at position 0 (and the fallback rows) have operands that a pass reads, and a decode pass has none
-    of them; which rows they are is data, so this runs as an op of its own outside the compiled graph (registered
-    on the CPU only: picking the rows reads them on the host, which on a GPU would synchronise and break CUDA graphs).
+    Only those rows' operands are read (the others' go to the table's spare slot, which nothing reads), and a decode
+    pass has none: it allocates and returns. Which rows they are is data, so this runs as an op of its own outside
+    the compiled graph (registered on the CPU only: picking the rows reads them on the host, which on a GPU would
+    synchronise and break CUDA graphs).
     """
-    keys, values = (operand.zero_() for operand in _anchor_operands_shapes(query, key, value))
-    selected = first.nonzero().squeeze(1)
-    if selected.numel():
+    keys, values = _anchor_operands_shapes(query, key, value)
+    if computes.any():
+        selected = computes.nonzero().squeeze(1)
         weights = tuple(zip(key_value_weights, output_weights))
         keys[selected], values[selected] = phantom_anchor_operands(query[selected], key[selected], value[selected], weights)
     return keys, values
@@ -189,11 +190,12 @@ def _anchor_operands_shapes(
     return query.new_empty(rows, heads, 3 * dim), query.new_empty(rows, heads, dim)
 
 
-# Whether the position-0 rows are picked on the host (`anchor_operands_at_position_zero`, registered only then): decided
-# once, so that every layer's choice and the op's registration agree
-ANCHOR_ROWS_ON_HOST = current_platform.is_cpu()
+# Whether the layers take the CPU's forms (the position-0 rows picked on the host by `anchor_operands_at_position_zero`,
+# registered only then; the MHCA path by path) or a GPU's (fixed shapes, fewest kernels): decided once, so that every
+# layer's choice and the op's registration agree
+CPU_FORMS = current_platform.is_cpu()
 _PHANTOM_OPS = Library("phantom_hf", "FRAGMENT")  # lives as long as the module: the ops' registrations with it
-if ANCHOR_ROWS_ON_HOST:
+if CPU_FORMS:
     direct_register_custom_op(
         "anchor_operands_at_position_zero",
         anchor_operands_at_position_zero,
@@ -209,12 +211,15 @@ class AnchorPlan:
     Rows: the pass's `num_tokens` tokens, then the table's `fallback_rows` rows at position 0 (a fallback anchor). Per
     row: `known` (its anchor id is in the table, at `slot`) or else `source`, the row that computes the anchor in
     this pass (a position-0 row with the anchor's token id, or a fallback row). `first` marks the rows at
-    position 0 (their attention sees only themselves). The candidate rows (position 0, fallback) whose operands are
-    new write them to `new_slot` (the table's spare slot for the others).
+    position 0 (their attention sees only themselves); `computes` the rows whose own operands the pass reads (those
+    at position 0, and a miss, which reads its own row where there are no fallback rows; none in a decode pass).
+    The candidate rows (position 0, fallback) whose operands are new write them to `new_slot` (the table's spare
+    slot for the others).
     """
 
     num_tokens: int
     first: torch.Tensor
+    computes: torch.Tensor
     known: torch.Tensor
     slot: torch.Tensor
     source: torch.Tensor
@@ -304,6 +309,7 @@ class PhantomAnchorTable(nn.Module):
         plan = AnchorPlan(
             num_tokens=tokens,
             first=torch.cat([first, first.new_ones(self.fallback_rows)]),
+            computes=torch.cat([first | missing, first.new_ones(self.fallback_rows)]),
             known=torch.cat([known, known.new_zeros(self.fallback_rows)]),
             slot=torch.cat([slot, slot.new_full((self.fallback_rows,), self.slots)]),
             source=torch.cat([source, fallback_rows]),
@@ -362,6 +368,12 @@ class PhantomVLLMAttention(PhantomAttentionMixin, nn.Module):
     the backbone's; the MHCA of each of them attends over all heads of the anchor (the operands are all-gathered).
     """
 
+    # On the CPU, where a pass's many rows (a batch's decode tokens) make the arithmetic count, the MHCA runs path by
+    # path: a third of the stacked form's Lq and score work (batch 16 at the 0.5B shape: 3-4 points of the plain
+    # backbone's speed, batch 1 unchanged; BENCHMARKS.md). A GPU keeps the stacked form's fewer kernels, what its
+    # latency-bound small batches pay for (BENCHMARKS.md, "GPU check"); not measured there yet.
+    _phantom_stacked_decode = not CPU_FORMS
+
     def __init__(
         self,
         config: PretrainedConfig,
@@ -415,7 +427,7 @@ class PhantomVLLMAttention(PhantomAttentionMixin, nn.Module):
             if self.phantom_expansion == "mhca":
                 self._register_path_mask(text.num_attention_heads, text.num_key_value_heads)
             self._register_derived_weights()
-            self.anchor_rows_on_host = self.phantom_expansion == "mhca" and ANCHOR_ROWS_ON_HOST
+            self.anchor_rows_on_host = self.phantom_expansion == "mhca" and CPU_FORMS
 
     def _register_path_mask(self, heads: int, kv_heads: int) -> None:
         """This rank's rows of the fused MHCA's path mask (`PhantomAttentionMixin._phantom_mask`): its own q, k, v
@@ -511,7 +523,7 @@ class PhantomVLLMAttention(PhantomAttentionMixin, nn.Module):
         features = tuple(state[:, :, 0] for state in states)
         if self.anchor_rows_on_host:
             own = torch.ops.phantom_hf.anchor_operands_at_position_zero(
-                *features, plan.first, self.derived_anchor_key_value_weights, self.derived_anchor_output_weights
+                *features, plan.computes, self.derived_anchor_key_value_weights, self.derived_anchor_output_weights
             )
         else:
             own = self._phantom_anchor_operands(*features)
