@@ -183,10 +183,6 @@ class PhantomAttentionMixin:
 
     _phantom_rotary: Callable
     _phantom_eager: Callable
-    # One-token calls (decode steps) run the stacked form: the fewest operators, which is what a step of one or a
-    # few rows pays for; vLLM on the CPU, whose passes hold many rows, turns it off (the per-path form: a third of
-    # the work)
-    _phantom_stacked_decode = True
 
     def init_phantom(self, config: PhantomConfig) -> None:
         """Add the Phantom modules (published names) and settings to this attention module.
@@ -321,12 +317,11 @@ class PhantomAttentionMixin:
 
         `paths` names the paths of `states` ("qkv", "kv" or "q"; (B, H_path, N, D) tensors of the same N);
         `anchors` are `_phantom_anchors`' operands. For one token (a decode step, where the number of
-        operators is the cost) the MHCAs of all given paths run as one (the stacked form, unless
-        `_phantom_stacked_decode` is off): the heads of every path are stacked and projected by all three paths'
-        Lq at once; each head attends over the stacked anchor heads, whose keys sit in their own path's third of
-        the projection, with the other paths masked out: about ten operators per layer. For more tokens (prefill,
-        where the arithmetic is the cost) each path runs on its own, with the paper's arithmetic. The results are
-        views of one (B, H_all, N, 2 D) tensor.
+        operators is the cost) the MHCAs of all given paths run as one: the heads of every path are stacked and
+        projected by all three paths' Lq at once; each head attends over the stacked anchor heads, whose keys sit
+        in their own path's third of the projection, with the other paths masked out: about ten operators per
+        layer. For more tokens (prefill, where the arithmetic is the cost) each path runs on its own, with the
+        paper's arithmetic. The results are views of one (B, H_all, N, 2 D) tensor.
         `PhantomCrossAttention.forward` is the same computation for one path, unfused.
         """
         if self.phantom_expansion == "repeat":
@@ -338,32 +333,27 @@ class PhantomAttentionMixin:
         start = 0 if paths[0] == "q" else self.phantom_num_heads
         stop = start + sum(sizes)
         key, value = anchors
-        # the stacked form's path mask, built here at prefill so that a compiled decode step only reads it; sliced
+        # the one-token form's path mask, built here at prefill so that a compiled decode step only reads it; sliced
         # only for a subset of the paths (under vLLM's tensor parallelism it is this rank's heads x all anchor heads)
-        mask = self._phantom_mask(key.dtype, key.device) if self._phantom_stacked_decode else None
+        mask = self._phantom_mask(key.dtype, key.device)
         if paths != "qkv":
-            key, value = key[:, start:stop], value[:, start:stop]
-            mask = None if mask is None else mask[start:stop, start:stop]
+            key, value, mask = key[:, start:stop], value[:, start:stop], mask[start:stop, start:stop]
         stacked = torch.cat(states, dim=1) if len(states) > 1 else states[0]
         query_weight, _, _ = derived
-        if tokens == 1 and self._phantom_stacked_decode:  # one product with all three Lq; scores read a path's third
+        if tokens == 1:  # decode: one product with all three Lq; each head's scores read its own path's third
             hidden = gelu_small(F.linear(stacked, query_weight).reshape(batch, -1, 3 * dim))
             scores = torch.baddbmm(mask, hidden, key.transpose(1, 2), alpha=dim**-0.5)
             probs = softmax_in_float32(scores)
             expansion = torch.bmm(probs, value)
-        else:  # path by path, without the stacked form's products across paths (3x the Lq and score work)
-            parts = []
-            # each path's anchor heads, in the (possibly sliced) operands: all of the anchor's, also under vLLM's TP
-            bounds = [0, self.phantom_num_heads, self.phantom_num_heads + self.phantom_num_kv_heads]
-            bounds.append(bounds[-1] + self.phantom_num_kv_heads)
+        else:  # prefill: path by path, without the decode form's products across paths (3x the Lq work per token)
+            parts, first = [], 0
             for path, x in zip(paths, states):
-                index = "qkv".index(path)
-                third = slice(index * dim, (index + 1) * dim)
-                anchor_heads = slice(bounds[index] - start, bounds[index + 1] - start)
+                third, heads = slice("qkv".index(path) * dim, ("qkv".index(path) + 1) * dim), x.shape[1]
                 hidden = F.gelu(F.linear(x, query_weight[third])).reshape(batch, -1, dim)  # rows (head, token)
-                scores = torch.bmm(hidden, key[:, anchor_heads, third].transpose(1, 2)).mul_(dim**-0.5)
+                scores = torch.bmm(hidden, key[:, first : first + heads, third].transpose(1, 2)).mul_(dim**-0.5)
                 probs = softmax_in_float32(scores)
-                parts.append(torch.bmm(probs, value[:, anchor_heads]))
+                parts.append(torch.bmm(probs, value[:, first : first + heads]))
+                first += heads
             expansion = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
         expansion = gelu_small(expansion).mul_(self.phantom_config.phantom_eta).view(batch, -1, tokens, dim)
         if paths[-1] == "v":  # v* = v + eta * MHCA(v, a)

@@ -154,16 +154,14 @@ def test_phantom_attention_equals_reference(attn_implementation: str, mixing: st
         torch.testing.assert_close(output[real], expected[real], rtol=tolerance, atol=tolerance)
 
 
-@pytest.mark.parametrize(("tokens", "stacked"), [(1, True), (1, False), (5, True)])
-def test_fused_expansion_equals_the_cross_attention_modules(tokens: int, stacked: bool) -> None:
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_fused_expansion_equals_the_cross_attention_modules(tokens: int) -> None:
     """What runs (the three MHCAs of a layer fused, anchor operands precomputed once) equals
     `PhantomCrossAttention.forward`, the paper's form (Eq. 1), path by path; also the compact cache's "kv" and
-    "q" calls, with the config's eta read at call time. One token runs the stacked form, or the per-path form
-    where `_phantom_stacked_decode` is off (vLLM on the CPU)."""
+    "q" calls, with the config's eta read at call time."""
     model = make_model(seed=3)
     model.config.phantom_eta = 0.7
     layer = model.language_model.layers[1].self_attn
-    layer._phantom_stacked_decode = stacked
     generator = torch.Generator().manual_seed(0)
     heads, kv_heads, dim = layer.phantom_num_heads, layer.phantom_num_kv_heads, layer.head_dim
     states = {
