@@ -173,8 +173,8 @@ def anchor_operands_at_position_zero(
     synchronise and break CUDA graphs).
     """
     keys, values = _anchor_operands_shapes(query, key, value)
-    if computes.any():
-        selected = computes.nonzero().squeeze(1)
+    selected = computes.nonzero().squeeze(1)  # cheaper than a test with `any` (a reduction, then a read)
+    if selected.numel():
         weights = tuple(zip(key_value_weights, output_weights))
         keys[selected], values[selected] = phantom_anchor_operands(query[selected], key[selected], value[selected], weights)
     return keys, values
@@ -190,12 +190,11 @@ def _anchor_operands_shapes(
     return query.new_empty(rows, heads, 3 * dim), query.new_empty(rows, heads, dim)
 
 
-# Whether the layers take the CPU's forms (the position-0 rows picked on the host by `anchor_operands_at_position_zero`,
-# registered only then; the MHCA path by path) or a GPU's (fixed shapes, fewest kernels): decided once, so that every
-# layer's choice and the op's registration agree
-CPU_FORMS = current_platform.is_cpu()
+# Whether the position-0 rows are picked on the host (`anchor_operands_at_position_zero`, registered only then): decided
+# once, so that every layer's choice and the op's registration agree
+ANCHOR_ROWS_ON_HOST = current_platform.is_cpu()
 _PHANTOM_OPS = Library("phantom_hf", "FRAGMENT")  # lives as long as the module: the ops' registrations with it
-if CPU_FORMS:
+if ANCHOR_ROWS_ON_HOST:
     direct_register_custom_op(
         "anchor_operands_at_position_zero",
         anchor_operands_at_position_zero,
@@ -368,12 +367,6 @@ class PhantomVLLMAttention(PhantomAttentionMixin, nn.Module):
     the backbone's; the MHCA of each of them attends over all heads of the anchor (the operands are all-gathered).
     """
 
-    # On the CPU, where a pass's many rows (a batch's decode tokens) make the arithmetic count, the MHCA runs path by
-    # path: a third of the stacked form's Lq and score work (batch 16 at the 0.5B shape: 3-4 points of the plain
-    # backbone's speed, batch 1 unchanged; BENCHMARKS.md). A GPU keeps the stacked form's fewer kernels, what its
-    # latency-bound small batches pay for (BENCHMARKS.md, "GPU check"); not measured there yet.
-    _phantom_stacked_decode = not CPU_FORMS
-
     def __init__(
         self,
         config: PretrainedConfig,
@@ -427,7 +420,7 @@ class PhantomVLLMAttention(PhantomAttentionMixin, nn.Module):
             if self.phantom_expansion == "mhca":
                 self._register_path_mask(text.num_attention_heads, text.num_key_value_heads)
             self._register_derived_weights()
-            self.anchor_rows_on_host = self.phantom_expansion == "mhca" and CPU_FORMS
+            self.anchor_rows_on_host = self.phantom_expansion == "mhca" and ANCHOR_ROWS_ON_HOST
 
     def _register_path_mask(self, heads: int, kv_heads: int) -> None:
         """This rank's rows of the fused MHCA's path mask (`PhantomAttentionMixin._phantom_mask`): its own q, k, v
