@@ -25,17 +25,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TORCHINDUCTOR_CPP_ENABLE_KERNEL_PROFILE", "1")
+os.environ.setdefault("TORCHINDUCTOR_CPP_ENABLE_KERNEL_PROFILE", "1")  # vLLM's settings: vllm_throughput's import
 
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import add_model_arguments, build_models, machine_info, shape_label, text_config_from_args  # noqa: E402
-from vllm_throughput import save_folder  # noqa: E402
+from vllm_throughput import offline_engine, save_folder  # noqa: E402
 
 DECODE = "phantom_hf_decode_pass"
 
@@ -90,7 +87,7 @@ def main() -> None:
     if args.threads:
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{args.threads - 1}" if args.threads > 1 else "0")
         torch.set_num_threads(args.threads)
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
     text = text_config_from_args(args)
     models = build_models(text, {"phantom": dict(phantom_dimension=True), "plain": dict(phantom_dimension=False)}, "cpu", "float32", "sdpa")
@@ -98,16 +95,7 @@ def main() -> None:
     engines = {}
     for kind in ("plain", "phantom"):
         folder = save_folder(models.pop(kind), text.vocab_size, Path(folders.name) / kind)
-        engines[kind] = LLM(
-            model=str(folder),
-            dtype="float32",
-            max_model_len=args.prompt_tokens + args.new_tokens + 16,
-            max_num_seqs=args.prompts,
-            max_num_batched_tokens=max(args.prompts * args.prompt_tokens, 2048),
-            enable_prefix_caching=False,
-            limit_mm_per_prompt={"image": 0},
-            seed=args.seed,
-        )
+        engines[kind] = offline_engine(folder, "float32", args, args.prompts)
         engines[kind].apply_model(lambda model: mark_decode_passes(model, args.prompts))
     generator = torch.Generator().manual_seed(args.seed)
     prompts = torch.randint(50, text.vocab_size, (args.prompts, args.prompt_tokens), generator=generator)

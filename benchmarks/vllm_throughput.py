@@ -95,6 +95,24 @@ def save_folder(model: Any, vocab_size: int, folder: Path) -> Path:
     return folder
 
 
+def offline_engine(folder: Path, dtype: str, args: argparse.Namespace, max_seqs: int, eager: bool = False) -> Any:
+    """vLLM's offline engine on a saved folder, as both vLLM benchmarks run it: text only, prefix caching off (every
+    call prefills), room for `max_seqs` prompts of `--prompt-tokens` + `--new-tokens`."""
+    from vllm import LLM
+
+    return LLM(
+        model=str(folder),
+        dtype=dtype,
+        max_model_len=args.prompt_tokens + args.new_tokens + 16,
+        max_num_seqs=max_seqs,
+        max_num_batched_tokens=max(max_seqs * args.prompt_tokens, 2048),
+        enable_prefix_caching=False,
+        enforce_eager=eager,
+        limit_mm_per_prompt={"image": 0},
+        seed=args.seed,
+    )
+
+
 def main() -> None:
     parser, args = parse_args()
     variants = selected_variants(parser, args, VARIANTS)
@@ -117,23 +135,13 @@ def main() -> None:
     engines: dict[str, Any] = {}
     folders = tempfile.TemporaryDirectory(prefix="phantom-vllm-bench-")
     if any(name.startswith("vllm") for name in variants):
-        from vllm import LLM, SamplingParams
+        from vllm import SamplingParams
 
         for name in variants:
             if name.startswith("vllm"):
                 kind = name.split("-")[1]
                 folder = save_folder(models[kind], text.vocab_size, Path(folders.name) / kind)
-                engines[name] = LLM(
-                    model=str(folder),
-                    dtype=dtype,
-                    max_model_len=args.prompt_tokens + args.new_tokens + 16,
-                    max_num_seqs=max(batch_sizes),
-                    max_num_batched_tokens=max(max(batch_sizes) * args.prompt_tokens, 2048),
-                    enable_prefix_caching=False,
-                    enforce_eager=args.eager,
-                    limit_mm_per_prompt={"image": 0},
-                    seed=args.seed,
-                )
+                engines[name] = offline_engine(folder, dtype, args, max(batch_sizes), args.eager)
                 if f"hf-{kind}" not in variants:  # the engine holds its own copy of the weights
                     del models[kind]
 
