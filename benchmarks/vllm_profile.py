@@ -25,7 +25,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("TORCHINDUCTOR_CPP_ENABLE_KERNEL_PROFILE", "1")  # vLLM's settings: vllm_throughput's import
+# inductor reads this when torch loads it; vLLM's own settings (in-process engine, KV space) come with vllm_throughput
+os.environ.setdefault("TORCHINDUCTOR_CPP_ENABLE_KERNEL_PROFILE", "1")
 
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
