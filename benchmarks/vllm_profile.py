@@ -33,7 +33,7 @@ from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import add_model_arguments, build_models, machine_info, shape_label, text_config_from_args  # noqa: E402
-from vllm_throughput import offline_engine, save_folder  # noqa: E402
+from vllm_throughput import bind_cpu_threads, offline_engine, save_folder  # noqa: E402
 
 DECODE = "phantom_hf_decode_pass"
 
@@ -85,9 +85,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.device != "cpu":
         parser.error("the profile reads CPU self times: run it on the CPU")
-    if args.threads:
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{args.threads - 1}" if args.threads > 1 else "0")
-        torch.set_num_threads(args.threads)
+    bind_cpu_threads(args.threads)
     from vllm import SamplingParams
 
     text = text_config_from_args(args)

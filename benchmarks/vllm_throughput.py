@@ -113,6 +113,14 @@ def offline_engine(folder: Path, dtype: str, args: argparse.Namespace, max_seqs:
     )
 
 
+def bind_cpu_threads(threads: int | None) -> None:
+    """Run torch and vLLM's CPU worker on `threads` threads bound to cores 0.. (vLLM reads the binding when an engine
+    starts, so this comes before the first one)."""
+    if threads:
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{threads - 1}" if threads > 1 else "0")
+        torch.set_num_threads(threads)
+
+
 def main() -> None:
     parser, args = parse_args()
     variants = selected_variants(parser, args, VARIANTS)
@@ -121,9 +129,8 @@ def main() -> None:
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     torch.manual_seed(args.seed)
     Timer.clock = args.clock
-    if device.type == "cpu" and args.threads:
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{args.threads - 1}" if args.threads > 1 else "0")
-        torch.set_num_threads(args.threads)
+    if device.type == "cpu":
+        bind_cpu_threads(args.threads)
     text = text_config_from_args(args)
     models = build_models(text, {"phantom": dict(phantom_dimension=True), "plain": dict(phantom_dimension=False)}, args.device, dtype, "sdpa")
     for model in models.values():
